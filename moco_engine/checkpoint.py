@@ -1,0 +1,111 @@
+"""Checkpoints on disk: atomic writes, a ``latest`` pointer, rotation, and loading.
+
+Layout of a run folder's ``checkpoints/``::
+
+    checkpoint_00000391.pt   one file per save, named by the global step
+    latest                   the file name of the newest checkpoint (written last)
+
+A save never leaves a half-written file under a checkpoint's name: the bytes go to a temporary
+file in the same folder, are fsynced, and ``os.replace`` renames them in one step. The
+``latest`` pointer is replaced the same way only after that, and old files are pruned last, so a
+crash at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used (missing, unreadable, or from an incompatible run)."""
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync it, and rename it to ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """The run's checkpoint files, oldest first (by global step in the name)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    return sorted(folder.glob("checkpoint_*.pt")) if folder.is_dir() else []
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep: int) -> Path:
+    """Write ``state`` as ``checkpoints/checkpoint_<step>.pt``, point ``latest`` at it, and keep
+    only the newest ``keep`` files."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"checkpoint_{step:08d}.pt"
+    _atomic_write(path, lambda f: torch.save(state, f))
+    _atomic_write(folder / LATEST, lambda f: f.write(path.name.encode()))
+    for old in checkpoint_files(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read one checkpoint file.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {first}") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise CheckpointError(f"{path} is not a moco_engine checkpoint")
+    return state
+
+
+def latest_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint of a run, or None if it has none.
+
+    Tries the file ``latest`` names first, then the others newest first, warning in one line
+    about each one that cannot be read.
+    """
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    candidates = list(reversed(checkpoint_files(run_dir)))
+    pointer = folder / LATEST
+    if pointer.is_file():
+        named = folder / pointer.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as e:
+            warnings.warn(f"{e}; trying an older checkpoint", stacklevel=2)
+    return None

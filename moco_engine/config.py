@@ -1,0 +1,289 @@
+"""Every setting of moco_engine as one dataclass schema, and the strict loader.
+
+A run's configuration is built in three layers: the schema's defaults, then YAML files, then
+``key=value`` overrides from the command line (OmegaConf dotlist syntax)::
+
+    cfg = load_config(["configs/experiment/cifar10_demo.yaml"], ["optim.lr=0.1", "queue.size=8192"])
+
+Loading is strict: an unknown key names the closest valid key, a value of the wrong type names
+key and value, and an invalid value (``queue.size=0``) names the rule it breaks. All of these raise
+:class:`ConfigError`, which the command-line tools turn into one line and exit code 2.
+
+The schema's defaults are the embedded default run (``moco-train`` with no arguments): a short
+pretraining of a ResNet-18 (standard stem, cheap at 32 px) on the CIFAR-10 sample shipped inside
+the package, sized to finish in minutes on 2 CPU cores. Recipes set every key they rely on.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class UserError(Exception):
+    """An error the user can fix (bad config, missing data, incompatible checkpoint).
+
+    The command-line tools print its message as one line and exit with code 2, no traceback.
+    """
+
+
+class ConfigError(UserError):
+    """A configuration key or value is wrong."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "embedded"  # embedded | cifar10 | imagefolder | synthetic
+    root: str = ""  # cifar10: torchvision root; imagefolder: a folder or a .tar/.tar.gz/.tar.xz
+    test_root: str = ""  # where the test split lives when not under `root` (imagefolder)
+    train_split: str = "train"  # imagefolder: sub-folder of the pretraining images
+    test_split: str = "test"  # imagefolder: sub-folder of the kNN query images ("" = none)
+    download: bool = False  # cifar10 only: let torchvision download it
+    augmentation: str = "cifar"  # cifar | moco_v1 | moco_v2
+    image_size: int = 32  # crop size of the augmentations
+    num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
+    synthetic_size: int = 512  # synthetic: number of training images (test: a quarter)
+    synthetic_classes: int = 4  # synthetic: number of classes
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 (torchvision)
+    cifar_stem: bool = False  # conv1 3x3 stride 1 and no max-pool (for 32 px; 16x the FLOPs)
+    head: str = "mlp"  # linear (MoCo v1) | mlp (MoCo v2) | mlp_bn (MoCo v3's projector)
+    hidden_dim: int = 0  # width of the MLP head's hidden layer (0 = the backbone's width)
+    dim: int = 128  # D, the embedding size of queries, keys and negatives
+    momentum: float = 0.99  # m of the key encoder's EMA
+    momentum_schedule: str = "constant"  # constant | cosine (m rises to 1 over training)
+    bn: str = "shuffle"  # shuffle | plain | sync: how BatchNorm sees the key batch
+    bn_splits: int = 4  # split-BN: BN statistics over this many slices of each batch
+
+
+@dataclass
+class LossConfig:
+    name: str = "infonce"
+    temperature: float = 0.1  # T
+    symmetric: bool = False  # each crop is once the query (two key passes, both keys enqueued)
+
+
+@dataclass
+class QueueConfig:
+    size: int = 1024  # K, the number of negatives
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.06
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128  # per process
+    schedule: str = "cosine"  # cosine | step | constant (after the warm-up)
+    warmup_epochs: float = 0.0  # linear warm-up from 0
+    milestones: list[int] = field(default_factory=lambda: [120, 160])  # step: epochs of lr x gamma
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 6
+    out_dir: str = "runs/default"  # the run folder: config, checkpoints, metrics
+    resume: str = ""  # "" (start fresh) | auto (latest checkpoint in out_dir, if any) | a path
+    overwrite: bool = False  # allow starting fresh in a folder that holds checkpoints
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    steps_per_epoch: int = 0  # stop each epoch after this many steps (0 = the whole epoch)
+    log_every: int = 10  # steps between metrics.jsonl lines
+    keep_checkpoints: int = 2  # the newest k epoch checkpoints are kept
+    channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and on tensor cores
+
+
+@dataclass
+class EvalConfig:
+    at_start: bool = False  # also run kNN before the first step (the random-init baseline)
+    knn_every: int = 3  # epochs between kNN evaluations (the last epoch always runs one; 0 = only it)
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_features: str = "backbone"  # backbone | head (normalised either way)
+    batch_size: int = 512
+
+
+@dataclass
+class TrackConfig:
+    progress: bool = True  # tqdm progress bar on the console
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+
+# Values a key may take, where the set is closed. Checked after merging, so the error names the key.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("embedded", "cifar10", "imagefolder", "synthetic"),
+    "data.augmentation": ("cifar", "moco_v1", "moco_v2"),
+    "model.arch": ("resnet18", "resnet34", "resnet50"),
+    "model.head": ("linear", "mlp", "mlp_bn"),
+    "model.momentum_schedule": ("constant", "cosine"),
+    "model.bn": ("shuffle", "plain", "sync"),
+    "loss.name": ("infonce",),
+    "optim.schedule": ("cosine", "step", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "eval.knn_features": ("backbone", "head"),
+}
+
+
+def valid_keys(node: Any = None, prefix: str = "") -> list[str]:
+    """All dotted keys of the schema, e.g. ``["data.name", ..., "track.progress"]``."""
+    node = OmegaConf.structured(Config) if node is None else node
+    keys = []
+    for key, value in node.items_ex(resolve=False) if isinstance(node, DictConfig) else []:
+        full = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            keys += valid_keys(value, full + ".")
+        else:
+            keys.append(full)
+    return keys
+
+
+def _unknown_key_message(full_key: str, source: str) -> str:
+    close = difflib.get_close_matches(full_key, valid_keys(), n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown config key '{full_key}' in {source}{hint}"
+
+
+def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    """Merge one layer into the structured config, turning OmegaConf's errors into one line."""
+    try:
+        return OmegaConf.merge(base, layer)
+    except ConfigKeyError as e:
+        raise ConfigError(_unknown_key_message(str(e.full_key or e.key), source)) from None
+    except ValidationError as e:
+        value = OmegaConf.select(layer, str(e.full_key), default=getattr(e, "value", "?"))
+        expected = type(OmegaConf.select(base, str(e.full_key))).__name__
+        raise ConfigError(
+            f"config key '{e.full_key}' in {source}: value {value!r} is not a valid {expected}"
+        ) from None
+    except OmegaConfBaseException as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"invalid config in {source}: {first}") from None
+
+
+def _read_yaml(path: str) -> DictConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        layer = OmegaConf.load(p)
+    except Exception as e:  # yaml.YAMLError and friends: report the file and the first line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"cannot parse config file {path}: {first}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not a list")
+    return layer
+
+
+def _parse_dotlist(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"cannot parse overrides {' '.join(overrides)}: {first}") from None
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that type-check but make no sense, naming the key and the rule."""
+
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}' = {value!r}: {rule}")
+
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        need(value in choices, key, value, f"must be one of {', '.join(choices)}")
+    need(cfg.queue.size >= 1, "queue.size", cfg.queue.size, "K must be >= 1")
+    need(cfg.model.dim >= 1, "model.dim", cfg.model.dim, "must be >= 1")
+    need(cfg.model.hidden_dim >= 0, "model.hidden_dim", cfg.model.hidden_dim, "must be >= 0")
+    need(0.0 <= cfg.model.momentum <= 1.0, "model.momentum", cfg.model.momentum, "m must lie in [0, 1]")
+    need(cfg.model.bn_splits >= 1, "model.bn_splits", cfg.model.bn_splits, "must be >= 1")
+    need(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "T must be > 0")
+    need(cfg.optim.lr >= 0, "optim.lr", cfg.optim.lr, "must be >= 0")
+    need(cfg.optim.batch_size >= 1, "optim.batch_size", cfg.optim.batch_size, "must be >= 1")
+    need(
+        cfg.optim.batch_size >= cfg.model.bn_splits,
+        "model.bn_splits",
+        cfg.model.bn_splits,
+        f"cannot exceed optim.batch_size ({cfg.optim.batch_size})",
+    )
+    need(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", cfg.optim.warmup_epochs, "must be >= 0")
+    need(cfg.train.epochs >= 1, "train.epochs", cfg.train.epochs, "must be >= 1")
+    need(cfg.train.steps_per_epoch >= 0, "train.steps_per_epoch", cfg.train.steps_per_epoch, "must be >= 0")
+    need(cfg.train.log_every >= 1, "train.log_every", cfg.train.log_every, "must be >= 1")
+    need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", cfg.train.keep_checkpoints, "must be >= 1")
+    need(bool(cfg.train.out_dir), "train.out_dir", cfg.train.out_dir, "must name a folder")
+    need(cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "must be >= 8")
+    need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0")
+    need(cfg.data.synthetic_size >= 2, "data.synthetic_size", cfg.data.synthetic_size, "must be >= 2")
+    need(cfg.data.synthetic_classes >= 2, "data.synthetic_classes", cfg.data.synthetic_classes, "must be >= 2")
+    need(
+        cfg.data.name not in ("cifar10", "imagefolder") or bool(cfg.data.root),
+        "data.root",
+        cfg.data.root,
+        f"data.name={cfg.data.name} needs a data folder",
+    )
+    need(cfg.eval.knn_every >= 0, "eval.knn_every", cfg.eval.knn_every, "must be >= 0")
+    need(cfg.eval.knn_k >= 1, "eval.knn_k", cfg.eval.knn_k, "must be >= 1")
+    need(cfg.eval.knn_t > 0, "eval.knn_t", cfg.eval.knn_t, "must be > 0")
+    need(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
+
+
+def load_config(yaml_files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the run's :class:`Config`: defaults, then each YAML file in order, then overrides.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type, an unreadable file or an invalid value.
+    """
+    merged = OmegaConf.structured(Config)
+    for path in yaml_files:
+        merged = _merge(merged, _read_yaml(path), path)
+    if overrides:
+        merged = _merge(merged, _parse_dotlist(list(overrides)), "the command-line overrides")
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (saved in the run folder and read back by :func:`from_dict`)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain Python containers (stored inside every checkpoint)."""
+    out = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(out, dict)
+    return out
+
+
+def from_dict(data: dict[str, Any], source: str = "a checkpoint") -> Config:
+    """Rebuild a :class:`Config` from :func:`to_dict`'s output, strictly."""
+    cfg = OmegaConf.to_object(_merge(OmegaConf.structured(Config), OmegaConf.create(data), source))
+    assert isinstance(cfg, Config)
+    return cfg

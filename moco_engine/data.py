@@ -1,0 +1,362 @@
+"""Data sets, two-view augmentations, samplers and loaders.
+
+Every data set yields ``(view(s), target, index)``: MoCo needs the data-set index of each item
+(the memory bank stores one entry per index; the queue remembers whose key sits in each slot).
+
+Sources (``data.name``):
+- ``embedded``: a CIFAR-10 sample (4,000 train / 1,000 test JPEGs) shipped inside the package,
+  so a fresh install can pretrain on real images with no network and no data folder.
+- ``cifar10``: torchvision's CIFAR10 under ``data.root`` (downloads only if ``data.download``).
+- ``imagefolder``: ``<root>/<split>/<class>/<image>``, where ``root`` is a folder (images read
+  lazily) or a ``.tar``/``.tar.gz``/``.tar.xz`` archive (decoded into memory once: meant for
+  small images such as the CIFAR-10 tarballs in ``../shared/data``).
+- ``synthetic``: procedural images with class structure, generated from a seed (tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+from .config import DataConfig, UserError
+
+EMBEDDED_ARCHIVE = Path(__file__).parent / "assets" / "cifar10_sample.tar.xz"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(UserError):
+    """A data path or data set the run cannot use."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Image sets: N images with class targets, decoded on demand.
+# ---------------------------------------------------------------------------------------------
+class ImageSet(Dataset):
+    """N RGB images and their class targets; ``load(i)`` returns image i as a PIL image."""
+
+    targets: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+
+class ArrayImages(ImageSet):
+    """Images held in memory as uint8 arrays (H, W, 3): CIFAR-10, archives, synthetic data."""
+
+    def __init__(self, images: np.ndarray | list[np.ndarray], targets: Sequence[int], classes: list[str]):
+        if len(images) == 0:
+            raise ValueError("no images")
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.classes = classes
+
+    def load(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i])
+
+
+class FolderImages(ImageSet):
+    """``<folder>/<class>/<image>`` read lazily from disk (any size, e.g. ImageNet)."""
+
+    def __init__(self, folder: Path):
+        self.classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        self.paths: list[Path] = []
+        self.targets = []
+        for target, name in enumerate(self.classes):
+            files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            self.paths += files
+            self.targets += [target] * len(files)
+        if not self.paths:
+            raise DataError(f"no images found in {folder} (expected <class>/<image> sub-folders)")
+
+    def load(self, i: int) -> Image.Image:
+        try:
+            with Image.open(self.paths[i]) as img:
+                return img.convert("RGB")
+        except OSError as e:
+            raise DataError(f"cannot read image {self.paths[i]}: {e}") from None
+
+
+def read_archive(path: Path, split: str) -> ArrayImages:
+    """Decode every ``<split>/<class>/<image>`` member of a tar archive into memory."""
+    by_class: dict[str, list[tuple[str, np.ndarray]]] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                parts = Path(member.name).parts
+                parts = parts[1:] if parts and parts[0] == "." else parts
+                if not member.isfile() or len(parts) != 3 or parts[0] != split:
+                    continue
+                if Path(parts[2]).suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                raw = tar.extractfile(member).read()
+                try:
+                    with Image.open(io.BytesIO(raw)) as img:
+                        array = np.asarray(img.convert("RGB"))
+                except OSError as e:
+                    raise DataError(f"cannot decode image {member.name} in {path}: {e}") from None
+                by_class.setdefault(parts[1], []).append((parts[2], array))
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise DataError(f"cannot read archive {path}: {e}") from None
+    if not by_class:
+        raise DataError(f"no images under '{split}/<class>/' in archive {path}")
+    classes = sorted(by_class)
+    images, targets = [], []
+    for target, name in enumerate(classes):
+        for _, array in sorted(by_class[name], key=lambda item: item[0]):
+            images.append(array)
+            targets.append(target)
+    if len({a.shape for a in images}) == 1:
+        images = np.stack(images)  # one block of memory: cheap to share with loader workers
+    return ArrayImages(images, targets, classes)
+
+
+def synthetic_images(n: int, num_classes: int, size: int, seed: int) -> ArrayImages:
+    """Procedural images with class and instance structure, identical for the same arguments.
+
+    Each class has a fixed coarse colour layout (its prototype, drawn from a fixed seed so train
+    and test sets share them) and each item a coarse layout of its own; an item is the mean of
+    the two, rolled by a random offset, plus noise. The class part makes kNN meaningful, the
+    item part makes instance discrimination learnable within a few steps.
+    """
+    cells = 4
+    blocks = np.ones((size // cells + 1, size // cells + 1, 1))
+
+    def upsample(grids: np.ndarray) -> np.ndarray:  # (M, cells, cells, 3) -> (M, size, size, 3)
+        return np.stack([np.kron(g, blocks)[:size, :size] for g in grids])
+
+    prototypes = upsample(np.random.default_rng(12345).uniform(0, 255, size=(num_classes, cells, cells, 3)))
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, num_classes, size=n)
+    own = upsample(rng.uniform(0, 255, size=(n, cells, cells, 3)))
+    shifts = rng.integers(-size // 8, size // 8 + 1, size=(n, 2))
+    images = np.stack([np.roll((prototypes[t] + o) / 2, tuple(s), axis=(0, 1)) for t, o, s in zip(targets, own, shifts)])
+    images = images + rng.normal(0, 10, size=images.shape)
+    classes = [f"class{c}" for c in range(num_classes)]
+    return ArrayImages(np.clip(images, 0, 255).astype(np.uint8), targets.tolist(), classes)
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and any(path.name.endswith(s) for s in (".tar", ".tar.gz", ".tgz", ".tar.xz"))
+
+
+def _imagefolder_split(root: str, split: str) -> ImageSet:
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"data path not found: {path}")
+    if _is_archive(path):
+        return read_archive(path, split)
+    if not path.is_dir():
+        raise DataError(f"data path is neither a folder nor a .tar/.tar.gz/.tar.xz archive: {path}")
+    folder = path / split if split else path
+    if not folder.is_dir():
+        raise DataError(f"data folder {path} has no '{split}' sub-folder")
+    return FolderImages(folder)
+
+
+def _cifar10_split(cfg: DataConfig, train: bool) -> ImageSet:
+    from torchvision.datasets import CIFAR10
+
+    root = Path(cfg.root).expanduser()
+    if not root.exists() and not cfg.download:
+        raise DataError(f"data path not found: {root} (set data.download=true to fetch CIFAR-10)")
+    try:
+        ds = CIFAR10(str(root), train=train, download=cfg.download)
+    except RuntimeError as e:
+        raise DataError(f"no CIFAR-10 in {root}: {e}") from None
+    return ArrayImages(ds.data, ds.targets, list(ds.classes))
+
+
+@dataclass
+class Splits:
+    """The pretraining images and, if any, the test images the kNN monitor classifies."""
+
+    train: ImageSet
+    test: ImageSet | None
+
+
+def build_splits(cfg: DataConfig, seed: int = 0) -> Splits:
+    """Open the data set named by ``cfg.name``.
+
+    Raises:
+        DataError: a missing path, an empty folder, or a folder with no images.
+    """
+    if cfg.name == "synthetic":
+        n = cfg.synthetic_size
+        return Splits(
+            synthetic_images(n, cfg.synthetic_classes, cfg.image_size, seed=seed + 1),
+            synthetic_images(max(n // 4, cfg.synthetic_classes), cfg.synthetic_classes, cfg.image_size, seed=seed + 2),
+        )
+    if cfg.name == "cifar10":
+        return Splits(_cifar10_split(cfg, True), _cifar10_split(cfg, False))
+    if cfg.name == "embedded":
+        return Splits(read_archive(EMBEDDED_ARCHIVE, "train"), read_archive(EMBEDDED_ARCHIVE, "test"))
+    # imagefolder
+    train = _imagefolder_split(cfg.root, cfg.train_split)
+    test = _imagefolder_split(cfg.test_root or cfg.root, cfg.test_split) if cfg.test_split else None
+    return Splits(train, test)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentations
+# ---------------------------------------------------------------------------------------------
+def view_transform(preset: str, size: int) -> Callable:
+    """One random view of an image, for the named preset.
+
+    - ``cifar``: the MoCo CIFAR-10 demo's: RandomResizedCrop, flip, colour jitter
+      0.4/0.4/0.4/0.1 with p=0.8, grayscale p=0.2.
+    - ``moco_v1``: MoCo v1's ImageNet recipe (crop scale 0.2-1, grayscale 0.2, jitter 0.4).
+    - ``moco_v2``: MoCo v2's "aug+" (adds Gaussian blur with p=0.5, jitter with p=0.8).
+    """
+    if preset == "cifar":
+        mean, std = CIFAR_MEAN, CIFAR_STD
+        ops = [
+            T.RandomResizedCrop(size),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ]
+    elif preset == "moco_v1":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        ops = [
+            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            T.RandomGrayscale(p=0.2),
+            T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+            T.RandomHorizontalFlip(),
+        ]
+    elif preset == "moco_v2":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, about 10% of the image side
+        ops = [
+            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+            T.RandomHorizontalFlip(),
+        ]
+    else:
+        raise ValueError(f"unknown augmentation preset {preset!r}")
+    return T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def eval_transform(preset: str, size: int) -> Callable:
+    """The deterministic view used for kNN and linear evaluation."""
+    mean, std = (CIFAR_MEAN, CIFAR_STD) if preset == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
+    # Small images (CIFAR) are used whole; large ones get ImageNet's resize-256-crop-224 ratio.
+    resize = size if size <= 64 else size * 256 // 224
+    return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+class TwoViews:
+    """Two independent random views (x_q, x_k) of one image."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(img), self.transform(img)
+
+
+class Indexed(Dataset):
+    """``images`` seen through ``transform``; item i is ``(transform(image_i), target_i, i)``.
+
+    Keyed by ``(epoch, i)`` (as :class:`EpochSampler` yields), the transform's randomness is
+    seeded from ``(seed, epoch, i)``: an item's augmentation is the same whichever worker draws
+    it, so a run resumed mid-epoch sees exactly the views an uninterrupted run would have.
+    """
+
+    def __init__(self, images: ImageSet, transform: Callable, seed: int = 0):
+        self.images = images
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            epoch, i = key
+            # The CPU generator keeps 32 bits of a seed: hash the triple into them.
+            seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
+            # A loader worker's RNG is its own; in the main process, leave the training's alone.
+            in_worker = torch.utils.data.get_worker_info() is not None
+            with contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                view = self.transform(self.images.load(i))
+        else:
+            i = key
+            view = self.transform(self.images.load(i))
+        return view, self.images.targets[i], i
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and loading
+# ---------------------------------------------------------------------------------------------
+class EpochSampler(Sampler[tuple[int, int]]):
+    """A seeded shuffle per epoch that can resume mid-epoch, split across ranks.
+
+    It yields ``(epoch, index)`` keys, so :class:`Indexed` can seed each item's augmentation.
+
+    Epoch e's order is ``randperm(N)`` drawn from ``seed + e``, so it is the same on every rank
+    and after a restart; rank r takes positions r, r + W, r + 2W, ... (as DistributedSampler
+    does), and ``skip`` drops the first items of this rank's share (the part of the epoch done
+    before a checkpoint).
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _share(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, i) for i in self._share()[self.skip :])
+
+    def __len__(self) -> int:
+        return max(len(range(self.rank, self.n, self.world)) - self.skip, 0)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    sampler: Sampler | None = None,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader with persistent workers (epochs do not pay the worker start-up again)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,383 @@
+"""The training loop: one MoCo step in plain sight, epochs, evaluation and checkpoints.
+
+One step, in this order (DESIGN.md; nothing is hidden in a module's ``forward``)::
+
+    q = f_q(x_q)                                  (B, D) with gradients
+    k = unshuffle(f_k(shuffle(x_k)))              (B, D) no gradients
+    logits = [q·k, q·negativesᵀ] / T              (B, 1+K), negatives = source.negatives()
+    loss = InfoNCE(logits); backward; optimizer step
+    θ_k ← m·θ_k + (1−m)·θ_q                       one fused foreach op
+    source.update(all_gather(k), all_gather(idx)) identical on every process
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import checkpoint as ckpt
+from . import distributed as dist
+from .config import Config, UserError, to_dict, to_yaml
+from .data import (
+    EpochSampler,
+    Indexed,
+    TwoViews,
+    build_splits,
+    eval_transform,
+    make_loader,
+    view_transform,
+)
+from .encoders import MomentumEncoder, build_encoder, momentum_at
+from .evaluation import extract_features, knn_accuracy
+from .losses import info_nce, info_nce_logits, instance_accuracy
+from .negatives import NegativeSource, Queue
+from .tracking import METRICS_FILE, Tracker
+
+CONFIG_FILE = "config.yaml"
+# Settings a checkpoint's state depends on: resuming under other values is refused.
+STATE_SHAPING_KEYS = ("model.arch", "model.cifar_stem", "model.head", "model.hidden_dim", "model.dim", "queue.size")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"config key 'train.device' = {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32. ``auto``: bf16 on CUDA, fp32 on CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at global ``step``: linear warm-up, then cosine to 0, step decay or constant."""
+    base, total = cfg.optim.lr, cfg.train.epochs * steps_per_epoch
+    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if cfg.optim.schedule == "cosine":
+        progress = (step - warmup) / max(total - warmup, 1)
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.optim.schedule == "step":
+        epoch = step // steps_per_epoch
+        return base * cfg.optim.gamma ** sum(epoch >= m for m in cfg.optim.milestones)
+    return base
+
+
+def _state_shaping(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    return {key: cfg_dict[key.split(".")[0]][key.split(".")[1]] for key in STATE_SHAPING_KEYS}
+
+
+class Trainer:
+    """Owns everything a MoCo run holds: data, f_q, f_k, the negative source, the optimizer.
+
+    ``Trainer(cfg).fit()`` runs the whole pretraining and returns the final metrics.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
+        self.run_dir = Path(cfg.train.out_dir).expanduser()
+        self.rank, self.world = dist.rank(), dist.world_size()
+        torch.manual_seed(cfg.train.seed + self.rank)
+        random.seed(cfg.train.seed + self.rank)
+
+        # ---------------------------------------------------------------- data
+        splits = build_splits(cfg.data, seed=cfg.train.seed)
+        self.num_classes = len(splits.train.classes)
+        if len(splits.train) < cfg.optim.batch_size * self.world:
+            raise UserError(
+                f"config key 'optim.batch_size' = {cfg.optim.batch_size}: larger than the data set "
+                f"({len(splits.train)} images), so no full batch can be drawn"
+            )
+        pin = self.device.type == "cuda"
+        self.sampler = EpochSampler(len(splits.train), cfg.train.seed, True, self.rank, self.world)
+        self.loader = make_loader(
+            Indexed(splits.train, TwoViews(view_transform(cfg.data.augmentation, cfg.data.image_size)), cfg.train.seed),
+            cfg.optim.batch_size, cfg.data.num_workers, self.sampler, drop_last=True, pin_memory=pin,
+        )
+        self.steps_per_epoch = len(self.loader)
+        if cfg.train.steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.steps_per_epoch)
+        self.knn_loaders = None
+        if splits.test is not None:
+            plain = eval_transform(cfg.data.augmentation, cfg.data.image_size)
+            self.knn_loaders = tuple(
+                make_loader(Indexed(images, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
+                for images in (splits.train, splits.test)
+            )
+
+        # ---------------------------------------------------------------- model
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.encoder_q = build_encoder(cfg.model).to(self.device, memory_format=self.memory_format)
+        self.encoder_k = MomentumEncoder(self.encoder_q)
+        self.negatives: NegativeSource = Queue(cfg.queue.size, cfg.model.dim).to(self.device)
+        self.optimizer = torch.optim.SGD(
+            self.encoder_q.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+        )
+        # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps taken
+        self.step_in_epoch = 0
+        self.last_eval: dict[str, float] = {}
+        self.tracker = Tracker(None, enabled=False)
+
+    # ======================================================================== one step
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @torch.no_grad()
+    def compute_keys(self, x: Tensor) -> Tensor:
+        """k = f_k(x): (B, 3, H, W) -> (B, D), with shuffle-BN if configured."""
+        if self.cfg.model.bn == "shuffle":
+            shuffled, unshuffle = dist.shuffle_batch(x)
+            return self.encoder_k(shuffled)[unshuffle]
+        return self.encoder_k(x)
+
+    def contrastive_loss(self, x_q: Tensor, x_k: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One direction of the loss: x_q is the query crop, x_k the key crop.
+
+        Returns:
+            (loss (), logits (B, 1+K), keys (B, D)).
+        """
+        q = self.encoder_q(x_q)
+        k = self.compute_keys(x_k)
+        logits = info_nce_logits(q, k, negatives, self.cfg.loss.temperature)
+        return info_nce(logits), logits, k
+
+    def train_step(self, x_q: Tensor, x_k: Tensor, indices: Tensor) -> dict[str, Tensor]:
+        """One optimizer step on a batch of two views (B, 3, H, W) and their indices (B,).
+
+        Returns the step's metrics as 0-d tensors on the device (no host sync here).
+        """
+        cfg = self.cfg
+        total = cfg.train.epochs * self.steps_per_epoch
+        lr = lr_at(cfg, self.step, self.steps_per_epoch)
+        momentum = momentum_at(cfg.model.momentum, cfg.model.momentum_schedule, self.step, total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        negatives = self.negatives.negatives()  # (K, D) snapshot
+        with self._autocast():
+            loss, logits, k = self.contrastive_loss(x_q, x_k, negatives)
+            if cfg.loss.symmetric:
+                # The MoCo CIFAR-10 demo's symmetric loss: the sum of both directions, both
+                # keys enqueued (so its gradient is twice an asymmetric step's).
+                loss_21, _, k_1 = self.contrastive_loss(x_k, x_q, negatives)
+                loss = loss + loss_21
+                k = torch.cat([k_1, k])
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+        self.encoder_k.update(self.encoder_q, momentum)
+        if cfg.loss.symmetric:
+            indices = torch.cat([indices, indices])
+        self.negatives.update(dist.all_gather_cat(k.float()), dist.all_gather_cat(indices))
+        self.step += 1
+
+        acc = instance_accuracy(logits.detach())
+        return {
+            "loss": loss.detach(),
+            "top1": acc["top1"],
+            "top5": acc["top5"],
+            "logit_pos": logits[:, 0].detach().mean() * cfg.loss.temperature,
+            "logit_neg": logits[:, 1:].detach().mean() * cfg.loss.temperature,
+        }
+
+    # ======================================================================== epochs
+    def train_epoch(self) -> dict[str, float]:
+        """Run (the rest of) the current epoch; returns the epoch's mean metrics."""
+        cfg = self.cfg
+        self.encoder_q.train()
+        self.encoder_k.train()
+        self.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * cfg.optim.batch_size)
+        self.tracker.start_epoch(self.epoch, cfg.train.epochs, self.steps_per_epoch, self.step_in_epoch)
+        window: dict[str, Tensor] = {}
+        epoch_sum: dict[str, Tensor] = {}
+        window_steps, epoch_steps, window_start = 0, 0, time.perf_counter()
+        images = 0
+        loader = iter(self.loader)
+        while self.step_in_epoch < self.steps_per_epoch:
+            (x_q, x_k), _, idx = next(loader)
+            x_q = x_q.to(self.device, memory_format=self.memory_format, non_blocking=True)
+            x_k = x_k.to(self.device, memory_format=self.memory_format, non_blocking=True)
+            idx = idx.to(self.device, non_blocking=True)
+            metrics = self.train_step(x_q, x_k, idx)
+            self.step_in_epoch += 1
+            images += x_q.shape[0]
+            for name, value in metrics.items():
+                window[name] = window.get(name, 0) + value
+                epoch_sum[name] = epoch_sum.get(name, 0) + value
+            window_steps += 1
+            epoch_steps += 1
+            self.tracker.advance()
+            if self.step % cfg.train.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                # The one host sync of the interval: metrics stayed on the device until now.
+                means = {k: v.item() / window_steps for k, v in window.items()}
+                if not math.isfinite(means["loss"]):
+                    raise FloatingPointError(f"non-finite loss {means['loss']} at step {self.step}")
+                elapsed = time.perf_counter() - window_start
+                means["lr"] = self.optimizer.param_groups[0]["lr"]
+                means["momentum"] = momentum_at(
+                    cfg.model.momentum, cfg.model.momentum_schedule, self.step - 1, cfg.train.epochs * self.steps_per_epoch
+                )
+                means["img_per_s"] = images * self.world / max(elapsed, 1e-9)
+                self.tracker.log("step", means, self.epoch, self.step)
+                window, window_steps, images, window_start = {}, 0, 0, time.perf_counter()
+        self.tracker.end_epoch()
+        self.negatives.on_epoch_end(self.epoch)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        return {k: v.item() / max(epoch_steps, 1) for k, v in epoch_sum.items()}
+
+    @torch.no_grad()
+    def evaluate_knn(self) -> dict[str, float]:
+        """Weighted kNN (k, T from ``eval``) of the test split against the train split's features."""
+        if self.knn_loaders is None:
+            return {}
+        # Evaluation draws no random numbers from the training's stream, so how often it runs
+        # does not change the training run.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return self._knn()
+
+    def _knn(self) -> dict[str, float]:
+        cfg = self.cfg.eval
+        model = self.encoder_q.backbone if cfg.knn_features == "backbone" else self.encoder_q
+        memory_loader, test_loader = self.knn_loaders
+        memory, memory_labels = extract_features(model, memory_loader, self.device)
+        query, query_labels = extract_features(model, test_loader, self.device)
+        return knn_accuracy(query, query_labels, memory, memory_labels, self.num_classes, cfg.knn_k, cfg.knn_t)
+
+    # ======================================================================== state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly (tensors and plain containers only)."""
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": 1,
+            "config": to_dict(self.cfg),
+            "epoch": self.epoch,
+            "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "encoder_q": self.encoder_q.state_dict(),
+            "encoder_k": self.encoder_k.state_dict(),
+            "negatives": self.negatives.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "last_eval": dict(self.last_eval),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
+        """Restore a :meth:`state_dict`; refuses one whose model or queue shape differs."""
+        saved, now = _state_shaping(state["config"]), _state_shaping(to_dict(self.cfg))
+        diffs = [f"{k} {saved[k]!r} (checkpoint) vs {now[k]!r} (config)" for k in STATE_SHAPING_KEYS if saved[k] != now[k]]
+        if diffs:
+            raise ckpt.CheckpointError(f"{source} is incompatible with this config: {'; '.join(diffs)}")
+        self.encoder_q.load_state_dict(state["encoder_q"])
+        self.encoder_k.load_state_dict(state["encoder_k"])
+        self.negatives.load_state_dict(state["negatives"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+        self.last_eval = dict(state.get("last_eval", {}))
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def save(self) -> Path | None:
+        if not dist.is_main():
+            return None
+        return ckpt.save_checkpoint(self.state_dict(), self.run_dir, self.step, self.cfg.train.keep_checkpoints)
+
+    # ======================================================================== the run
+    def prepare_run_dir(self) -> None:
+        """Create the run folder; resume from it, or refuse to clobber a run already in it."""
+        cfg = self.cfg.train
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"config key 'train.out_dir': cannot write to {self.run_dir}: {e.strerror}") from None
+
+        resumed = None
+        if cfg.resume == "auto":
+            resumed = ckpt.latest_checkpoint(self.run_dir)
+        elif cfg.resume:
+            path = Path(cfg.resume).expanduser()
+            resumed = (path, ckpt.load_checkpoint(path))
+        elif ckpt.checkpoint_files(self.run_dir):
+            if not cfg.overwrite:
+                raise UserError(
+                    f"{self.run_dir} already holds a run's checkpoints; pass train.resume=auto to continue it "
+                    "or train.overwrite=true to start over (deleting them)"
+                )
+            if dist.is_main():
+                shutil.rmtree(self.run_dir / ckpt.CHECKPOINT_DIR)
+                (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+
+        if resumed is not None:
+            path, state = resumed
+            self.load_state_dict(state, source=f"checkpoint {path}")
+            if dist.is_main():
+                print(f"resumed from {path} at epoch {self.epoch}, step {self.step}", flush=True)
+        if dist.is_main():
+            (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.cfg))
+
+    def fit(self) -> dict[str, float]:
+        """Pretrain for ``train.epochs`` epochs (continuing a resumed run) and return the final
+        metrics, including the last kNN top-1 when the data set has a test split."""
+        cfg = self.cfg
+        self.prepare_run_dir()
+        self.tracker = Tracker(self.run_dir, progress=cfg.track.progress, enabled=dist.is_main())
+        try:
+            if cfg.eval.at_start and self.step == 0:
+                self.last_eval = self.evaluate_knn()
+                if self.last_eval:
+                    self.tracker.log("eval", self.last_eval, -1, 0)
+            while self.epoch < cfg.train.epochs:
+                epoch_metrics = self.train_epoch()
+                done = self.epoch  # epochs completed
+                self.tracker.log("epoch", epoch_metrics, done - 1, self.step)
+                last = done == cfg.train.epochs
+                if last or (cfg.eval.knn_every and done % cfg.eval.knn_every == 0):
+                    self.last_eval = self.evaluate_knn()
+                    if self.last_eval:
+                        self.tracker.log("eval", self.last_eval, done - 1, self.step)
+                self.save()
+            final = {"epochs": self.epoch, "steps": self.step, **self.last_eval}
+            self.tracker.log("final", final, self.epoch - 1, self.step)
+            return final
+        finally:
+            self.tracker.close()
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run MoCo pretraining as configured; the library's one-call entry point."""
+    return Trainer(cfg).fit()
+

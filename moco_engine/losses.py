@@ -1,0 +1,47 @@
+"""Contrastive losses as pure functions on tensors.
+
+Shapes: B queries q and their positive keys k, both (B, D) and unit norm; K negatives (K, D).
+Logits are always formed in float32, whatever the autocast dtype of the encoders, because
+1/T (T as small as 0.07) amplifies bf16's rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def info_nce_logits(q: Tensor, k: Tensor, negatives: Tensor, temperature: float) -> Tensor:
+    """The MoCo logits ``[l_pos, l_neg] / T``.
+
+    Args:
+        q: (B, D) queries (carry gradients).
+        k: (B, D) positive keys, one per query.
+        negatives: (K, D) negatives shared by the batch.
+        temperature: T > 0.
+
+    Returns:
+        (B, 1 + K) logits; column 0 is the positive.
+    """
+    q = q.float()
+    l_pos = (q * k.float()).sum(dim=1, keepdim=True)  # (B, 1)
+    l_neg = q @ negatives.float().t()  # (B, K)
+    return torch.cat([l_pos, l_neg], dim=1) / temperature
+
+
+def info_nce(logits: Tensor) -> Tensor:
+    """InfoNCE (van den Oord et al. 2018) on logits whose column 0 is the positive: a (K+1)-way
+    cross-entropy with label 0. logits (B, 1 + K) -> scalar mean over the batch."""
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels)
+
+
+def instance_accuracy(logits: Tensor, topk: tuple[int, ...] = (1, 5)) -> dict[str, Tensor]:
+    """Instance discrimination accuracy: how often the positive ranks within the top k of K+1.
+
+    The positive's rank is the number of negatives scoring strictly higher, which avoids a top-k
+    over K+1 columns. logits (B, 1 + K) -> {"top1": (), "top5": ()} in percent, on device.
+    """
+    rank = (logits[:, 1:] > logits[:, :1]).sum(dim=1)  # (B,)
+    return {f"top{k}": (rank < k).float().mean() * 100.0 for k in topk}

@@ -1,0 +1,84 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from moco_engine.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("optim:\n  lr: 0.5\nqueue:\n  size: 100\n")
+    cfg = load_config([str(f)], ["queue.size=8192", "loss.symmetric=true"])
+    assert cfg.optim.lr == 0.5  # from the file
+    assert cfg.queue.size == 8192  # the override wins over the file
+    assert cfg.loss.symmetric is True
+    assert cfg.model.momentum == Config().model.momentum  # untouched default
+
+
+def test_the_keys_users_type_most_exist():
+    keys = ["data.name", "data.root", "model.arch", "model.dim", "model.momentum", "loss.temperature",
+            "loss.symmetric", "queue.size", "optim.lr", "optim.batch_size", "train.epochs", "train.out_dir",
+            "train.resume"]
+    cfg = OmegaConf.structured(Config)
+    for key in keys:
+        assert OmegaConf.select(cfg, key, default="missing") != "missing", key
+
+
+def test_unknown_key_names_it_and_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'queue.sise'.*did you mean 'queue.size'"):
+        load_config([], ["queue.sise=5"])
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("model:\n  momentun: 0.9\n")
+    with pytest.raises(ConfigError, match=r"'model.momentun' in .*bad.yaml.*'model.momentum'"):
+        load_config([str(f)])
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"'optim.lr'.*'fast'"):
+        load_config([], ["optim.lr=fast"])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [("queue.size=0", "queue.size"), ("loss.temperature=0", "loss.temperature"), ("model.momentum=1.5", "model.momentum"),
+     ("optim.batch_size=0", "optim.batch_size"), ("train.epochs=0", "train.epochs"), ("model.arch=vgg", "model.arch")],
+)
+def test_invalid_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config([], [override])
+
+
+def test_config_round_trips_through_dict_and_yaml(tmp_path):
+    cfg = load_config([], ["queue.size=77", "optim.milestones=[3,4]"])
+    assert from_dict(to_dict(cfg)) == cfg
+    f = tmp_path / "saved.yaml"
+    f.write_text(to_yaml(cfg))
+    assert load_config([str(f)]) == cfg
+
+
+def test_base_yaml_mirrors_the_schema():
+    assert load_config([str(ROOT / "configs" / "base.yaml")]) == Config()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    if "sweeps" in path.parts:
+        pytest.skip("sweep files are read by the sweep runner")
+    load_config([str(path)])
+
+
+@pytest.mark.parametrize("args", [["queue.sise=5"], ["optim.lr=fast"], ["nonexistent.yaml"], ["queue.size"]])
+def test_cli_config_errors_exit_2_with_one_line(args, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "moco_engine", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr

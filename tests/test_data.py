@@ -1,0 +1,118 @@
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA
+from PIL import Image
+
+from moco_engine.config import DataConfig
+from moco_engine.data import (
+    DataError,
+    EpochSampler,
+    Indexed,
+    TwoViews,
+    build_splits,
+    eval_transform,
+    read_archive,
+    synthetic_images,
+    view_transform,
+)
+
+
+def write_image_tree(root, split="train", classes=("a", "b"), per_class=3, size=12):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / split / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def test_imagefolder_from_a_folder_and_from_an_archive(tmp_path):
+    write_image_tree(tmp_path / "data", "train")
+    write_image_tree(tmp_path / "data", "test", per_class=2)
+    folder = build_splits(DataConfig(name="imagefolder", root=str(tmp_path / "data")))
+    assert len(folder.train) == 6 and len(folder.test) == 4 and folder.train.classes == ["a", "b"]
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "data" / "train", arcname="train")
+    packed = build_splits(DataConfig(name="imagefolder", root=str(archive), test_split=""))
+    assert packed.test is None and packed.train.targets == folder.train.targets
+    for i in range(6):  # PNG is lossless: the same pixels either way
+        assert np.array_equal(np.asarray(packed.train.load(i)), np.asarray(folder.train.load(i)))
+
+
+def test_missing_empty_and_imageless_folders_name_the_path(tmp_path):
+    with pytest.raises(DataError, match="not found: .*nowhere"):
+        build_splits(DataConfig(name="imagefolder", root=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty.*no 'train' sub-folder"):
+        build_splits(DataConfig(name="imagefolder", root=str(tmp_path / "empty")))
+    (tmp_path / "text" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "text" / "train" / "a" / "notes.txt").write_text("no image here")
+    with pytest.raises(DataError, match="no images found in .*text"):
+        build_splits(DataConfig(name="imagefolder", root=str(tmp_path / "text")))
+
+
+def test_a_corrupt_image_in_an_archive_is_named(tmp_path):
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w") as tar:
+        data = b"not a jpeg"
+        info = tarfile.TarInfo("train/a/0.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError, match="train/a/0.jpg"):
+        read_archive(archive, "train")
+
+
+def test_embedded_sample_ships_with_the_package():
+    splits = build_splits(DataConfig(name="embedded"))
+    assert len(splits.train) == 4000 and len(splits.test) == 1000
+    assert len(splits.train.classes) == 10 and splits.train.load(0).size == (32, 32)
+    assert np.bincount(splits.train.targets).tolist() == [400] * 10
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10-test.tar.xz").exists(), reason="../shared/data not present")
+def test_reads_the_shared_cifar10_test_tarball():
+    test = read_archive(SHARED_DATA / "cifar10-test.tar.xz", "test")
+    assert len(test) == 10_000 and test.images.shape == (10_000, 32, 32, 3)
+    assert np.bincount(test.targets).tolist() == [1000] * 10 and test.classes[0] == "airplane"
+
+
+@pytest.mark.parametrize("preset,size", [("cifar", 32), ("moco_v1", 64), ("moco_v2", 64)])
+def test_two_view_presets_give_two_different_normalised_views(preset, size):
+    images = synthetic_images(4, 2, 80, seed=0)
+    ds = Indexed(images, TwoViews(view_transform(preset, size)))
+    (x_q, x_k), target, index = ds[3]
+    assert x_q.shape == x_k.shape == (3, size, size)
+    assert not torch.equal(x_q, x_k) and index == 3 and target == images.targets[3]
+    assert eval_transform(preset, size)(images.load(0)).shape == (3, size, size)
+
+
+def test_seeded_items_give_the_same_views_every_time_and_new_ones_each_epoch():
+    ds = Indexed(synthetic_images(4, 2, 32, seed=0), TwoViews(view_transform("cifar", 32)), seed=7)
+    (a_q, a_k), _, _ = ds[(3, 1)]
+    torch.rand(5)  # the global RNG state does not matter
+    (b_q, b_k), _, i = ds[(3, 1)]
+    assert i == 1 and torch.equal(a_q, b_q) and torch.equal(a_k, b_k)
+    (c_q, _), _, _ = ds[(4, 1)]
+    assert not torch.equal(a_q, c_q)
+
+
+def test_epoch_sampler_is_seeded_resumable_and_splits_ranks():
+    s = EpochSampler(10, seed=3)
+    s.set_epoch(2)
+    assert {epoch for epoch, _ in s} == {2}
+    order = [i for _, i in s]
+    assert sorted(order) == list(range(10))
+    again = EpochSampler(10, seed=3)
+    again.set_epoch(2, skip=4)
+    assert [i for _, i in again] == order[4:] and len(again) == 6
+    ranks = [EpochSampler(10, seed=3, rank=r, world=2) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(2)
+    assert sorted(i for r in ranks for _, i in r) == list(range(10))
+    other = EpochSampler(10, seed=3)
+    other.set_epoch(3)
+    assert [i for _, i in other] != order

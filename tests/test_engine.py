@@ -1,0 +1,148 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision import transforms as T
+from conftest import ROOT, TINY
+
+from moco_engine.checkpoint import checkpoint_files, latest_checkpoint
+from moco_engine.config import UserError, load_config
+from moco_engine.data import TwoViews
+from moco_engine.engine import Trainer, lr_at
+
+
+def tiny(tmp_path, *extra):
+    return load_config([], [*TINY, f"train.out_dir={tmp_path / 'run'}", *extra])
+
+
+def records(run_dir, kind):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_lr_schedule_warmup_cosine_and_steps():
+    cfg = load_config([], ["train.epochs=10", "optim.lr=1.0", "optim.warmup_epochs=1"])
+    assert lr_at(cfg, 0, 10) == pytest.approx(0.1)  # warm-up: (step + 1) / warm-up steps
+    assert lr_at(cfg, 9, 10) == pytest.approx(1.0)
+    assert lr_at(cfg, 10 + 45, 10) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_at(cfg, 100, 10) == pytest.approx(0.0)
+    steps = load_config([], ["optim.schedule=step", "optim.lr=1.0", "optim.milestones=[2,4]", "optim.gamma=0.1"])
+    assert [lr_at(steps, s * 5, 5) for s in (0, 2, 3, 4)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
+
+
+def test_one_epoch_on_synthetic_data_lowers_the_loss(tmp_path):
+    # MoCo's loss first climbs towards ln(K+1) as real keys replace the queue's random start, and
+    # under the CIFAR crops a ResNet needs hundreds of steps to come down from there. With a mild
+    # view (pixel noise) the synthetic items' own colour layouts are learnable at once, so one
+    # short epoch, with shuffle- and split-BN against the BatchNorm shortcut, shows the step learn.
+    cfg = tiny(tmp_path, "data.synthetic_size=3840", "optim.batch_size=64", "model.head=linear", "queue.size=256",
+               "train.epochs=1", "train.steps_per_epoch=0", "train.log_every=1", "optim.lr=0.05",
+               "model.bn=shuffle", "model.bn_splits=2", "model.dim=32")
+    trainer = Trainer(cfg)
+    mild = T.Compose([T.ToTensor(), T.Lambda(lambda x: x - 0.5 + 0.05 * torch.randn_like(x))])
+    trainer.loader.dataset.transform = TwoViews(mild)
+    trainer.fit()
+    losses = [r["loss"] for r in records(tmp_path / "run", "step")]
+    assert len(losses) == 60
+    early, late = sum(losses[5:15]) / 10, sum(losses[-10:]) / 10
+    assert early > math.log(cfg.queue.size + 1) - 1.0  # near the plateau once the queue holds real keys
+    assert late < early - 0.3, losses
+
+
+def test_step_order_updates_key_encoder_and_queue_after_the_optimizer(tmp_path):
+    cfg = tiny(tmp_path, "model.momentum=0.5")
+    trainer = Trainer(cfg)
+    k_before = [p.clone() for p in trainer.encoder_k.encoder.parameters()]
+    x = torch.randn(16, 3, 32, 32)
+    trainer.train_step(x, x.flip(3), torch.arange(16))
+    for q1, k0, k1 in zip(trainer.encoder_q.parameters(), k_before, trainer.encoder_k.encoder.parameters()):
+        assert torch.allclose(k1, 0.5 * k0 + 0.5 * q1, atol=1e-6)  # EMA towards the *updated* f_q
+    assert int(trainer.negatives.ptr) == 16
+
+
+def test_symmetric_loss_enqueues_both_keys(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "loss.symmetric=true", "queue.size=50"))
+    x = torch.randn(16, 3, 32, 32)
+    metrics = trainer.train_step(x, x.flip(3), torch.arange(16))
+    assert int(trainer.negatives.ptr) == 32 and torch.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize("extra", [["model.bn=plain"], ["train.precision=bf16"], ["model.head=linear", "model.momentum_schedule=cosine"]])
+def test_options_run_a_step(tmp_path, extra):
+    trainer = Trainer(tiny(tmp_path, *extra))
+    x = torch.randn(16, 3, 32, 32)
+    assert torch.isfinite(trainer.train_step(x, x, torch.arange(16))["loss"])
+
+
+def test_cli_runs_end_to_end(tmp_path):
+    out = tmp_path / "smoke"
+    r = subprocess.run([sys.executable, "-m", "moco_engine", str(ROOT / "configs" / "smoke.yaml"), f"train.out_dir={out}",
+                        "eval.at_start=true"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "kNN top-1:" in r.stdout.strip().splitlines()[-1]
+    assert (out / "config.yaml").is_file() and len(checkpoint_files(out)) == 2
+    assert load_config([str(out / "config.yaml")]).train.out_dir == str(out)
+    steps = records(out, "step")
+    assert {"loss", "top1", "top5", "lr", "momentum", "img_per_s"} <= set(steps[0])
+    assert "knn_top1" in records(out, "final")[0]
+    assert [r["epoch"] for r in records(out, "eval")] == [-1, 0, 1]  # the baseline, then each epoch
+    state = latest_checkpoint(out)[1]
+    assert state["config"]["queue"]["size"] == 100 and state["epoch"] == 2
+
+
+def test_resume_continues_the_epoch_count_and_restores_the_queue(tmp_path):
+    Trainer(tiny(tmp_path, "train.epochs=1")).fit()
+    _, state = latest_checkpoint(tmp_path / "run")
+    resumed = Trainer(tiny(tmp_path, "train.epochs=2", "train.resume=auto"))
+    resumed.prepare_run_dir()
+    assert resumed.epoch == 1 and resumed.step == 3
+    assert torch.equal(resumed.negatives.keys, state["negatives"]["keys"])
+    assert torch.equal(resumed.negatives.ptr, state["negatives"]["ptr"])
+    resumed.fit()
+    assert [r["epoch"] for r in records(tmp_path / "run", "epoch")] == [0, 1]
+
+
+def test_resumed_run_ends_bit_identical_to_a_straight_run(tmp_path):
+    straight = Trainer(tiny(tmp_path / "a"))
+    straight.fit()
+    stopped = Trainer(tiny(tmp_path / "b"))  # the same run, stopped after its first epoch
+    stopped.prepare_run_dir()
+    stopped.train_epoch()
+    stopped.save()
+    del stopped
+    resumed = Trainer(tiny(tmp_path / "b", "train.resume=auto"))
+    resumed.fit()
+    for a, b in zip(straight.encoder_q.state_dict().values(), resumed.encoder_q.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.optimizer.state_dict()["state"].values(), resumed.optimizer.state_dict()["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    for a, b in zip(straight.encoder_k.state_dict().values(), resumed.encoder_k.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(straight.negatives.keys, resumed.negatives.keys)
+
+
+def test_a_run_folder_with_checkpoints_is_not_clobbered(tmp_path):
+    Trainer(tiny(tmp_path, "train.epochs=1")).fit()
+    saved = checkpoint_files(tmp_path / "run")
+    with pytest.raises(UserError, match="already holds a run"):
+        Trainer(tiny(tmp_path, "train.epochs=1")).fit()
+    assert checkpoint_files(tmp_path / "run") == saved
+    Trainer(tiny(tmp_path, "train.epochs=1", "train.overwrite=true")).fit()
+
+
+def test_incompatible_checkpoint_is_refused_in_one_line(tmp_path):
+    Trainer(tiny(tmp_path, "train.epochs=1")).fit()
+    r = subprocess.run([sys.executable, "-m", "moco_engine", *TINY, f"train.out_dir={tmp_path / 'run'}",
+                        "train.resume=auto", "queue.size=64"], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "queue.size 50 (checkpoint) vs 64 (config)" in r.stderr
+
+
+def test_missing_data_folder_exits_2_naming_the_path(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "moco_engine", *TINY, "data.name=imagefolder",
+                        f"data.root={tmp_path / 'absent'}", f"train.out_dir={tmp_path / 'run'}"], capture_output=True, text=True)
+    assert r.returncode == 2 and str(tmp_path / "absent") in r.stderr and "Traceback" not in r.stderr
