@@ -72,8 +72,25 @@ class LossConfig:
 
 
 @dataclass
+class NegativesConfig:
+    kind: str = "queue"  # queue | memory_bank | in_batch
+
+
+@dataclass
 class QueueConfig:
-    size: int = 1024  # K, the number of negatives
+    size: int = 1024  # K, the number of negatives (the queue's length; the bank's samples per step)
+    mask_same_instance: bool = False  # drop a query's own older key from its negatives
+    dtype: str = "float32"  # float32 | bfloat16 | float16 storage (logits are always float32)
+
+
+@dataclass
+class MemoryBankConfig:
+    init: str = "random"  # random | encode (one encoding pass of the data set before training)
+    positive: str = "bank"  # bank (Wu et al.'s v_i) | key (the key encoder's output)
+    update: str = "refresh"  # refresh (re-encode all items each epoch) | momentum | both
+    momentum: float = 0.5  # m of the proximal update v_i <- normalize(m v_i + (1 - m) f_i)
+    exclude_own: bool = True  # drop a query's own item from its sampled negatives
+    replacement: bool = True  # sample the K negatives with replacement
 
 
 @dataclass
@@ -123,7 +140,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    memory_bank: MemoryBankConfig = field(default_factory=MemoryBankConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -139,6 +158,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.momentum_schedule": ("constant", "cosine"),
     "model.bn": ("shuffle", "plain", "sync"),
     "loss.name": ("infonce",),
+    "negatives.kind": ("queue", "memory_bank", "in_batch"),
+    "queue.dtype": ("float32", "bfloat16", "float16"),
+    "memory_bank.init": ("random", "encode"),
+    "memory_bank.positive": ("bank", "key"),
+    "memory_bank.update": ("refresh", "momentum", "both"),
     "optim.schedule": ("cosine", "step", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "eval.knn_features": ("backbone", "head"),
@@ -218,6 +242,7 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         need(value in choices, key, value, f"must be one of {', '.join(choices)}")
     need(cfg.queue.size >= 1, "queue.size", cfg.queue.size, "K must be >= 1")
+    need(0.0 <= cfg.memory_bank.momentum <= 1.0, "memory_bank.momentum", cfg.memory_bank.momentum, "must lie in [0, 1]")
     need(cfg.model.dim >= 1, "model.dim", cfg.model.dim, "must be >= 1")
     need(cfg.model.hidden_dim >= 0, "model.hidden_dim", cfg.model.hidden_dim, "must be >= 0")
     need(0.0 <= cfg.model.momentum <= 1.0, "model.momentum", cfg.model.momentum, "m must lie in [0, 1]")

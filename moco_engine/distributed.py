@@ -48,6 +48,19 @@ def all_gather_cat(t: Tensor) -> Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, counts)])
 
 
+def all_gather_with_grad(t: Tensor) -> Tensor:
+    """Concatenate ``t`` (B, ...) from every rank, keeping the gradient of this rank's part.
+
+    Used by in-batch negatives, where every key of the global batch is a negative with gradients.
+    Needs the same B on every rank.
+    """
+    if not is_distributed():
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t.contiguous()))
+
+
 def shuffle_batch(x: Tensor) -> tuple[Tensor, Tensor]:
     """Shuffle-BN's permutation of the key batch (one process).
 

@@ -38,12 +38,14 @@ from .data import (
 from .encoders import MomentumEncoder, build_encoder, momentum_at
 from .evaluation import extract_features, knn_accuracy
 from .losses import info_nce, info_nce_logits, instance_accuracy
-from .negatives import NegativeSource, Queue
+from .negatives import NegativeSource, build_source
 from .tracking import METRICS_FILE, Tracker
 
 CONFIG_FILE = "config.yaml"
 # Settings a checkpoint's state depends on: resuming under other values is refused.
-STATE_SHAPING_KEYS = ("model.arch", "model.cifar_stem", "model.head", "model.hidden_dim", "model.dim", "queue.size")
+STATE_SHAPING_KEYS = (
+    "model.arch", "model.cifar_stem", "model.head", "model.hidden_dim", "model.dim", "negatives.kind", "queue.size",
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,19 +115,20 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         if cfg.train.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.steps_per_epoch)
-        self.knn_loaders = None
+        # The train split seen without augmentation, in index order: the kNN memory and the
+        # memory bank's refresh both encode it.
+        plain = eval_transform(cfg.data.augmentation, cfg.data.image_size)
+        self.num_items = len(splits.train)
+        self.plain_train_loader = make_loader(Indexed(splits.train, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
+        self.test_loader = None
         if splits.test is not None:
-            plain = eval_transform(cfg.data.augmentation, cfg.data.image_size)
-            self.knn_loaders = tuple(
-                make_loader(Indexed(images, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
-                for images in (splits.train, splits.test)
-            )
+            self.test_loader = make_loader(Indexed(splits.test, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
 
         # ---------------------------------------------------------------- model
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.encoder_q = build_encoder(cfg.model).to(self.device, memory_format=self.memory_format)
         self.encoder_k = MomentumEncoder(self.encoder_q)
-        self.negatives: NegativeSource = Queue(cfg.queue.size, cfg.model.dim).to(self.device)
+        self.negatives: NegativeSource = build_source(cfg, self.num_items).to(self.device)
         self.optimizer = torch.optim.SGD(
             self.encoder_q.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
@@ -144,23 +147,30 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    @torch.no_grad()
     def compute_keys(self, x: Tensor) -> Tensor:
-        """k = f_k(x): (B, 3, H, W) -> (B, D), with shuffle-BN if configured."""
-        if self.cfg.model.bn == "shuffle":
-            shuffled, unshuffle = dist.shuffle_batch(x)
-            return self.encoder_k(shuffled)[unshuffle]
-        return self.encoder_k(x)
+        """k = f_k(x): (B, 3, H, W) -> (B, D), with shuffle-BN if configured.
 
-    def contrastive_loss(self, x_q: Tensor, x_k: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One direction of the loss: x_q is the query crop, x_k the key crop.
+        In-batch negatives are end to end: the keys come from f_q, with gradients.
+        """
+        if self.negatives.end_to_end:
+            return self.encoder_q(x)
+        with torch.no_grad():
+            if self.cfg.model.bn == "shuffle":
+                shuffled, unshuffle = dist.shuffle_batch(x)
+                return self.encoder_k(shuffled)[unshuffle]
+            return self.encoder_k(x)
+
+    def contrastive_loss(self, x_q: Tensor, x_k: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One direction of the loss: x_q is the query crop, x_k the key crop, indices (B,).
 
         Returns:
             (loss (), logits (B, 1+K), keys (B, D)).
         """
         q = self.encoder_q(x_q)
         k = self.compute_keys(x_k)
-        logits = info_nce_logits(q, k, negatives, self.cfg.loss.temperature)
+        positives = self.negatives.positives(indices)
+        neg = self.negatives.negatives(q, k, indices)
+        logits = info_nce_logits(q, k if positives is None else positives, neg.embeddings, self.cfg.loss.temperature, neg.drop)
         return info_nce(logits), logits, k
 
     def train_step(self, x_q: Tensor, x_k: Tensor, indices: Tensor) -> dict[str, Tensor]:
@@ -175,13 +185,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        negatives = self.negatives.negatives()  # (K, D) snapshot
+        source_metrics = self.negatives.metrics(indices)  # before this batch's update
         with self._autocast():
-            loss, logits, k = self.contrastive_loss(x_q, x_k, negatives)
+            loss, logits, k = self.contrastive_loss(x_q, x_k, indices)
             if cfg.loss.symmetric:
                 # The MoCo CIFAR-10 demo's symmetric loss: the sum of both directions, both
                 # keys enqueued (so its gradient is twice an asymmetric step's).
-                loss_21, _, k_1 = self.contrastive_loss(x_k, x_q, negatives)
+                loss_21, _, k_1 = self.contrastive_loss(x_k, x_q, indices)
                 loss = loss + loss_21
                 k = torch.cat([k_1, k])
 
@@ -190,19 +200,24 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-        self.encoder_k.update(self.encoder_q, momentum)
+        if not self.negatives.end_to_end:
+            self.encoder_k.update(self.encoder_q, momentum)
         if cfg.loss.symmetric:
             indices = torch.cat([indices, indices])
-        self.negatives.update(dist.all_gather_cat(k.float()), dist.all_gather_cat(indices))
+        self.negatives.update(dist.all_gather_cat(k.detach().float()), dist.all_gather_cat(indices))
         self.step += 1
 
-        acc = instance_accuracy(logits.detach())
+        logits = logits.detach()
+        negative = logits[:, 1:]
+        counted = torch.isfinite(negative)  # dropped entries are -inf
+        acc = instance_accuracy(logits)
         return {
             "loss": loss.detach(),
             "top1": acc["top1"],
             "top5": acc["top5"],
-            "logit_pos": logits[:, 0].detach().mean() * cfg.loss.temperature,
-            "logit_neg": logits[:, 1:].detach().mean() * cfg.loss.temperature,
+            "logit_pos": logits[:, 0].mean() * cfg.loss.temperature,
+            "logit_neg": torch.where(counted, negative, 0.0).sum() / counted.sum().clamp(min=1) * cfg.loss.temperature,
+            **source_metrics,
         }
 
     # ======================================================================== epochs
@@ -217,6 +232,7 @@ class Trainer:
         epoch_sum: dict[str, Tensor] = {}
         window_steps, epoch_steps, window_start = 0, 0, time.perf_counter()
         images = 0
+        epoch_start = time.perf_counter()
         loader = iter(self.loader)
         while self.step_in_epoch < self.steps_per_epoch:
             (x_q, x_k), _, idx = next(loader)
@@ -246,15 +262,29 @@ class Trainer:
                 self.tracker.log("step", means, self.epoch, self.step)
                 window, window_steps, images, window_start = {}, 0, 0, time.perf_counter()
         self.tracker.end_epoch()
-        self.negatives.on_epoch_end(self.epoch)
+        epoch_time = time.perf_counter() - epoch_start
+        hook_start = time.perf_counter()
+        self.negatives.on_epoch_end(self.epoch, self.encode_train_set)
+        hook_time = time.perf_counter() - hook_start
         self.epoch += 1
         self.step_in_epoch = 0
-        return {k: v.item() / max(epoch_steps, 1) for k, v in epoch_sum.items()}
+        out = {k: v.item() / max(epoch_steps, 1) for k, v in epoch_sum.items()}
+        out.update(epoch_s=epoch_time, negatives_bytes=self.negatives.memory_bytes())
+        if hook_time > 1e-3:  # the memory bank's refresh: its cost in seconds and in % of the epoch
+            out.update(refresh_s=hook_time, refresh_pct=100 * hook_time / (epoch_time + hook_time))
+        return out
+
+    @torch.no_grad()
+    def encode_train_set(self) -> Tensor:
+        """Every training item's embedding (N, D) in index order, by the encoder that makes keys."""
+        encoder = self.encoder_q if self.negatives.end_to_end else self.encoder_k
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return extract_features(encoder, self.plain_train_loader, self.device)[0]
 
     @torch.no_grad()
     def evaluate_knn(self) -> dict[str, float]:
         """Weighted kNN (k, T from ``eval``) of the test split against the train split's features."""
-        if self.knn_loaders is None:
+        if self.test_loader is None:
             return {}
         # Evaluation draws no random numbers from the training's stream, so how often it runs
         # does not change the training run.
@@ -264,9 +294,8 @@ class Trainer:
     def _knn(self) -> dict[str, float]:
         cfg = self.cfg.eval
         model = self.encoder_q.backbone if cfg.knn_features == "backbone" else self.encoder_q
-        memory_loader, test_loader = self.knn_loaders
-        memory, memory_labels = extract_features(model, memory_loader, self.device)
-        query, query_labels = extract_features(model, test_loader, self.device)
+        memory, memory_labels = extract_features(model, self.plain_train_loader, self.device)
+        query, query_labels = extract_features(model, self.test_loader, self.device)
         return knn_accuracy(query, query_labels, memory, memory_labels, self.num_classes, cfg.knn_k, cfg.knn_t)
 
     # ======================================================================== state
@@ -294,6 +323,9 @@ class Trainer:
         """Restore a :meth:`state_dict`; refuses one whose model or queue shape differs."""
         saved, now = _state_shaping(state["config"]), _state_shaping(to_dict(self.cfg))
         diffs = [f"{k} {saved[k]!r} (checkpoint) vs {now[k]!r} (config)" for k in STATE_SHAPING_KEYS if saved[k] != now[k]]
+        bank = state["negatives"].get("bank")
+        if bank is not None and bank.shape[0] != self.num_items:
+            diffs.append(f"memory bank of N={bank.shape[0]} items (checkpoint) vs a data set of N={self.num_items} items")
         if diffs:
             raise ckpt.CheckpointError(f"{source} is incompatible with this config: {'; '.join(diffs)}")
         self.encoder_q.load_state_dict(state["encoder_q"])
@@ -346,6 +378,8 @@ class Trainer:
             self.load_state_dict(state, source=f"checkpoint {path}")
             if dist.is_main():
                 print(f"resumed from {path} at epoch {self.epoch}, step {self.step}", flush=True)
+        elif self.cfg.negatives.kind == "memory_bank" and self.cfg.memory_bank.init == "encode":
+            self.negatives.refresh(self.encode_train_set())
         if dist.is_main():
             (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.cfg))
 

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def info_nce_logits(q: Tensor, k: Tensor, negatives: Tensor, temperature: float) -> Tensor:
+def info_nce_logits(
+    q: Tensor, k: Tensor, negatives: Tensor, temperature: float, drop: Tensor | None = None
+) -> Tensor:
     """The MoCo logits ``[l_pos, l_neg] / T``.
 
     Args:
@@ -20,6 +22,7 @@ def info_nce_logits(q: Tensor, k: Tensor, negatives: Tensor, temperature: float)
         k: (B, D) positive keys, one per query.
         negatives: (K, D) negatives shared by the batch.
         temperature: T > 0.
+        drop: optional (B, K) bool; True entries are not negatives of that query (logit -inf).
 
     Returns:
         (B, 1 + K) logits; column 0 is the positive.
@@ -27,6 +30,8 @@ def info_nce_logits(q: Tensor, k: Tensor, negatives: Tensor, temperature: float)
     q = q.float()
     l_pos = (q * k.float()).sum(dim=1, keepdim=True)  # (B, 1)
     l_neg = q @ negatives.float().t()  # (B, K)
+    if drop is not None:
+        l_neg = l_neg.masked_fill(drop, float("-inf"))
     return torch.cat([l_pos, l_neg], dim=1) / temperature
 
 

@@ -1,12 +1,17 @@
-"""Where negatives come from: the ``NegativeSource`` interface and the MoCo queue.
+"""Where negatives come from: the ``NegativeSource`` interface and its three kinds.
 
-The training step asks a source for a snapshot of K negatives, computes the loss, steps the
+- :class:`Queue`: MoCo's ring buffer of the K most recent keys (He et al. 2020).
+- :class:`MemoryBank`: one stored embedding per data-set item, K of them sampled per step
+  (Wu et al. 2018).
+- :class:`InBatch`: the other items of the batch, end to end with gradients (SimCLR's NT-Xent).
+
+The training step asks the source for the negatives of a batch, computes the loss, steps the
 optimizer, and only then hands the source the batch's keys::
 
-    neg = source.negatives()          # (K, D), detached
-    loss = info_nce(q, k, neg, T)     # q: (B, D) with gradients, k: (B, D) keys
+    neg = source.negatives(q, k, idx)   # Negatives((K, D), drop (B, K) or None)
+    loss = info_nce(info_nce_logits(q, k, neg.embeddings, T, neg.drop))
     loss.backward(); optimizer.step()
-    source.update(k, idx)             # keys (B, D) and their data-set indices (B,)
+    source.update(k, idx)               # keys (B, D) and their data-set indices (B,)
 
 A source is an ``nn.Module`` whose state lives in persistent buffers, so ``state_dict()`` carries
 it into every checkpoint and ``.to(device)`` keeps it on the training device. It lives outside
@@ -15,28 +20,62 @@ any DDP wrapper: every process updates it identically from the gathered keys.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import distributed as dist
+from .config import Config, ConfigError
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Negatives(NamedTuple):
+    """The negatives of one batch.
+
+    Attributes:
+        embeddings: (K, D) shared by every query of the batch.
+        drop: (B, K) bool or None; True where an entry must not count as a negative of that
+            query (it is the query's own item), and its logit becomes -inf.
+    """
+
+    embeddings: Tensor
+    drop: Tensor | None = None
 
 
 class NegativeSource(nn.Module):
     """The contract every kind of negatives follows (queue, memory bank, in-batch)."""
 
-    def negatives(self) -> Tensor:
-        """A snapshot (K, D) of the negatives, detached; a later :meth:`update` never changes it."""
+    #: True when keys must come from the query encoder with gradients (end to end, no EMA).
+    end_to_end = False
+
+    def negatives(self, queries: Tensor, keys: Tensor, indices: Tensor) -> Negatives:
+        """The negatives for queries (B, D) whose positive keys are keys (B, D).
+
+        A stored source returns a detached snapshot that a later :meth:`update` never changes.
+        """
         raise NotImplementedError
+
+    def positives(self, indices: Tensor) -> Tensor | None:
+        """(B, D) positives supplied by the source itself (the memory bank's v_i), else None."""
+        return None
 
     def update(self, keys: Tensor, indices: Tensor) -> None:
         """Take in a batch of keys (B, D) and their data-set indices (B,); any B >= 1."""
-        raise NotImplementedError
 
-    def on_epoch_end(self, epoch: int) -> None:
-        """Hook at the end of every epoch (the memory bank refreshes here); a no-op by default."""
+    def on_epoch_end(self, epoch: int, encode: Callable[[], Tensor]) -> None:
+        """Hook at the end of every epoch; ``encode()`` returns every item's embedding (N, D)."""
 
-    def metrics(self) -> dict[str, Tensor]:
-        """Scalars about the source's state, as 0-d tensors (no host sync)."""
+    def metrics(self, indices: Tensor) -> dict[str, Tensor]:
+        """Scalars about the source's state for a batch's indices (B,), as 0-d tensors."""
         return {}
+
+    def memory_bytes(self) -> int:
+        """Bytes held in the source's buffers."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
 class Queue(NegativeSource):
@@ -44,25 +83,43 @@ class Queue(NegativeSource):
 
     Any K >= 1 and any batch size B: a batch wraps around the end of the buffer, a batch larger
     than K keeps its last K keys, and a ragged last batch is just a smaller B (no ``K % B == 0``
-    rule). The buffer starts as random unit vectors, as in the paper's code.
+    rule). The buffer starts as random unit vectors, as in the paper's code. Keys may be stored
+    in bfloat16 or float16 to halve the memory; logits are always formed in float32.
+
+    Each slot also remembers whose key it holds and when it was written, so the queue can report
+    its age and, with ``mask_same_instance``, keep a query's own older key out of its negatives
+    (which matters once K approaches the data set's size).
 
     Buffers (persistent, in ``state_dict``):
         keys: (K, D) the stored keys, oldest overwritten first.
+        index: (K,) int64 data-set index of each slot's key (-1: still the random start).
+        written: (K,) int64 value of ``clock`` when the slot was written.
+        clock: () int64, the number of updates so far.
         ptr: () int64, the slot the next key goes to.
     """
 
-    def __init__(self, size: int, dim: int, generator: torch.Generator | None = None) -> None:
+    def __init__(self, size: int, dim: int, mask_same_instance: bool = False, dtype: str = "float32",
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         if size < 1 or dim < 1:
             raise ValueError(f"queue needs K >= 1 and D >= 1, got K={size}, D={dim}")
         self.size = size
         self.dim = dim
-        self.register_buffer("keys", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
+        self.mask_same_instance = mask_same_instance
+        start = F.normalize(torch.randn(size, dim, generator=generator), dim=1)
+        self.register_buffer("keys", start.to(STORAGE_DTYPES[dtype]))
+        self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("written", torch.zeros(size, dtype=torch.long))
+        self.register_buffer("clock", torch.zeros((), dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
-    def negatives(self) -> Tensor:
-        """(K, D). ``update`` writes out of place, so this tensor is never modified later."""
-        return self.keys
+    def negatives(self, queries: Tensor | None = None, keys: Tensor | None = None,
+                  indices: Tensor | None = None) -> Negatives:
+        """(K, D) keys; ``update`` writes out of place, so this tensor is never modified later."""
+        drop = None
+        if self.mask_same_instance and indices is not None:
+            drop = self.index[None, :] == indices[:, None]  # (B, K)
+        return Negatives(self.keys, drop)
 
     @torch.no_grad()
     def update(self, keys: Tensor, indices: Tensor | None = None) -> None:
@@ -72,11 +129,153 @@ class Queue(NegativeSource):
             return
         if keys.shape[1] != self.dim:
             raise ValueError(f"queue holds keys of dimension {self.dim}, got {tuple(keys.shape)}")
+        if indices is None:
+            indices = torch.full((b,), -1, dtype=torch.long, device=keys.device)
         # Of more than K keys only the last K survive; dropping the rest first keeps the
         # written slots distinct (index_copy with repeated indices has no defined winner).
-        kept = keys[-self.size :] if b > self.size else keys
-        start = self.ptr + (b - kept.shape[0])
-        slots = (start + torch.arange(kept.shape[0], device=self.keys.device)) % self.size
+        kept = min(b, self.size)
+        start = self.ptr + (b - kept)
+        slots = (start + torch.arange(kept, device=self.keys.device)) % self.size
         # Out of place: a snapshot handed out by negatives() may still be saved by autograd.
-        self.keys = self.keys.index_copy(0, slots, kept.detach().to(self.keys.dtype))
+        self.keys = self.keys.index_copy(0, slots, keys[-kept:].detach().to(self.keys.dtype))
+        self.index = self.index.index_copy(0, slots, indices[-kept:].to(self.index.device))
+        self.written = self.written.index_fill(0, slots, self.clock)
+        self.clock = self.clock + 1
         self.ptr = (self.ptr + b) % self.size
+
+    @torch.no_grad()
+    def metrics(self, indices: Tensor) -> dict[str, Tensor]:
+        """fill (share of slots holding real keys), mean and max age (updates since written),
+        and the share of the batch whose own older key is in the queue."""
+        filled = self.index >= 0
+        age = (self.clock - self.written).float()
+        n = filled.sum().clamp(min=1)
+        return {
+            "queue_fill": filled.float().mean(),
+            "queue_age_mean": torch.where(filled, age, 0.0).sum() / n,
+            "queue_age_max": torch.where(filled, age, 0.0).max(),
+            "queue_same_instance": torch.isin(indices, self.index).float().mean(),
+        }
+
+
+class MemoryBank(NegativeSource):
+    """Wu et al. 2018's memory bank: one unit vector v_i per data-set item.
+
+    Each step draws K item indices uniformly (with replacement unless told otherwise), shared by
+    the whole batch; with ``exclude_own`` a query's own item is dropped from its negatives. The
+    positive is the item's bank entry v_i (``positive="bank"``, as in Wu et al.) or the key
+    encoder's output (``"key"``). Entries are updated by ``momentum``, Wu et al.'s proximal step
+    v_i <- normalize(m v_i + (1 - m) f_i) for the batch's items, by ``refresh``, a re-encoding of
+    the whole data set at the end of every epoch, or by ``both``.
+
+    Buffers (persistent, in ``state_dict``):
+        bank: (N, D) the stored embeddings.
+        written: (N,) int64 value of ``clock`` at each entry's last write.
+        clock: () int64, the number of updates so far.
+    """
+
+    def __init__(self, num_items: int, dim: int, num_negatives: int, positive: str = "bank",
+                 update: str = "refresh", momentum: float = 0.5, exclude_own: bool = True,
+                 replacement: bool = True, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if not replacement and num_negatives > num_items:
+            raise ValueError(
+                f"cannot draw K={num_negatives} negatives without replacement from N={num_items} items"
+            )
+        self.num_items, self.dim, self.num_negatives = num_items, dim, num_negatives
+        self.positive, self.update_mode, self.momentum = positive, update, momentum
+        self.exclude_own, self.replacement = exclude_own, replacement
+        self.register_buffer("bank", F.normalize(torch.randn(num_items, dim, generator=generator), dim=1))
+        self.register_buffer("written", torch.zeros(num_items, dtype=torch.long))
+        self.register_buffer("clock", torch.zeros((), dtype=torch.long))
+
+    def sample(self, device: torch.device) -> Tensor:
+        """K item indices (K,), uniform over the N items."""
+        if self.replacement:
+            return torch.randint(0, self.num_items, (self.num_negatives,), device=device)
+        return torch.randperm(self.num_items, device=device)[: self.num_negatives]
+
+    def negatives(self, queries: Tensor | None = None, keys: Tensor | None = None,
+                  indices: Tensor | None = None) -> Negatives:
+        """K sampled entries (K, D) (a copy: gathering by index never aliases the bank)."""
+        sampled = self.sample(self.bank.device)
+        drop = None
+        if self.exclude_own and indices is not None:
+            drop = sampled[None, :] == indices[:, None]
+        return Negatives(self.bank[sampled], drop)
+
+    def positives(self, indices: Tensor) -> Tensor | None:
+        return self.bank[indices] if self.positive == "bank" else None
+
+    @torch.no_grad()
+    def update(self, keys: Tensor, indices: Tensor) -> None:
+        """The proximal update of the batch's entries (``momentum`` or ``both``)."""
+        if self.update_mode == "refresh":
+            self.clock += 1
+            return
+        mixed = self.momentum * self.bank[indices].float() + (1 - self.momentum) * keys.detach().float()
+        self.bank.index_copy_(0, indices, F.normalize(mixed, dim=1).to(self.bank.dtype))
+        self.written.index_fill_(0, indices, int(self.clock))
+        self.clock += 1
+
+    @torch.no_grad()
+    def on_epoch_end(self, epoch: int, encode: Callable[[], Tensor]) -> None:
+        """The per-epoch refresh: every entry replaced by the current encoder's embedding."""
+        if self.update_mode in ("refresh", "both"):
+            self.refresh(encode())
+
+    @torch.no_grad()
+    def refresh(self, embeddings: Tensor) -> None:
+        """Replace the whole bank with embeddings (N, D)."""
+        if embeddings.shape != self.bank.shape:
+            raise ValueError(f"bank holds {tuple(self.bank.shape)}, refresh gave {tuple(embeddings.shape)}")
+        self.bank.copy_(F.normalize(embeddings.float(), dim=1))
+        self.written.fill_(int(self.clock))
+
+    @torch.no_grad()
+    def metrics(self, indices: Tensor) -> dict[str, Tensor]:
+        """Staleness: updates since the batch's own entries, and on average over the bank, were written."""
+        return {
+            "bank_staleness_batch": (self.clock - self.written[indices]).float().mean(),
+            "bank_staleness_mean": (self.clock - self.written).float().mean(),
+        }
+
+
+class InBatch(NegativeSource):
+    """End-to-end negatives: the other items of the (global) batch, with gradients.
+
+    Both branches are the query encoder (no EMA, no stored state). For a query q_i with positive
+    k_i the negatives are every other key k_j and every other query q_j, as in SimCLR's NT-Xent:
+    2B - 2 negatives per query for a batch of B (gathered over all processes).
+    """
+
+    end_to_end = True
+
+    def negatives(self, queries: Tensor, keys: Tensor, indices: Tensor) -> Negatives:
+        """(2G, D) all keys then all queries of the global batch of G items; each query's own key
+        (its positive) and its own query are dropped."""
+        all_keys = dist.all_gather_with_grad(keys)
+        all_queries = dist.all_gather_with_grad(queries)
+        all_indices = dist.all_gather_cat(indices)
+        own = all_indices[None, :] == indices[:, None]  # (B, G)
+        return Negatives(torch.cat([all_keys, all_queries]), torch.cat([own, own], dim=1))
+
+
+def build_source(cfg: Config, num_items: int) -> NegativeSource:
+    """The negative source ``negatives.kind`` names, for a data set of ``num_items`` items.
+
+    Raises:
+        ConfigError: K larger than N where the bank samples without replacement.
+    """
+    kind, k, d = cfg.negatives.kind, cfg.queue.size, cfg.model.dim
+    if kind == "queue":
+        return Queue(k, d, cfg.queue.mask_same_instance, cfg.queue.dtype)
+    if kind == "memory_bank":
+        bank = cfg.memory_bank
+        if not bank.replacement and k > num_items:
+            raise ConfigError(
+                f"config key 'queue.size' = {k}: the memory bank samples without replacement "
+                f"(memory_bank.replacement=false) and the data set has only N={num_items} items"
+            )
+        return MemoryBank(num_items, d, k, bank.positive, bank.update, bank.momentum, bank.exclude_own, bank.replacement)
+    return InBatch()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from moco_engine.config import load_config
-from moco_engine.encoders import split_bn, build_backbone
+from moco_engine.encoders import build_backbone, split_bn
 from moco_engine.engine import Trainer
 
 
