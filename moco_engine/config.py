@@ -60,7 +60,7 @@ class ModelConfig:
     dim: int = 128  # D, the embedding size of queries, keys and negatives
     momentum: float = 0.99  # m of the key encoder's EMA
     momentum_schedule: str = "constant"  # constant | cosine (m rises to 1 over training)
-    bn: str = "shuffle"  # shuffle | plain | sync: how BatchNorm sees the key batch
+    bn: str = "shuffle"  # shuffle (the key batch permuted before f_k) | plain
     bn_splits: int = 4  # split-BN: BN statistics over this many slices of each batch
 
 
@@ -156,7 +156,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("resnet18", "resnet34", "resnet50"),
     "model.head": ("linear", "mlp", "mlp_bn"),
     "model.momentum_schedule": ("constant", "cosine"),
-    "model.bn": ("shuffle", "plain", "sync"),
+    "model.bn": ("shuffle", "plain"),
     "loss.name": ("infonce",),
     "negatives.kind": ("queue", "memory_bank", "in_batch"),
     "queue.dtype": ("float32", "bfloat16", "float16"),
