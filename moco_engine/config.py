@@ -66,7 +66,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "infonce"
+    name: str = "infonce"  # infonce | nce (Wu et al.'s binary NCE; memory bank only)
     temperature: float = 0.1  # T
     symmetric: bool = False  # each crop is once the query (two key passes, both keys enqueued)
 
@@ -157,7 +157,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.head": ("linear", "mlp", "mlp_bn"),
     "model.momentum_schedule": ("constant", "cosine"),
     "model.bn": ("shuffle", "plain"),
-    "loss.name": ("infonce",),
+    "loss.name": ("infonce", "nce"),
     "negatives.kind": ("queue", "memory_bank", "in_batch"),
     "queue.dtype": ("float32", "bfloat16", "float16"),
     "memory_bank.init": ("random", "encode"),

@@ -37,7 +37,7 @@ from .data import (
 )
 from .encoders import MomentumEncoder, build_encoder, momentum_at
 from .evaluation import extract_features, knn_accuracy
-from .losses import info_nce, info_nce_logits, instance_accuracy
+from .losses import estimate_log_z, info_nce, info_nce_logits, instance_accuracy, nce
 from .negatives import NegativeSource, build_source
 from .tracking import METRICS_FILE, Tracker
 
@@ -171,6 +171,9 @@ class Trainer:
         positives = self.negatives.positives(indices)
         neg = self.negatives.negatives(q, k, indices)
         logits = info_nce_logits(q, k if positives is None else positives, neg.embeddings, self.cfg.loss.temperature, neg.drop)
+        if self.cfg.loss.name == "nce":
+            log_z = self.negatives.track_log_z(estimate_log_z(logits.detach(), self.num_items))
+            return nce(logits, self.num_items, log_z), logits, k
         return info_nce(logits), logits, k
 
     def train_step(self, x_q: Tensor, x_k: Tensor, indices: Tensor) -> dict[str, Tensor]:
@@ -276,10 +279,12 @@ class Trainer:
 
     @torch.no_grad()
     def encode_train_set(self) -> Tensor:
-        """Every training item's embedding (N, D) in index order, by the encoder that makes keys."""
+        """Every training item's embedding (N, D) in index order, made as keys are: by the key
+        encoder with BatchNorm on batch statistics (in eval mode its barely trained running
+        statistics would give embeddings a query could tell apart from keys by their look)."""
         encoder = self.encoder_q if self.negatives.end_to_end else self.encoder_k
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            return extract_features(encoder, self.plain_train_loader, self.device)[0]
+            return extract_features(encoder, self.plain_train_loader, self.device, batch_stats=True)[0]
 
     @torch.no_grad()
     def evaluate_knn(self) -> dict[str, float]:

@@ -16,14 +16,19 @@ from torch.utils.data import DataLoader
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Run ``model`` in eval mode over ``loader``.
+def extract_features(
+    model: nn.Module, loader: DataLoader, device: torch.device, batch_stats: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Run ``model`` over ``loader``, in eval mode unless ``batch_stats``.
+
+    ``batch_stats=True`` keeps BatchNorm on batch statistics, as when the model makes keys during
+    training (the memory bank's refresh must match the keys it stands in for).
 
     Returns:
         (features (N, F) float32 and L2-normalised, labels (N,) int64), on ``device``, in loader order.
     """
     was_training = model.training
-    model.eval()
+    model.train(batch_stats)
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )

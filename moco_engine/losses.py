@@ -50,3 +50,37 @@ def instance_accuracy(logits: Tensor, topk: tuple[int, ...] = (1, 5)) -> dict[st
     """
     rank = (logits[:, 1:] > logits[:, :1]).sum(dim=1)  # (B,)
     return {f"top{k}": (rank < k).float().mean() * 100.0 for k in topk}
+
+
+def nce(logits: Tensor, num_items: int, log_z: Tensor) -> Tensor:
+    """Binary NCE of Wu et al. 2018 (after Gutmann & Hyvärinen 2010) against uniform noise.
+
+    With P(i|v) = exp(v·f_i / T) / Z and noise P_n = 1/N, each pair is classified as data with
+    h = P / (P + K·P_n); the loss is -log h(positive) - Σ_j log(1 - h(negative_j)), averaged
+    over the batch. Computed in log space; a dropped negative (logit -inf) adds nothing.
+
+    Args:
+        logits: (B, 1 + K) similarities / T; column 0 is the positive.
+        num_items: N, the size of the data set the negatives are drawn from.
+        log_z: () log of the normalising constant Z.
+
+    Returns:
+        scalar loss.
+    """
+    num_negatives = logits.shape[1] - 1
+    log_noise = torch.log(torch.tensor(num_negatives / num_items, dtype=logits.dtype, device=logits.device))
+    log_p = logits - log_z  # log P(i|v), (B, 1 + K)
+    log_denominator = torch.logaddexp(log_p, log_noise.expand_as(log_p))
+    log_h_pos = log_p[:, 0] - log_denominator[:, 0]
+    log_not_h_neg = log_noise - log_denominator[:, 1:]
+    log_not_h_neg = torch.where(torch.isinf(logits[:, 1:]), 0.0, log_not_h_neg)
+    return -(log_h_pos + log_not_h_neg.sum(dim=1)).mean()
+
+
+def estimate_log_z(logits: Tensor, num_items: int) -> Tensor:
+    """Monte-Carlo estimate of log Z = log(N · mean_j exp(logit_j)) over a batch's sampled
+    negatives (B, 1 + K) -> (), as Wu et al. do on the first batches."""
+    negative = logits[:, 1:]
+    finite = torch.isfinite(negative)
+    mean_exp = torch.where(finite, negative.exp(), 0.0).sum() / finite.sum().clamp(min=1)
+    return torch.log(mean_exp * num_items)

@@ -20,6 +20,7 @@ any DDP wrapper: every process updates it identically from the gathered keys.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -188,6 +189,17 @@ class MemoryBank(NegativeSource):
         self.register_buffer("bank", F.normalize(torch.randn(num_items, dim, generator=generator), dim=1))
         self.register_buffer("written", torch.zeros(num_items, dtype=torch.long))
         self.register_buffer("clock", torch.zeros((), dtype=torch.long))
+        # NCE's normalising constant (log Z): NaN until the first batch estimates it.
+        self.register_buffer("log_z", torch.full((), float("nan")))
+
+    @torch.no_grad()
+    def track_log_z(self, estimate: Tensor, momentum: float = 0.99) -> Tensor:
+        """Keep log Z: the first estimate as is, then a moving average of Z; returns log Z ()."""
+        if torch.isnan(self.log_z):
+            self.log_z.copy_(estimate)
+        else:
+            self.log_z.copy_(torch.logaddexp(self.log_z + math.log(momentum), estimate + math.log(1 - momentum)))
+        return self.log_z.clone()
 
     def sample(self, device: torch.device) -> Tensor:
         """K item indices (K,), uniform over the N items."""
@@ -268,6 +280,8 @@ def build_source(cfg: Config, num_items: int) -> NegativeSource:
         ConfigError: K larger than N where the bank samples without replacement.
     """
     kind, k, d = cfg.negatives.kind, cfg.queue.size, cfg.model.dim
+    if cfg.loss.name == "nce" and kind != "memory_bank":
+        raise ConfigError(f"config key 'loss.name' = 'nce' needs negatives.kind=memory_bank (uniform noise over the items), not {kind}")
     if kind == "queue":
         return Queue(k, d, cfg.queue.mask_same_instance, cfg.queue.dtype)
     if kind == "memory_bank":

@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moco_engine.losses import info_nce, info_nce_logits, instance_accuracy
+from moco_engine.losses import estimate_log_z, info_nce, info_nce_logits, instance_accuracy, nce
 
 
 def test_info_nce_equals_a_hand_computation():
@@ -40,3 +40,17 @@ def test_instance_accuracy_counts_the_positive_rank():
     acc = instance_accuracy(logits)
     assert acc["top1"].item() == 25.0
     assert acc["top5"].item() == 75.0
+
+
+def test_nce_equals_a_hand_computation():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [1.0, 1.5, float("-inf")]])  # K = 2; one dropped negative
+    n, log_z = 10, torch.tensor(1.2)
+    noise = 2 / 10  # K * P_n
+    total = 0.0
+    for row in logits.tolist():
+        p = [math.exp(v - 1.2) for v in row]
+        total += -math.log(p[0] / (p[0] + noise))
+        total += -sum(math.log(1 - pj / (pj + noise)) for pj in p[1:])
+    assert math.isclose(nce(logits, n, log_z).item(), total / 2, rel_tol=1e-5)
+    z = estimate_log_z(logits, n)  # log(N * mean of the finite negatives' exp)
+    assert math.isclose(z.item(), math.log(10 * (math.exp(0.5) + math.exp(-1.0) + math.exp(1.5)) / 3), rel_tol=1e-6)
