@@ -195,10 +195,9 @@ class MemoryBank(NegativeSource):
     @torch.no_grad()
     def track_log_z(self, estimate: Tensor, momentum: float = 0.99) -> Tensor:
         """Keep log Z: the first estimate as is, then a moving average of Z; returns log Z ()."""
-        if torch.isnan(self.log_z):
-            self.log_z.copy_(estimate)
-        else:
-            self.log_z.copy_(torch.logaddexp(self.log_z + math.log(momentum), estimate + math.log(1 - momentum)))
+        blended = torch.logaddexp(self.log_z + math.log(momentum), estimate + math.log(1 - momentum))
+        # torch.where, not an if: no host sync in the step.
+        self.log_z.copy_(torch.where(torch.isnan(self.log_z), estimate, blended))
         return self.log_z.clone()
 
     def sample(self, device: torch.device) -> Tensor:
@@ -227,7 +226,7 @@ class MemoryBank(NegativeSource):
             return
         mixed = self.momentum * self.bank[indices].float() + (1 - self.momentum) * keys.detach().float()
         self.bank.index_copy_(0, indices, F.normalize(mixed, dim=1).to(self.bank.dtype))
-        self.written.index_fill_(0, indices, int(self.clock))
+        self.written.index_fill_(0, indices, self.clock)
         self.clock += 1
 
     @torch.no_grad()
@@ -242,7 +241,7 @@ class MemoryBank(NegativeSource):
         if embeddings.shape != self.bank.shape:
             raise ValueError(f"bank holds {tuple(self.bank.shape)}, refresh gave {tuple(embeddings.shape)}")
         self.bank.copy_(F.normalize(embeddings.float(), dim=1))
-        self.written.fill_(int(self.clock))
+        self.written.fill_(self.clock)
 
     @torch.no_grad()
     def metrics(self, indices: Tensor) -> dict[str, Tensor]:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -189,3 +191,11 @@ def test_fed_the_same_negatives_the_three_kinds_give_the_same_logits():
     bank.refresh(entries)
     bank.sample = lambda device: torch.arange(2 * b)  # the draw, fixed to slot order
     assert torch.equal(logits(bank.negatives(q, k, idx)), logits(plain_queue.negatives(q, k, idx)))
+
+
+def test_bank_keeps_log_z_as_first_estimate_then_moving_average():
+    bank = MemoryBank(10, 3, num_negatives=2)
+    assert torch.isnan(bank.log_z)
+    assert bank.track_log_z(torch.tensor(2.0)).item() == pytest.approx(2.0)
+    expected = math.log(0.99 * math.exp(2.0) + 0.01 * math.exp(3.0))
+    assert bank.track_log_z(torch.tensor(3.0)).item() == pytest.approx(expected)
