@@ -40,9 +40,13 @@ def _train(args: list[str]) -> int:
     files, overrides = split_args(parser.parse_args(args).items)
     cfg = load_config(files, overrides)
 
-    from .engine import train  # torch and torchvision load only once the config is valid
+    from .engine import StopRequested, train  # torch loads only once the config is valid
 
-    final = train(cfg)
+    try:
+        final = train(cfg)
+    except StopRequested as stop:
+        print(stop, file=sys.stderr)
+        return 128 + stop.signum  # the shell's convention for "ended by signal N"
     if "knn_top1" in final:
         print(f"kNN top-1: {final['knn_top1']:.2f}% after {final['epochs']} epochs ({cfg.train.out_dir})")
     return 0

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,16 @@ CONFIG_FILE = "config.yaml"
 STATE_SHAPING_KEYS = (
     "model.arch", "model.cifar_stem", "model.head", "model.hidden_dim", "model.dim", "negatives.kind", "queue.size",
 )
+
+
+class StopRequested(Exception):
+    """Training stopped on SIGTERM or SIGINT after saving a checkpoint; ``signum`` says which."""
+
+    def __init__(self, signum: int, step: int, path: Path | None):
+        self.signum, self.step, self.path = signum, step, path
+        name = signal.Signals(signum).name
+        where = f"checkpoint {path}" if path else "the checkpoint of rank 0"
+        super().__init__(f"stopped by {name} after step {step}; {where}; continue with train.resume=auto")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,6 +153,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.last_eval: dict[str, float] = {}
         self.tracker = Tracker(None, enabled=False)
+        self.stop_signal: int | None = None  # set by SIGTERM/SIGINT: finish the step, save, exit
 
     # ======================================================================== one step
     def _autocast(self):
@@ -224,8 +238,9 @@ class Trainer:
         }
 
     # ======================================================================== epochs
-    def train_epoch(self) -> dict[str, float]:
-        """Run (the rest of) the current epoch; returns the epoch's mean metrics."""
+    def train_epoch(self) -> dict[str, float] | None:
+        """Run (the rest of) the current epoch; returns the epoch's mean metrics, or None when a
+        stop signal ended it early."""
         cfg = self.cfg
         self.encoder_q.train()
         self.encoder_k.train()
@@ -251,7 +266,8 @@ class Trainer:
             window_steps += 1
             epoch_steps += 1
             self.tracker.advance()
-            if self.step % cfg.train.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+            stopping = self.stop_signal is not None
+            if stopping or self.step % cfg.train.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
                 # The one host sync of the interval: metrics stayed on the device until now.
                 means = {k: v.item() / window_steps for k, v in window.items()}
                 if not math.isfinite(means["loss"]):
@@ -264,6 +280,9 @@ class Trainer:
                 means["img_per_s"] = images * self.world / max(elapsed, 1e-9)
                 self.tracker.log("step", means, self.epoch, self.step)
                 window, window_steps, images, window_start = {}, 0, 0, time.perf_counter()
+            if stopping:
+                self.tracker.end_epoch()
+                return None  # mid-epoch: step_in_epoch tells a resumed run where to go on
         self.tracker.end_epoch()
         epoch_time = time.perf_counter() - epoch_start
         hook_start = time.perf_counter()
@@ -400,7 +419,12 @@ class Trainer:
                 if self.last_eval:
                     self.tracker.log("eval", self.last_eval, -1, 0)
             while self.epoch < cfg.train.epochs:
-                epoch_metrics = self.train_epoch()
+                with self._stop_on_signals():
+                    epoch_metrics = self.train_epoch()
+                if epoch_metrics is None:
+                    path = self.save()
+                    self.tracker.log("stopped", {"signal": self.stop_signal}, self.epoch, self.step)
+                    raise StopRequested(self.stop_signal, self.step, path)
                 done = self.epoch  # epochs completed
                 self.tracker.log("epoch", epoch_metrics, done - 1, self.step)
                 last = done == cfg.train.epochs
@@ -414,6 +438,30 @@ class Trainer:
             return final
         finally:
             self.tracker.close()
+
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While training: the first SIGTERM/SIGINT asks for a clean stop after the current step
+        (checkpoint, then :class:`StopRequested`); a second one aborts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                os._exit(128 + signum)  # the second signal: abort now (saved checkpoints are intact)
+            self.stop_signal = signum
+            if dist.is_main():
+                print(f"\n{signal.Signals(signum).name}: finishing the step and saving a checkpoint "
+                      "(send it again to abort at once)", flush=True)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
 
 def train(cfg: Config) -> dict[str, float]:

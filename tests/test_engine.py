@@ -1,6 +1,9 @@
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -179,3 +182,32 @@ def test_missing_data_folder_exits_2_naming_the_path(tmp_path):
     r = subprocess.run([sys.executable, "-m", "moco_engine", *TINY, "data.name=imagefolder",
                         f"data.root={tmp_path / 'absent'}", f"train.out_dir={tmp_path / 'run'}"], capture_output=True, text=True)
     assert r.returncode == 2 and str(tmp_path / "absent") in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_a_straight_one(tmp_path):
+    extra = ["data.synthetic_size=400", "train.steps_per_epoch=0", "train.log_every=1", "eval.knn_every=0"]
+    straight = Trainer(tiny(tmp_path / "a", *extra))  # 2 epochs of 25 steps, uninterrupted
+    straight.fit()
+
+    run = tmp_path / "b" / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "moco_engine", *TINY, *extra, f"train.out_dir={run}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(records(run, "step")) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "train.resume=auto" in err and "Traceback" not in err
+    _, state = latest_checkpoint(run)
+    assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < 25  # saved mid-epoch
+
+    resumed = Trainer(tiny(tmp_path / "b", *extra, "train.resume=auto"))
+    resumed.fit()
+    assert resumed.step == straight.step == 50
+    for a, b in zip(straight.encoder_q.state_dict().values(), resumed.encoder_q.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.encoder_k.state_dict().values(), resumed.encoder_k.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(straight.negatives.keys, resumed.negatives.keys)
