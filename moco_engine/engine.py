@@ -269,7 +269,8 @@ class Trainer:
             stopping = self.stop_signal is not None
             if stopping or self.step % cfg.train.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
                 # The one host sync of the interval: metrics stayed on the device until now.
-                means = {k: v.item() / window_steps for k, v in window.items()}
+                sums = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in window.values()]).tolist()
+                means = {k: v / window_steps for k, v in zip(window, sums)}
                 if not math.isfinite(means["loss"]):
                     raise FloatingPointError(f"non-finite loss {means['loss']} at step {self.step}")
                 elapsed = time.perf_counter() - window_start
@@ -290,7 +291,8 @@ class Trainer:
         hook_time = time.perf_counter() - hook_start
         self.epoch += 1
         self.step_in_epoch = 0
-        out = {k: v.item() / max(epoch_steps, 1) for k, v in epoch_sum.items()}
+        sums = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in epoch_sum.values()]).tolist()
+        out = {k: v / max(epoch_steps, 1) for k, v in zip(epoch_sum, sums)}
         out.update(epoch_s=epoch_time, negatives_bytes=self.negatives.memory_bytes())
         if hook_time > 1e-3:  # the memory bank's refresh: its cost in seconds and in % of the epoch
             out.update(refresh_s=hook_time, refresh_pct=100 * hook_time / (epoch_time + hook_time))
