@@ -2,17 +2,21 @@
 
 Layout of a run folder's ``checkpoints/``::
 
-    checkpoint_00000391.pt   one file per save, named by the global step
-    latest                   the file name of the newest checkpoint (written last)
+    checkpoint_00000391.pt          one file per save, named by the global step
+    checkpoint_00000391.pt.sha256   its SHA-256, checked on load
+    latest                          the file name of the newest checkpoint (written last)
 
 A save never leaves a half-written file under a checkpoint's name: the bytes go to a temporary
-file in the same folder, are fsynced, and ``os.replace`` renames them in one step. The
-``latest`` pointer is replaced the same way only after that, and old files are pruned last, so a
-crash at any moment leaves the previous checkpoint intact.
+file in the same folder, are fsynced, and ``os.replace`` renames them in one step. The hash is
+written before the checkpoint is renamed into place, the ``latest`` pointer after it, and old
+files are pruned last, so a crash at any moment leaves the previous checkpoint intact, and a
+checkpoint damaged later (truncated, a flipped byte) is caught by its hash.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import tempfile
 import warnings
@@ -31,14 +35,17 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used (missing, unreadable, or from an incompatible run)."""
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync it, and rename it to ``path``."""
+def _atomic_write(path: Path, data: bytes, before_rename: Any = None) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync it, call ``before_rename()``, and
+    rename the temp file to ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -63,24 +70,37 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep: int) 
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"checkpoint_{step:08d}.pt"
-    _atomic_write(path, lambda f: torch.save(state, f))
-    _atomic_write(folder / LATEST, lambda f: f.write(path.name.encode()))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest().encode()
+    _atomic_write(path, data, before_rename=lambda: _atomic_write(_hash_file(path), digest))
+    _atomic_write(folder / LATEST, path.name.encode())
     for old in checkpoint_files(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+        _hash_file(old).unlink(missing_ok=True)
     return path
 
 
+def _hash_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read one checkpoint file.
+    """Read one checkpoint file, checking it against its SHA-256 file when there is one.
 
     Raises:
-        CheckpointError: the file is missing, truncated or not a checkpoint.
+        CheckpointError: the file is missing, damaged, truncated or not a checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    data = path.read_bytes()
+    hash_file = _hash_file(path)
+    if hash_file.is_file() and hashlib.sha256(data).hexdigest() != hash_file.read_text().strip():
+        raise CheckpointError(f"checkpoint {path} fails its integrity check (SHA-256 differs from {hash_file.name})")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {first}") from None

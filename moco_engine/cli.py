@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from .config import UserError, load_config
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3  # the loss became NaN or infinite
 
 
 def _guard(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
@@ -40,13 +41,16 @@ def _train(args: list[str]) -> int:
     files, overrides = split_args(parser.parse_args(args).items)
     cfg = load_config(files, overrides)
 
-    from .engine import StopRequested, train  # torch loads only once the config is valid
+    from .engine import NonFiniteLoss, StopRequested, train  # torch loads only once the config is valid
 
     try:
         final = train(cfg)
     except StopRequested as stop:
         print(stop, file=sys.stderr)
         return 128 + stop.signum  # the shell's convention for "ended by signal N"
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     if "knn_top1" in final:
         print(f"kNN top-1: {final['knn_top1']:.2f}% after {final['epochs']} epochs ({cfg.train.out_dir})")
     return 0

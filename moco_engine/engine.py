@@ -61,6 +61,10 @@ class StopRequested(Exception):
         super().__init__(f"stopped by {name} after step {step}; {where}; continue with train.resume=auto")
 
 
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; nothing from that point on was saved."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -272,7 +276,12 @@ class Trainer:
                 sums = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in window.values()]).tolist()
                 means = {k: v / window_steps for k, v in zip(window, sums)}
                 if not math.isfinite(means["loss"]):
-                    raise FloatingPointError(f"non-finite loss {means['loss']} at step {self.step}")
+                    # Checked before any save, so NaN weights never overwrite a good checkpoint.
+                    saved = ckpt.checkpoint_files(self.run_dir)
+                    last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
+                    raise NonFiniteLoss(
+                        f"non-finite loss ({means['loss']}) in the steps up to step {self.step}; {last}"
+                    )
                 elapsed = time.perf_counter() - window_start
                 means["lr"] = self.optimizer.param_groups[0]["lr"]
                 means["momentum"] = momentum_at(

@@ -211,3 +211,16 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_a_straight_one(tmp_
     for a, b in zip(straight.encoder_k.state_dict().values(), resumed.encoder_k.state_dict().values()):
         assert torch.equal(a, b)
     assert torch.equal(straight.negatives.keys, resumed.negatives.keys)
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_its_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "moco_engine", *TINY, f"train.out_dir={run}", "train.log_every=1"]
+    assert subprocess.run([*base, "train.epochs=1"], capture_output=True, text=True).returncode == 0
+    good = checkpoint_files(run)
+    before = good[-1].read_bytes()
+    r = subprocess.run([*base, "train.epochs=3", "train.resume=auto", "optim.lr=1e30"], capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr
+    line = r.stderr.strip().splitlines()
+    assert len(line) == 1 and "non-finite loss" in line[0] and "step" in line[0] and good[-1].name in line[0]
+    assert checkpoint_files(run) == good and good[-1].read_bytes() == before
