@@ -41,7 +41,11 @@ def _train(args: list[str]) -> int:
     files, overrides = split_args(parser.parse_args(args).items)
     cfg = load_config(files, overrides)
 
-    from .engine import NonFiniteLoss, StopRequested, train  # torch loads only once the config is valid
+    from .engine import (  # torch loads only once the config is valid
+        NonFiniteLoss,
+        StopRequested,
+        train,
+    )
 
     try:
         final = train(cfg)
