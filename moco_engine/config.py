@@ -241,6 +241,12 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         need(value in choices, key, value, f"must be one of {', '.join(choices)}")
+    need(
+        cfg.loss.name != "nce" or cfg.negatives.kind == "memory_bank",
+        "loss.name",
+        cfg.loss.name,
+        f"NCE needs negatives.kind=memory_bank (uniform noise over the items), not {cfg.negatives.kind}",
+    )
     need(cfg.queue.size >= 1, "queue.size", cfg.queue.size, "K must be >= 1")
     need(0.0 <= cfg.memory_bank.momentum <= 1.0, "memory_bank.momentum", cfg.memory_bank.momentum, "must lie in [0, 1]")
     need(cfg.model.dim >= 1, "model.dim", cfg.model.dim, "must be >= 1")

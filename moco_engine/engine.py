@@ -96,6 +96,12 @@ def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
     return base
 
 
+def _means(sums: dict[str, Tensor], count: int) -> dict[str, float]:
+    """Per-step means of metric sums kept on the device, fetched in one host sync."""
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in sums.values()]).tolist()
+    return {name: value / count for name, value in zip(sums, values)}
+
+
 def _state_shaping(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return {key: cfg_dict[key.split(".")[0]][key.split(".")[1]] for key in STATE_SHAPING_KEYS}
 
@@ -273,8 +279,7 @@ class Trainer:
             stopping = self.stop_signal is not None
             if stopping or self.step % cfg.train.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
                 # The one host sync of the interval: metrics stayed on the device until now.
-                sums = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in window.values()]).tolist()
-                means = {k: v / window_steps for k, v in zip(window, sums)}
+                means = _means(window, window_steps)
                 if not math.isfinite(means["loss"]):
                     # Checked before any save, so NaN weights never overwrite a good checkpoint.
                     saved = ckpt.checkpoint_files(self.run_dir)
@@ -300,12 +305,16 @@ class Trainer:
         hook_time = time.perf_counter() - hook_start
         self.epoch += 1
         self.step_in_epoch = 0
-        sums = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in epoch_sum.values()]).tolist()
-        out = {k: v / max(epoch_steps, 1) for k, v in zip(epoch_sum, sums)}
+        out = _means(epoch_sum, max(epoch_steps, 1))
         out.update(epoch_s=epoch_time, negatives_bytes=self.negatives.memory_bytes())
         if hook_time > 1e-3:  # the memory bank's refresh: its cost in seconds and in % of the epoch
             out.update(refresh_s=hook_time, refresh_pct=100 * hook_time / (epoch_time + hook_time))
         return out
+
+    def _own_rng(self):
+        """A side stream of random numbers: evaluation and encoding passes leave the training's
+        RNG as they found it, so how often they run never changes the training run."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     @torch.no_grad()
     def encode_train_set(self) -> Tensor:
@@ -313,7 +322,7 @@ class Trainer:
         encoder with BatchNorm on batch statistics (in eval mode its barely trained running
         statistics would give embeddings a query could tell apart from keys by their look)."""
         encoder = self.encoder_q if self.negatives.end_to_end else self.encoder_k
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with self._own_rng():
             return extract_features(encoder, self.plain_train_loader, self.device, batch_stats=True)[0]
 
     @torch.no_grad()
@@ -321,9 +330,7 @@ class Trainer:
         """Weighted kNN (k, T from ``eval``) of the test split against the train split's features."""
         if self.test_loader is None:
             return {}
-        # Evaluation draws no random numbers from the training's stream, so how often it runs
-        # does not change the training run.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with self._own_rng():
             return self._knn()
 
     def _knn(self) -> dict[str, float]:

@@ -279,8 +279,6 @@ def build_source(cfg: Config, num_items: int) -> NegativeSource:
         ConfigError: K larger than N where the bank samples without replacement.
     """
     kind, k, d = cfg.negatives.kind, cfg.queue.size, cfg.model.dim
-    if cfg.loss.name == "nce" and kind != "memory_bank":
-        raise ConfigError(f"config key 'loss.name' = 'nce' needs negatives.kind=memory_bank (uniform noise over the items), not {kind}")
     if kind == "queue":
         return Queue(k, d, cfg.queue.mask_same_instance, cfg.queue.dtype)
     if kind == "memory_bank":

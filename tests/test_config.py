@@ -49,7 +49,8 @@ def test_wrong_type_names_key_and_value():
 @pytest.mark.parametrize(
     "override,key",
     [("queue.size=0", "queue.size"), ("loss.temperature=0", "loss.temperature"), ("model.momentum=1.5", "model.momentum"),
-     ("optim.batch_size=0", "optim.batch_size"), ("train.epochs=0", "train.epochs"), ("model.arch=vgg", "model.arch")],
+     ("optim.batch_size=0", "optim.batch_size"), ("train.epochs=0", "train.epochs"), ("model.arch=vgg", "model.arch"),
+     ("loss.name=nce", "loss.name")],
 )
 def test_invalid_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
