@@ -7,8 +7,10 @@ checkpoint) become one line on stderr and exit code 2, with no traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .config import UserError, load_config
 
@@ -63,6 +65,62 @@ def _train(args: list[str]) -> int:
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``moco-train [CONFIG.yaml ...] [key=value ...]``"""
     return _guard(_train, argv)
+
+
+def _eval(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moco-eval",
+        description="Evaluate a checkpoint's backbone: weighted kNN or MoCo's linear probe. The results go to "
+        "<checkpoint>.<mode>.json beside the checkpoint (-1, -2, ... when that exists). Example: moco-eval linear runs/cifar10_demo linear.cached=true",
+    )
+    parser.add_argument("mode", choices=["knn", "linear"])
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its latest checkpoint)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="changes to the checkpoint's saved config (data.root, eval.knn_k, linear.epochs, ...)")
+    ns = parser.parse_args(args)
+    from .pretrained import evaluate_knn, evaluate_linear, open_checkpoint
+
+    cfg, encoder, path = open_checkpoint(ns.checkpoint, ns.overrides)
+    result = (evaluate_knn if ns.mode == "knn" else evaluate_linear)(cfg, encoder)
+    result = {"checkpoint": str(path), "mode": ns.mode, **result}
+    out = path.with_name(f"{path.stem}.{ns.mode}.json")
+    n = 1
+    while out.exists():  # an earlier evaluation's results stay; this one gets the next free name
+        out, n = path.with_name(f"{path.stem}.{ns.mode}-{n}.json"), n + 1
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{ns.mode}: top-1 {result.get('top1', result.get('knn_top1')):.2f}%, top-5 "
+          f"{result.get('top5', result.get('knn_top5')):.2f}% ({out})")
+    return 0
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """``moco-eval knn|linear CHECKPOINT [key=value ...]``"""
+    return _guard(_eval, argv)
+
+
+def _export(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moco-export",
+        description="Export a checkpoint's query backbone as a torchvision ResNet state_dict (.pth) and/or a "
+        "detectron2 pretrained model (.pkl).",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its latest checkpoint)")
+    parser.add_argument("--format", choices=["torchvision", "detectron2", "both"], default="both")
+    parser.add_argument("--out", default="", help="output path without suffix (default: beside the checkpoint)")
+    ns = parser.parse_args(args)
+    from .pretrained import export, open_checkpoint
+
+    _, encoder, path = open_checkpoint(ns.checkpoint)
+    formats = ["torchvision", "detectron2"] if ns.format == "both" else [ns.format]
+    stem = Path(ns.out).expanduser() if ns.out else path.with_suffix("")
+    for written in export(encoder, stem, formats):
+        print(written)
+    return 0
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``moco-export CHECKPOINT [--format torchvision|detectron2|both] [--out PATH]``"""
+    return _guard(_export, argv)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class DataConfig:
     augmentation: str = "cifar"  # cifar | moco_v1 | moco_v2
     image_size: int = 32  # crop size of the augmentations
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
+    pipeline: str = "cpu"  # cpu (PIL augmentations in loader workers) | device (decoded once, augmented batched on train.device)
     synthetic_size: int = 512  # synthetic: number of training images (test: a quarter)
     synthetic_classes: int = 4  # synthetic: number of classes
 
@@ -117,7 +118,9 @@ class TrainConfig:
     steps_per_epoch: int = 0  # stop each epoch after this many steps (0 = the whole epoch)
     log_every: int = 10  # steps between metrics.jsonl lines
     keep_checkpoints: int = 2  # the newest k epoch checkpoints are kept
+    save_every: int = 1  # epochs between checkpoints (the last epoch and a stop signal always save)
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and on tensor cores
+    compile: bool = False  # torch.compile the encoders (first steps pay the compilation)
 
 
 @dataclass
@@ -128,6 +131,20 @@ class EvalConfig:
     knn_t: float = 0.1
     knn_features: str = "backbone"  # backbone | head (normalised either way)
     batch_size: int = 512
+
+
+@dataclass
+class LinearConfig:
+    """The linear probe of ``moco-eval linear``: MoCo's protocol (a fc on the frozen backbone)."""
+
+    epochs: int = 100
+    lr: float = 30.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [60, 80])  # epochs of lr x gamma
+    gamma: float = 0.1
+    batch_size: int = 256
+    cached: bool = False  # train on features extracted once, without augmentation (fast variant)
 
 
 @dataclass
@@ -146,6 +163,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
 
 
@@ -153,6 +171,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("embedded", "cifar10", "imagefolder", "synthetic"),
     "data.augmentation": ("cifar", "moco_v1", "moco_v2"),
+    "data.pipeline": ("cpu", "device"),
     "model.arch": ("resnet18", "resnet34", "resnet50"),
     "model.head": ("linear", "mlp", "mlp_bn"),
     "model.momentum_schedule": ("constant", "cosine"),
@@ -266,6 +285,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.epochs >= 1, "train.epochs", cfg.train.epochs, "must be >= 1")
     need(cfg.train.steps_per_epoch >= 0, "train.steps_per_epoch", cfg.train.steps_per_epoch, "must be >= 0")
     need(cfg.train.log_every >= 1, "train.log_every", cfg.train.log_every, "must be >= 1")
+    need(cfg.train.save_every >= 1, "train.save_every", cfg.train.save_every, "must be >= 1")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", cfg.train.keep_checkpoints, "must be >= 1")
     need(bool(cfg.train.out_dir), "train.out_dir", cfg.train.out_dir, "must name a folder")
     need(cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "must be >= 8")
@@ -282,15 +302,25 @@ def validate(cfg: Config) -> None:
     need(cfg.eval.knn_k >= 1, "eval.knn_k", cfg.eval.knn_k, "must be >= 1")
     need(cfg.eval.knn_t > 0, "eval.knn_t", cfg.eval.knn_t, "must be > 0")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
+    need(cfg.linear.epochs >= 1, "linear.epochs", cfg.linear.epochs, "must be >= 1")
+    need(cfg.linear.lr > 0, "linear.lr", cfg.linear.lr, "must be > 0")
+    need(cfg.linear.batch_size >= 1, "linear.batch_size", cfg.linear.batch_size, "must be >= 1")
 
 
-def load_config(yaml_files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build the run's :class:`Config`: defaults, then each YAML file in order, then overrides.
+def load_config(
+    yaml_files: list[str] | tuple[str, ...] = (),
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Build the run's :class:`Config`: defaults, then ``base`` (a checkpoint's saved config), then
+    each YAML file in order, then overrides.
 
     Raises:
         ConfigError: an unknown key, a wrong type, an unreadable file or an invalid value.
     """
     merged = OmegaConf.structured(Config)
+    if base is not None:
+        merged = _merge(merged, OmegaConf.create(base), "the checkpoint's config")
     for path in yaml_files:
         merged = _merge(merged, _read_yaml(path), path)
     if overrides:

@@ -31,8 +31,9 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     On one process this simulates ``num_splits`` GPUs each normalising its own sub-batch, which
     is what makes MoCo's shuffle-BN matter (the MoCo authors' CIFAR-10 demo uses 8 slices).
-    Sample ``i`` of the batch falls in slice ``i % num_splits``. The running statistics are the
-    average of the slices' updates; in eval mode it is a plain BatchNorm.
+    The slices are contiguous: the batch cut into ``num_splits`` equal parts, as DDP cuts a global
+    batch across GPUs. The running statistics are the average of the slices' updates; in eval
+    mode it is a plain BatchNorm.
     """
 
     def __init__(self, num_features: int, num_splits: int, **kw) -> None:
@@ -52,29 +53,51 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         if n % s:
             # A ragged batch: normalise each uneven slice on its own (rare, so a loop is fine).
             stats = [(self.running_mean.clone(), self.running_var.clone()) for _ in range(s)]
-            out = None
-            for i, (mean, var) in enumerate(stats):
-                part = F.batch_norm(x[i::s], mean, var, self.weight, self.bias, True, self.momentum, self.eps)
-                out = part.new_empty(x.shape) if out is None else out
-                out[i::s] = part
+            parts = [
+                F.batch_norm(part, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
+                for part, (mean, var) in zip(torch.tensor_split(x, s), stats)
+            ]
             self._keep_mean_stats(torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats]))
-            return out
-        # Fold the slices into channels: (N, C, ...) -> (N/s, s*C, ...); channel j*C + c is
-        # channel c of the samples with i % s == j, so one batch_norm call does all slices.
-        running_mean = self.running_mean.repeat(s)
-        running_var = self.running_var.repeat(s)
-        out = F.batch_norm(
-            x.reshape(n // s, s * c, *spatial),
-            running_mean,
-            running_var,
-            None if self.weight is None else self.weight.repeat(s),
-            None if self.bias is None else self.bias.repeat(s),
-            True,
-            self.momentum,
-            self.eps,
+            return torch.cat(parts)
+        return self._even_split(x, s)
+
+    def _even_split(self, x: Tensor, s: int) -> Tensor:
+        """Split-BN of a batch of N = m·s samples: slice k is samples k·m … (k+1)·m − 1.
+
+        Contiguous slices are what DDP gives each of s GPUs, and the batch axis is outermost in
+        both memory formats, so the slices are views: a channels_last (NHWC) batch is viewed as
+        (s, m·H·W, C) and each (slice, channel)'s statistics are one reduction over the middle
+        axis. The output is ``x·scale + shift`` with per-sample (N, C) factors, computed on x
+        itself, so it keeps x's memory format and is no view (an in-place ReLU after it must not
+        hit a view, which autograd would make a full copy of the base).
+        """
+        n, c = x.shape[:2]
+        m = n // s
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            var, mean = torch.var_mean(x.permute(0, 2, 3, 1).reshape(s, -1, c), dim=1, correction=0)
+        else:
+            var, mean = torch.var_mean(x.reshape(s, m, c, -1), dim=(1, 3), correction=0)
+        # (s, C) statistics -> per-sample factors (N, C), in float32 then the input's dtype.
+        scale = torch.rsqrt(var.float() + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean.float() * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        per_sample = (n, c) + (1,) * (x.dim() - 2)
+        out = torch.addcmul(
+            shift.to(x.dtype).repeat_interleave(m, dim=0).view(per_sample),
+            x,
+            scale.to(x.dtype).repeat_interleave(m, dim=0).view(per_sample),
         )
-        self._keep_mean_stats(running_mean.view(s, c), running_var.view(s, c))
-        return out.reshape(x.shape)
+        if self.track_running_stats:
+            count = x.numel() // (s * c)
+            with torch.no_grad():
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+                unbiased = var.float() * (count / max(count - 1, 1))  # BN keeps the unbiased variance
+                self._keep_mean_stats(torch.lerp(self.running_mean, mean.float(), momentum),
+                                      torch.lerp(self.running_var, unbiased, momentum))
+        return out
 
     @torch.no_grad()
     def _keep_mean_stats(self, means: Tensor, variances: Tensor) -> None:

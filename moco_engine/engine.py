@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import distributed as dist
+from .augment import view_spec
 from .config import Config, UserError, to_dict, to_yaml
 from .data import (
     EpochSampler,
@@ -38,6 +39,7 @@ from .data import (
     make_loader,
     view_transform,
 )
+from .device_data import DevicePlain, DeviceTwoViews, to_device_tensor
 from .encoders import MomentumEncoder, build_encoder, momentum_at
 from .evaluation import extract_features, knn_accuracy
 from .losses import estimate_log_z, info_nce, info_nce_logits, instance_accuracy, nce
@@ -129,28 +131,24 @@ class Trainer:
                 f"config key 'optim.batch_size' = {cfg.optim.batch_size}: larger than the data set "
                 f"({len(splits.train)} images), so no full batch can be drawn"
             )
-        pin = self.device.type == "cuda"
-        self.sampler = EpochSampler(len(splits.train), cfg.train.seed, True, self.rank, self.world)
-        self.loader = make_loader(
-            Indexed(splits.train, TwoViews(view_transform(cfg.data.augmentation, cfg.data.image_size)), cfg.train.seed),
-            cfg.optim.batch_size, cfg.data.num_workers, self.sampler, drop_last=True, pin_memory=pin,
-        )
+        self.num_items = len(splits.train)
+        self.sampler = EpochSampler(self.num_items, cfg.train.seed, True, self.rank, self.world)
+        if cfg.data.pipeline == "device":
+            self._device_loaders(splits)
+        else:
+            self._cpu_loaders(splits)
         self.steps_per_epoch = len(self.loader)
         if cfg.train.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.steps_per_epoch)
-        # The train split seen without augmentation, in index order: the kNN memory and the
-        # memory bank's refresh both encode it.
-        plain = eval_transform(cfg.data.augmentation, cfg.data.image_size)
-        self.num_items = len(splits.train)
-        self.plain_train_loader = make_loader(Indexed(splits.train, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
-        self.test_loader = None
-        if splits.test is not None:
-            self.test_loader = make_loader(Indexed(splits.test, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
 
         # ---------------------------------------------------------------- model
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.encoder_q = build_encoder(cfg.model).to(self.device, memory_format=self.memory_format)
         self.encoder_k = MomentumEncoder(self.encoder_q)
+        if cfg.train.compile:
+            # In place, so state_dict keys stay those of the plain modules (checkpoints portable).
+            self.encoder_q.compile()
+            self.encoder_k.compile()
         self.negatives: NegativeSource = build_source(cfg, self.num_items).to(self.device)
         self.optimizer = torch.optim.SGD(
             self.encoder_q.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
@@ -164,6 +162,36 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.tracker = Tracker(None, enabled=False)
         self.stop_signal: int | None = None  # set by SIGTERM/SIGINT: finish the step, save, exit
+
+    def _cpu_loaders(self, splits) -> None:
+        """DataLoaders: PIL decoding and augmentation in ``data.num_workers`` processes."""
+        cfg, pin = self.cfg, self.device.type == "cuda"
+        self.loader = make_loader(
+            Indexed(splits.train, TwoViews(view_transform(cfg.data.augmentation, cfg.data.image_size)), cfg.train.seed),
+            cfg.optim.batch_size, cfg.data.num_workers, self.sampler, drop_last=True, pin_memory=pin,
+        )
+        # The train split seen without augmentation, in index order: the kNN memory and the
+        # memory bank's refresh both encode it.
+        plain = eval_transform(cfg.data.augmentation, cfg.data.image_size)
+        self.plain_train_loader = make_loader(Indexed(splits.train, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
+        self.test_loader = None
+        if splits.test is not None:
+            self.test_loader = make_loader(Indexed(splits.test, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
+
+    def _device_loaders(self, splits) -> None:
+        """The same batches from images decoded once into device memory, augmented there."""
+        cfg = self.cfg
+        spec = view_spec(cfg.data.augmentation, cfg.data.image_size)
+        train = to_device_tensor(splits.train, self.device)
+        self.loader = DeviceTwoViews(
+            train, splits.train.targets, spec, cfg.optim.batch_size, self.sampler, cfg.train.seed, compile=cfg.train.compile
+        )
+        size, bs = cfg.data.image_size, cfg.eval.batch_size
+        self.plain_train_loader = DevicePlain(train, splits.train.targets, bs, size, spec.mean, spec.std)
+        self.test_loader = None
+        if splits.test is not None:
+            test = to_device_tensor(splits.test, self.device)
+            self.test_loader = DevicePlain(test, splits.test.targets, bs, size, spec.mean, spec.std)
 
     # ======================================================================== one step
     def _autocast(self):
@@ -450,7 +478,8 @@ class Trainer:
                     self.last_eval = self.evaluate_knn()
                     if self.last_eval:
                         self.tracker.log("eval", self.last_eval, done - 1, self.step)
-                self.save()
+                if last or done % cfg.train.save_every == 0:
+                    self.save()
             final = {"epochs": self.epoch, "steps": self.step, **self.last_eval}
             self.tracker.log("final", final, self.epoch - 1, self.step)
             return final

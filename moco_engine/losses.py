@@ -7,6 +7,8 @@ Logits are always formed in float32, whatever the autocast dtype of the encoders
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -68,7 +70,7 @@ def nce(logits: Tensor, num_items: int, log_z: Tensor) -> Tensor:
         scalar loss.
     """
     num_negatives = logits.shape[1] - 1
-    log_noise = torch.log(torch.tensor(num_negatives / num_items, dtype=logits.dtype, device=logits.device))
+    log_noise = logits.new_full((), math.log(num_negatives / num_items))  # no host-to-device copy
     log_p = logits - log_z  # log P(i|v), (B, 1 + K)
     log_denominator = torch.logaddexp(log_p, log_noise.expand_as(log_p))
     log_h_pos = log_p[:, 0] - log_denominator[:, 0]

@@ -73,7 +73,11 @@ def test_base_yaml_mirrors_the_schema():
 def test_every_shipped_config_loads(path):
     if "sweeps" in path.parts:
         pytest.skip("sweep files are read by the sweep runner")
-    load_config([str(path)])
+    cfg = load_config([str(path)], ["data.root=/where/the/data/is"] if "imagenet" in path.name else [])
+    if path.name == "moco_v2_imagenet.yaml":  # layered on v1, as its header says
+        v2 = load_config([str(path.with_name("moco_v1_imagenet.yaml")), str(path)], ["data.root=/data"])
+        assert (v2.model.arch, v2.model.head, v2.loss.temperature, v2.optim.schedule) == ("resnet50", "mlp", 0.2, "cosine")
+    assert cfg is not None
 
 
 @pytest.mark.parametrize("args", [["queue.sise=5"], ["optim.lr=fast"], ["nonexistent.yaml"], ["queue.size"]])

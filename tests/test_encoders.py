@@ -66,28 +66,37 @@ def test_cosine_momentum_rises_to_one():
 
 
 def reference_split_bn(x, bn: nn.BatchNorm2d, splits: int):
-    out = torch.empty_like(x)
-    for i in range(splits):
-        part = x[i::splits]
+    parts = []
+    for part in torch.tensor_split(x, splits):  # contiguous slices, as DDP splits a batch
         mean = part.mean(dim=(0, 2, 3), keepdim=True)
         var = part.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        out[i::splits] = (part - mean) / torch.sqrt(var + bn.eps) * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
-    return out
+        parts.append((part - mean) / torch.sqrt(var + bn.eps) * bn.weight[None, :, None, None] + bn.bias[None, :, None, None])
+    return torch.cat(parts)
 
 
 @pytest.mark.parametrize("n", [12, 13])  # divisible by the splits, and ragged
-def test_split_bn_normalises_each_slice_on_its_own(n):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_split_bn_normalises_each_slice_on_its_own(n, memory_format):
     torch.manual_seed(0)
     bn = SplitBatchNorm(3, num_splits=4)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2)
         bn.bias.uniform_(-1, 1)
-    x = torch.randn(n, 3, 5, 5) * 3 + 1
+    x = (torch.randn(n, 3, 5, 5) * 3 + 1).contiguous(memory_format=memory_format).requires_grad_()
     out = bn(x)
-    assert torch.allclose(out, reference_split_bn(x, bn, 4), atol=1e-5)
+    ref = reference_split_bn(x, bn, 4)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert out.is_contiguous(memory_format=memory_format)  # no layout change for the next conv
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), [x, bn.weight, bn.bias])
+    ref_grads = torch.autograd.grad((ref * g).sum(), [x, bn.weight, bn.bias])
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-4)
     # Running statistics: the mean of the slices' momentum updates (from 0 and 1).
-    means = torch.stack([x[i::4].mean(dim=(0, 2, 3)) for i in range(4)])
+    means = torch.stack([part.mean(dim=(0, 2, 3)) for part in torch.tensor_split(x.detach(), 4)])
+    variances = torch.stack([part.var(dim=(0, 2, 3)) for part in torch.tensor_split(x.detach(), 4)])
     assert torch.allclose(bn.running_mean, (0.1 * means).mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, (0.9 + 0.1 * variances).mean(0), atol=1e-4)
     bn.eval()
     plain = nn.BatchNorm2d(3)
     plain.load_state_dict(bn.state_dict())
@@ -101,9 +110,9 @@ def test_split_bn_on_head_features_and_in_the_mlp_bn_head():
     x = torch.randn(8, 5) * 2 + 3
     out = bn(x)
     for i in range(2):
-        part = x[i::2]
+        part = x[4 * i : 4 * i + 4]
         ref = (part - part.mean(0)) / torch.sqrt(part.var(0, unbiased=False) + bn.eps)
-        assert torch.allclose(out[i::2], ref, atol=1e-5)
+        assert torch.allclose(out[4 * i : 4 * i + 4], ref, atol=1e-5)
     enc = build_encoder(ModelConfig(arch="resnet18", cifar_stem=False, head="mlp_bn", hidden_dim=32, dim=8, bn_splits=2))
     head_bns = [m for m in enc.head if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert len(head_bns) == 2 and all(isinstance(m, SplitBatchNorm) for m in head_bns)

@@ -30,3 +30,53 @@ def test_knn_accuracy_on_separable_features():
     labels = torch.arange(3).repeat_interleave(10)
     acc = knn_accuracy(F.normalize(memory, dim=1), labels, F.normalize(memory, dim=1), labels, 3, k=200, temperature=0.1)
     assert acc["knn_top1"] == 100.0 and acc["knn_top5"] == 100.0
+
+
+def test_cached_linear_probe_separates_linearly_separable_features():
+    from moco_engine.config import LinearConfig
+    from moco_engine.evaluation import linear_probe_cached
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 4, generator=g)
+
+    def split(n):
+        x = torch.randn(n, 16, generator=g)
+        return x, (x @ w).argmax(1)  # classes cut by hyperplanes: linearly separable
+
+    cfg = LinearConfig(epochs=30, milestones=[20, 25], batch_size=64)
+    result = linear_probe_cached(split(2000), split(500), 4, cfg)
+    assert result["top1"] > 95.0 and result["top5"] == 100.0
+
+
+def test_linear_probe_trains_only_the_fc_and_checks_the_backbone():
+    from torch import nn
+
+    from moco_engine.config import LinearConfig
+    from moco_engine.evaluation import linear_probe
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU())
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    x = torch.randn(256, 6)
+    y = (x[:, 0] > 0).long()
+    batches = [(x[i : i + 32], y[i : i + 32], None) for i in range(0, 256, 32)]
+    cfg = LinearConfig(epochs=20, lr=1.0, milestones=[15], batch_size=32)
+    result = linear_probe(backbone, batches, batches, 8, 2, cfg, torch.device("cpu"))
+    assert result["top1"] > 80.0
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())  # BN stats too
+    assert backbone.training  # its mode is given back
+
+    class Drifting(nn.Module):  # a backbone that changes itself: the probe must notice
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(6))
+
+        def forward(self, v):
+            with torch.no_grad():
+                self.scale.mul_(1.01)
+            return v * self.scale
+
+    import pytest
+
+    with pytest.raises(RuntimeError, match="backbone changed"):
+        linear_probe(Drifting(), batches, batches, 6, 2, LinearConfig(epochs=1), torch.device("cpu"))

@@ -1,0 +1,315 @@
+"""``moco-bench``: images/s of the engine's MoCo step against a supervised step, in one process.
+
+For a named case (backbone, image size, batch, K) it times, on inputs already in device memory:
+
+- a supervised step of the same backbone and batch (forward, cross-entropy, backward, SGD);
+- the engine's MoCo step (``Trainer.train_step``: query and key passes, logits, backward, SGD,
+  EMA, enqueue);
+- the pieces MoCo adds, each alone: the key encoder's forward, the EMA, shuffle-BN's permutation,
+  the queue logits (forward and backward) and the enqueue.
+
+Each figure is the median of ``--repeats`` timed calls after ``--warmup`` untimed ones, with the
+device synchronised around every call. ``--data`` adds the real input path (decode, augment,
+transfer) alone and together with the step, to show whether loading limits training.
+
+    moco-bench r18-cifar                      # the MoCo CIFAR-10 demo's step
+    moco-bench r18-cifar --data --data-root ../shared/data/cifar10_train_20k.tar.gz
+    moco-bench tiny --device cpu              # seconds on a laptop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from .config import UserError, load_config
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark configuration."""
+
+    arch: str
+    cifar_stem: bool
+    image_size: int
+    batch: int
+    queue: int
+    head: str = "mlp"
+    bn_splits: int = 1
+    augmentation: str = "cifar"
+
+
+CASES = {
+    # The MoCo authors' CIFAR-10 demo: CIFAR ResNet-18, batch 512, K 4096, split-BN over 8 slices.
+    "r18-cifar": Case("resnet18", True, 32, 512, 4096, head="linear", bn_splits=8),
+    # MoCo v1/v2 on ImageNet: ResNet-50 at 224 px, batch 256, K 65536 (v1's linear head).
+    "r50-224": Case("resnet50", False, 224, 256, 65536, head="linear", augmentation="moco_v2"),
+    # The 2-core CPU target of BENCHMARKS.md: the demo's model at batch 64.
+    "r18-cifar-cpu": Case("resnet18", True, 32, 64, 4096, head="linear", bn_splits=8),
+    # Seconds on any CPU (the test suite runs it).
+    "tiny": Case("resnet18", False, 32, 16, 256, head="linear"),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_memory(device: torch.device, fn: Callable[[], object]) -> float | None:
+    """Peak device memory (GiB) of one call of ``fn``; None on CPU (no allocator statistics)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def build_trainer(case: Case, args: argparse.Namespace):
+    """A Trainer for ``case``: synthetic data (the step's inputs are random tensors) unless
+    ``--data`` asks for the real input path."""
+    from .engine import Trainer
+
+    data = ["data.name=synthetic", f"data.synthetic_size={case.batch}", "data.num_workers=0"]
+    if args.data:
+        data = (["data.name=imagefolder", f"data.root={args.data_root}"] if args.data_root else ["data.name=embedded"])
+        data += [f"data.num_workers={args.workers}", f"data.pipeline={args.pipeline}"]
+    cfg = load_config([], data + [
+        f"data.image_size={case.image_size}", f"data.augmentation={case.augmentation}",
+        f"model.arch={case.arch}", f"model.cifar_stem={case.cifar_stem}", f"model.head={case.head}",
+        f"model.bn_splits={case.bn_splits}", f"queue.size={case.queue}", f"optim.batch_size={case.batch}",
+        f"train.device={args.device}", f"train.precision={args.precision}",
+        f"train.channels_last={not args.no_channels_last}", f"train.compile={args.compile}",
+        "train.out_dir=runs/bench", "track.progress=false",
+    ])
+    return Trainer(cfg)
+
+
+def supervised_step(trainer, case: Case, x, labels) -> Callable[[], None]:
+    """The supervised baseline: the same backbone (plain BatchNorm) and a linear classifier."""
+    from .encoders import build_backbone
+
+    backbone, width = build_backbone(case.arch, case.cifar_stem)
+    model = torch.nn.Sequential(backbone, torch.nn.Linear(width, 1000)).to(trainer.device, memory_format=trainer.memory_format)
+    if trainer.cfg.train.compile:
+        model.compile()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> None:
+        with trainer._autocast():
+            loss = F.cross_entropy(model(x).float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def breakdown(trainer, x, idx, repeats: int, warmup: int) -> dict[str, float]:
+    """Seconds of each piece MoCo adds to a supervised step, timed alone."""
+    from . import distributed as dist
+    from .losses import info_nce, info_nce_logits
+
+    device, cfg = trainer.device, trainer.cfg
+    b, dim = x.shape[0], cfg.model.dim
+    q = F.normalize(torch.randn(b, dim, device=device), dim=1).requires_grad_()
+    k = F.normalize(torch.randn(b, dim, device=device), dim=1)
+
+    def key_forward():
+        with torch.no_grad(), trainer._autocast():
+            trainer.encoder_k(x)
+
+    def shuffle():
+        shuffled, unshuffle = dist.shuffle_batch(x)
+        return k[unshuffle]
+
+    def queue_logits():
+        neg = trainer.negatives.negatives(q, k, idx)
+        with trainer._autocast():
+            loss = info_nce(info_nce_logits(q, k, neg.embeddings, cfg.loss.temperature, neg.drop))
+        loss.backward()
+
+    def enqueue():
+        trainer.negatives.update(k, idx)
+
+    pieces = {
+        "key forward": key_forward,
+        "EMA": lambda: trainer.encoder_k.update(trainer.encoder_q, 0.99),
+        "shuffle": shuffle,
+        "queue logits": queue_logits,
+        "enqueue": enqueue,
+    }
+    return {name: median_seconds(fn, repeats, warmup, device) for name, fn in pieces.items()}
+
+
+def data_path(trainer, steps: int, warmup: int) -> dict[str, float]:
+    """Seconds per batch of the input path alone, and of input path plus step (loader order)."""
+    device = trainer.device
+
+    def batches():
+        while True:
+            trainer.sampler.set_epoch(trainer.epoch)
+            for (x_q, x_k), _, idx in trainer.loader:
+                yield (x_q.to(device, memory_format=trainer.memory_format, non_blocking=True),
+                       x_k.to(device, memory_format=trainer.memory_format, non_blocking=True),
+                       idx.to(device, non_blocking=True))
+            trainer.epoch += 1
+
+    def timed_loop(work: Callable) -> float:
+        it = batches()
+        for _ in range(warmup):
+            work(*next(it))
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            work(*next(it))
+        _sync(device)
+        return (time.perf_counter() - start) / steps
+
+    # Enough batches to drain what the loader's workers prefetched during the warm-up, so the
+    # figure is the input path's sustained rate, not the emptying of its queue.
+    steps = max(steps, 8 * trainer.cfg.data.num_workers)
+    alone = timed_loop(lambda *batch: None)
+    with_step = timed_loop(trainer.train_step)
+    return {"data": alone, "data + step": with_step}
+
+
+def run_case(name: str, args: argparse.Namespace) -> dict:
+    """Measure one case; returns every figure (seconds, GiB, images/s) as a dict."""
+    case = CASES[name]
+    if args.bn_splits:
+        case = replace(case, bn_splits=args.bn_splits)
+    trainer = build_trainer(case, args)
+    device = trainer.device
+    shape = (case.batch, 3, case.image_size, case.image_size)
+    x_q = torch.randn(shape, device=device).contiguous(memory_format=trainer.memory_format)
+    x_k = torch.randn(shape, device=device).contiguous(memory_format=trainer.memory_format)
+    idx = torch.arange(case.batch, device=device)
+    labels = torch.randint(0, 1000, (case.batch,), device=device)
+
+    sup_fn = supervised_step(trainer, case, x_q, labels)
+    moco_fn = lambda: trainer.train_step(x_q, x_k, idx)  # noqa: E731
+    result = {
+        "case": name, **asdict(case), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "precision": str(trainer.amp_dtype or "fp32").replace("torch.", ""), "compile": trainer.cfg.train.compile,
+        "supervised_s": median_seconds(sup_fn, args.repeats, args.warmup, device),
+        "supervised_peak_gib": _peak_memory(device, sup_fn),
+        "moco_s": median_seconds(moco_fn, args.repeats, args.warmup, device),
+        "moco_peak_gib": _peak_memory(device, moco_fn),
+    }
+    result["ratio"] = result["moco_s"] / result["supervised_s"]
+    result["breakdown_s"] = breakdown(trainer, x_k, idx, args.repeats, args.warmup)
+    if args.data:
+        result["data_s"] = data_path(trainer, args.repeats, args.warmup)
+    if args.profile:
+        result["profile"] = profile(moco_fn, device)
+    return result
+
+
+def profile(fn: Callable[[], object], device: torch.device, steps: int = 5) -> str:
+    """torch.profiler's table of the most expensive ops over ``steps`` calls of ``fn``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=25)
+
+
+def format_table(r: dict) -> str:
+    """The printed report of one case: a markdown table, then the breakdown."""
+    b = r["batch"]
+    gib = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [
+        f"## {r['case']}: {r['arch']}{' (CIFAR stem)' if r['cifar_stem'] else ''}, {r['image_size']} px, batch {b}, "
+        f"K {r['queue']}, {r['precision']}{', compiled' if r['compile'] else ''} on {r['device_name']}",
+        "",
+        "| step | ms (median) | images/s | peak memory GiB |",
+        "| --- | --- | --- | --- |",
+        f"| supervised | {r['supervised_s'] * 1e3:.2f} | {b / r['supervised_s']:,.0f} | {gib(r['supervised_peak_gib'])} |",
+        f"| MoCo | {r['moco_s'] * 1e3:.2f} | {b / r['moco_s']:,.0f} | {gib(r['moco_peak_gib'])} |",
+        "",
+        f"MoCo / supervised: {r['ratio']:.2f}",
+        "",
+        "| MoCo piece (alone) | ms | % of the MoCo step |",
+        "| --- | --- | --- |",
+    ]
+    for piece, s in r["breakdown_s"].items():
+        lines.append(f"| {piece} | {s * 1e3:.3f} | {100 * s / r['moco_s']:.1f} |")
+    if "profile" in r:
+        lines += ["", "```", r["profile"], "```"]
+    if "data_s" in r:
+        lines += ["", "| input path | ms per batch | images/s |", "| --- | --- | --- |"]
+        for part, s in r["data_s"].items():
+            lines.append(f"| {part} | {s * 1e3:.2f} | {b / s:,.0f} |")
+    return "\n".join(lines)
+
+
+def _bench(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="moco-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("cases", nargs="*", default=["r18-cifar"], help=f"one or more of: {', '.join(CASES)}")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--data", action="store_true", help="also time the real input path")
+    parser.add_argument("--data-root", default="", help="--data: an image folder or .tar archive (default: the embedded sample)")
+    parser.add_argument("--pipeline", default="cpu", help="--data: cpu (loader workers) | device (augmented on the device)")
+    parser.add_argument("--workers", type=int, default=4, help="--data: loader processes of the cpu pipeline")
+    parser.add_argument("--bn-splits", type=int, default=0, help="override the case's split-BN slices (1 = plain BN)")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the MoCo step")
+    parser.add_argument("--json", default="", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        raise UserError(f"unknown benchmark case {unknown[0]!r}; choose from {', '.join(CASES)}")
+    results = []
+    for name in args.cases:
+        results.append(run_case(name, args))
+        print(format_table(results[-1]) + "\n", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    """``moco-bench [CASE ...] [options]``"""
+    from .cli import _guard
+
+    return _guard(_bench, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(bench_main())
