@@ -148,8 +148,22 @@ class LinearConfig:
 
 
 @dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled (the WANDB_MODE environment variable wins when set)
+    project: str = "moco_engine"
+    entity: str = ""  # W&B user or team ("" = the account's default)
+    group: str = ""  # runs of one sweep share a group (moco-sweep sets it)
+    name: str = ""  # "" = the run folder's name
+    tags: list[str] = field(default_factory=list)
+    log_checkpoints: bool = False  # upload each checkpoint as a W&B artifact
+
+
+@dataclass
 class TrackConfig:
     progress: bool = True  # tqdm progress bar on the console
+    preview: int = 8  # query/key view pairs drawn to augmentations.png at the start (0 = none)
+    collapse_threshold: float = 0.1  # warn when embed_std·sqrt(D) falls below this (uniform on the sphere: 1)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -185,6 +199,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "step", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "eval.knn_features": ("backbone", "head"),
+    "track.wandb.mode": ("online", "offline", "disabled"),
 }
 
 
@@ -257,8 +272,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {value!r}: {rule}")
 
     for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
         need(value in choices, key, value, f"must be one of {', '.join(choices)}")
     need(
         cfg.loss.name != "nce" or cfg.negatives.kind == "memory_bank",
@@ -302,6 +318,7 @@ def validate(cfg: Config) -> None:
     need(cfg.eval.knn_k >= 1, "eval.knn_k", cfg.eval.knn_k, "must be >= 1")
     need(cfg.eval.knn_t > 0, "eval.knn_t", cfg.eval.knn_t, "must be > 0")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
+    need(cfg.track.preview >= 0, "track.preview", cfg.track.preview, "must be >= 0")
     need(cfg.linear.epochs >= 1, "linear.epochs", cfg.linear.epochs, "must be >= 1")
     need(cfg.linear.lr > 0, "linear.lr", cfg.linear.lr, "must be > 0")
     need(cfg.linear.batch_size >= 1, "linear.batch_size", cfg.linear.batch_size, "must be >= 1")

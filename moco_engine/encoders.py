@@ -216,6 +216,15 @@ class MomentumEncoder(nn.Module):
             raise ValueError("query and key encoders have different parameter lists")
         torch._foreach_lerp_(key_params, query_params, 1.0 - momentum)
 
+    @torch.no_grad()
+    def relative_distance(self, query_encoder: nn.Module) -> Tensor:
+        """‖θ_q − θ_k‖ / ‖θ_q‖ over all parameters, a 0-d tensor: how far f_k lags behind f_q
+        (0 at the start; about (1−m)-scaled drift per step after)."""
+        key_params = list(self.encoder.parameters())
+        query_params = [p.detach() for p in query_encoder.parameters()]
+        diff = torch.stack(torch._foreach_norm(torch._foreach_sub(query_params, key_params))).norm()
+        return diff / torch.stack(torch._foreach_norm(query_params)).norm().clamp(min=1e-12)
+
 
 def momentum_at(base: float, schedule: str, step: int, total_steps: int) -> float:
     """The EMA momentum m at ``step`` of ``total_steps``.

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .augment import view_spec
+from .augment import random_views, view_spec
 from .config import Config, UserError, to_dict, to_yaml
 from .data import (
     EpochSampler,
@@ -39,14 +39,15 @@ from .data import (
     make_loader,
     view_transform,
 )
-from .device_data import DevicePlain, DeviceTwoViews, to_device_tensor
+from .device_data import DevicePlain, DeviceTwoViews, step_generator, to_device_tensor
 from .encoders import MomentumEncoder, build_encoder, momentum_at
 from .evaluation import extract_features, knn_accuracy
 from .losses import estimate_log_z, info_nce, info_nce_logits, instance_accuracy, nce
 from .negatives import NegativeSource, build_source
-from .tracking import METRICS_FILE, Tracker
+from .tracking import METRICS_FILE, Tracker, WandbBackend, wandb_mode
 
 CONFIG_FILE = "config.yaml"
+PREVIEW_FILE = "augmentations.png"
 # Settings a checkpoint's state depends on: resuming under other values is refused.
 STATE_SHAPING_KEYS = (
     "model.arch", "model.cifar_stem", "model.head", "model.hidden_dim", "model.dim", "negatives.kind", "queue.size",
@@ -102,6 +103,15 @@ def _means(sums: dict[str, Tensor], count: int) -> dict[str, float]:
     """Per-step means of metric sums kept on the device, fetched in one host sync."""
     values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in sums.values()]).tolist()
     return {name: value / count for name, value in zip(sums, values)}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory so far: the CUDA allocator's on a GPU, the process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def _state_shaping(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +172,8 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.tracker = Tracker(None, enabled=False)
         self.stop_signal: int | None = None  # set by SIGTERM/SIGINT: finish the step, save, exit
+        self.wandb_run_id: str | None = None  # kept in checkpoints: a resumed run continues its W&B run
+        self._collapse_warned = -1
 
     def _cpu_loaders(self, splits) -> None:
         """DataLoaders: PIL decoding and augmentation in ``data.num_workers`` processes."""
@@ -216,7 +228,7 @@ class Trainer:
         """One direction of the loss: x_q is the query crop, x_k the key crop, indices (B,).
 
         Returns:
-            (loss (), logits (B, 1+K), keys (B, D)).
+            (loss (), logits (B, 1+K), queries (B, D), keys (B, D)).
         """
         q = self.encoder_q(x_q)
         k = self.compute_keys(x_k)
@@ -225,8 +237,8 @@ class Trainer:
         logits = info_nce_logits(q, k if positives is None else positives, neg.embeddings, self.cfg.loss.temperature, neg.drop)
         if self.cfg.loss.name == "nce":
             log_z = self.negatives.track_log_z(estimate_log_z(logits.detach(), self.num_items))
-            return nce(logits, self.num_items, log_z), logits, k
-        return info_nce(logits), logits, k
+            return nce(logits, self.num_items, log_z), logits, q, k
+        return info_nce(logits), logits, q, k
 
     def train_step(self, x_q: Tensor, x_k: Tensor, indices: Tensor) -> dict[str, Tensor]:
         """One optimizer step on a batch of two views (B, 3, H, W) and their indices (B,).
@@ -242,11 +254,11 @@ class Trainer:
 
         source_metrics = self.negatives.metrics(indices)  # before this batch's update
         with self._autocast():
-            loss, logits, k = self.contrastive_loss(x_q, x_k, indices)
+            loss, logits, q, k = self.contrastive_loss(x_q, x_k, indices)
             if cfg.loss.symmetric:
                 # The MoCo CIFAR-10 demo's symmetric loss: the sum of both directions, both
                 # keys enqueued (so its gradient is twice an asymmetric step's).
-                loss_21, _, k_1 = self.contrastive_loss(x_k, x_q, indices)
+                loss_21, _, _, k_1 = self.contrastive_loss(x_k, x_q, indices)
                 loss = loss + loss_21
                 k = torch.cat([k_1, k])
 
@@ -272,6 +284,9 @@ class Trainer:
             "top5": acc["top5"],
             "logit_pos": logits[:, 0].mean() * cfg.loss.temperature,
             "logit_neg": torch.where(counted, negative, 0.0).sum() / counted.sum().clamp(min=1) * cfg.loss.temperature,
+            # Collapse detector: the per-dimension std of the unit queries, averaged over the D
+            # dimensions (about 1/sqrt(D) when spread over the sphere, 0 when all alike).
+            "embed_std": q.detach().float().std(dim=0).mean(),
             **source_metrics,
         }
 
@@ -321,6 +336,10 @@ class Trainer:
                     cfg.model.momentum, cfg.model.momentum_schedule, self.step - 1, cfg.train.epochs * self.steps_per_epoch
                 )
                 means["img_per_s"] = images * self.world / max(elapsed, 1e-9)
+                if not self.negatives.end_to_end:
+                    means["qk_weight_dist"] = self.encoder_k.relative_distance(self.encoder_q).item()
+                means["mem_peak_gib"] = peak_memory_gib(self.device)
+                self._check_collapse(means["embed_std"])
                 self.tracker.log("step", means, self.epoch, self.step)
                 window, window_steps, images, window_start = {}, 0, 0, time.perf_counter()
             if stopping:
@@ -338,6 +357,17 @@ class Trainer:
         if hook_time > 1e-3:  # the memory bank's refresh: its cost in seconds and in % of the epoch
             out.update(refresh_s=hook_time, refresh_pct=100 * hook_time / (epoch_time + hook_time))
         return out
+
+    def _check_collapse(self, embed_std: float) -> None:
+        """Warn (once an epoch) when the queries lose their spread: embed_std·sqrt(D) below
+        ``track.collapse_threshold``, where 1 is the spread of points uniform on the sphere."""
+        spread = embed_std * math.sqrt(self.cfg.model.dim)
+        if spread < self.cfg.track.collapse_threshold and self._collapse_warned != self.epoch:
+            self._collapse_warned = self.epoch
+            self.tracker.warn(
+                f"embeddings collapsing at step {self.step}: embed_std·sqrt(D) = {spread:.3f} "
+                f"< track.collapse_threshold {self.cfg.track.collapse_threshold}"
+            )
 
     def _own_rng(self):
         """A side stream of random numbers: evaluation and encoding passes leave the training's
@@ -387,6 +417,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng,
             "last_eval": dict(self.last_eval),
+            "wandb_run_id": self.wandb_run_id,
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
@@ -405,6 +436,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
         self.last_eval = dict(state.get("last_eval", {}))
+        self.wandb_run_id = state.get("wandb_run_id")
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
@@ -413,7 +445,9 @@ class Trainer:
     def save(self) -> Path | None:
         if not dist.is_main():
             return None
-        return ckpt.save_checkpoint(self.state_dict(), self.run_dir, self.step, self.cfg.train.keep_checkpoints)
+        path = ckpt.save_checkpoint(self.state_dict(), self.run_dir, self.step, self.cfg.train.keep_checkpoints)
+        self.tracker.log_artifact(path)
+        return path
 
     # ======================================================================== the run
     def prepare_run_dir(self) -> None:
@@ -459,7 +493,10 @@ class Trainer:
         cfg = self.cfg
         self.prepare_run_dir()
         self.tracker = Tracker(self.run_dir, progress=cfg.track.progress, enabled=dist.is_main())
+        self._start_wandb()
         try:
+            if cfg.track.preview and self.step == 0 and dist.is_main():
+                self.tracker.log_image("augmentations", self.save_preview(cfg.track.preview), 0)
             if cfg.eval.at_start and self.step == 0:
                 self.last_eval = self.evaluate_knn()
                 if self.last_eval:
@@ -486,6 +523,48 @@ class Trainer:
         finally:
             self.tracker.close()
 
+
+    def _start_wandb(self) -> None:
+        """Add the W&B backend on rank 0 when ``track.wandb.mode`` (or WANDB_MODE) asks for it;
+        a resumed run continues the W&B run its checkpoint names."""
+        mode, notice = wandb_mode(self.cfg.track.wandb.mode)
+        if mode == "disabled" or not dist.is_main():
+            return
+        if notice:
+            print(notice, flush=True)
+        backend = WandbBackend(self.cfg.track.wandb, self.run_dir, to_dict(self.cfg), self.wandb_run_id, mode)
+        self.wandb_run_id = backend.run_id
+        self.tracker.add_backend(backend)
+
+    @torch.no_grad()
+    def preview_pairs(self, n: int) -> Tensor:
+        """Query and key views of the first n training images, drawn as training draws them
+        (the CPU path: exactly epoch 0's views of those items), un-normalised to [0, 1]:
+        (2n, 3, S, S) as q0, k0, q1, k1, ..."""
+        spec = view_spec(self.cfg.data.augmentation, self.cfg.data.image_size)
+        n = min(n, self.num_items)
+        if isinstance(self.loader, DeviceTwoViews):
+            images = self.loader.images[:n]
+            views = random_views(torch.cat([images, images]), spec, step_generator(self.device, self.cfg.train.seed, 0, 0))
+            pairs = torch.stack([views[:n], views[n:]], dim=1).flatten(0, 1)
+        else:
+            dataset = self.loader.dataset  # Indexed(TwoViews): item (epoch, i) -> ((x_q, x_k), y, i)
+            pairs = torch.stack([view for i in range(n) for view in dataset[(0, i)][0]])
+        mean = torch.tensor(spec.mean, device=pairs.device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, device=pairs.device).view(1, 3, 1, 1)
+        return (pairs * std + mean).clamp(0, 1).cpu()
+
+    def save_preview(self, n: int) -> Path:
+        """``augmentations.png`` in the run folder: n query/key pairs side by side, 4 pairs a row
+        (small images enlarged 4x with nearest-neighbour, so the pixels stay visible)."""
+        from torchvision.utils import make_grid, save_image
+
+        pairs = self.preview_pairs(n)
+        if pairs.shape[-1] < 96:
+            pairs = torch.nn.functional.interpolate(pairs, scale_factor=4, mode="nearest")
+        path = self.run_dir / PREVIEW_FILE
+        save_image(make_grid(pairs, nrow=8, padding=4, pad_value=1.0), path)
+        return path
 
     @contextlib.contextmanager
     def _stop_on_signals(self):

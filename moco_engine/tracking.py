@@ -1,8 +1,9 @@
-"""Metrics out: a JSONL file in the run folder, the console, and (later) W&B.
+"""Metrics out: a JSONL file in the run folder, the console, and W&B.
 
 Only the main process (rank 0) writes anything. A backend is any object with ``log(record)``
-and ``close()``; :class:`Tracker` fans every record out to all of them, so a new destination
-(W&B) is one more backend, not a change to the training loop.
+and ``close()`` (optionally ``log_image`` and ``log_artifact``); :class:`Tracker` fans every
+record out to all of them, so a new destination is one more backend, not a change to the
+training loop.
 
 Every record is one flat JSON object with ``kind`` (``step``, ``epoch``, ``eval`` or ``final``),
 ``epoch`` and ``step`` and the metrics, e.g.::
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import netrc
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,6 +69,75 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+WANDB_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+
+
+def _has_wandb_key() -> bool:
+    """An API key in WANDB_API_KEY or in ~/.netrc (where ``wandb login`` puts it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(configured: str) -> tuple[str, str | None]:
+    """The W&B mode to use, and a one-line notice when it differs from what was asked.
+
+    WANDB_MODE, when set, wins over the config (W&B's own convention); ``online`` without an API
+    key falls back to ``offline`` (``wandb sync`` uploads the run later).
+    """
+    mode = WANDB_ENV_MODES.get(os.environ.get("WANDB_MODE", "").lower(), configured)
+    if mode == "online" and not _has_wandb_key():
+        return "offline", "W&B: no API key (WANDB_API_KEY or `wandb login`); logging offline, `wandb sync` uploads later"
+    return mode, None
+
+
+class WandbBackend:
+    """Logs every record to one W&B run, under ``<kind>/<metric>`` (``step/loss``,
+    ``eval/knn_top1``, ...) at the record's global step.
+
+    ``run_id`` (stored in the checkpoint) makes a resumed training continue the same W&B run.
+    wandb is imported here, so it costs nothing when W&B is off.
+    """
+
+    def __init__(self, cfg, run_dir: Path, config: dict[str, Any], run_id: str | None = None, mode: str = "offline"):
+        import wandb
+
+        self.wandb = wandb
+        self.log_checkpoints = cfg.log_checkpoints
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity or None, group=cfg.group or None, tags=list(cfg.tags) or None,
+            name=cfg.name or Path(run_dir).name, config=config, dir=str(run_dir), mode=mode,
+            id=run_id, resume="allow" if run_id else None,
+        )
+        self.run.define_metric("eval/knn_top1", summary="max")
+        self.run.define_metric("eval/knn_top5", summary="max")
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    def log(self, record: dict[str, Any]) -> None:
+        kind = record["kind"]
+        data = {f"{kind}/{k}": v for k, v in record.items() if k not in ("kind", "step") and isinstance(v, (int, float))}
+        self.run.log(data, step=int(record["step"]))
+
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        self.run.log({name: self.wandb.Image(str(path))}, step=step)
+
+    def log_artifact(self, path: Path) -> None:
+        if self.log_checkpoints:
+            artifact = self.wandb.Artifact(f"checkpoints-{self.run.id}", type="model")
+            artifact.add_file(str(path))
+            self.run.log_artifact(artifact)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class Tracker:
     """Fans records out to the backends and drives the progress bar (main process only)."""
 
@@ -93,6 +165,22 @@ class Tracker:
         if kind == "step" and self.bar is not None:
             shown = ("loss", "top1", "lr", "img_per_s")
             self.bar.set_postfix({k: _fmt(metrics[k]) for k in shown if k in metrics}, refresh=False)
+
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        """An image file (already written to the run folder) to the backends that show images."""
+        for backend in self.backends:
+            if hasattr(backend, "log_image"):
+                backend.log_image(name, path, step)
+
+    def log_artifact(self, path: Path) -> None:
+        for backend in self.backends:
+            if hasattr(backend, "log_artifact"):
+                backend.log_artifact(path)
+
+    def warn(self, message: str) -> None:
+        """One line on the console, above the progress bar."""
+        if self.enabled:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
 
     def start_epoch(self, epoch: int, epochs: int, total_steps: int, done: int = 0) -> None:
         if self.show_progress:

@@ -1,0 +1,76 @@
+"""moco-sweep: W&B sweep files expanded and run here, offline, resumable."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from moco_engine.config import ConfigError
+from moco_engine.sweep import read_sweep
+
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+def sweep_file(tmp_path, parameters: str, method: str = "grid", extra: str = "") -> str:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"""name: test_sweep
+method: {method}
+metric: {{name: knn_top1, goal: maximize}}
+parameters:
+{parameters}
+command: ["${{env}}", python, -m, moco_engine, {SMOKE}, train.steps_per_epoch=2, "${{args_no_hyphens}}"]
+{extra}""")
+    return str(path)
+
+
+def test_grid_expands_to_every_combination_in_file_order(tmp_path):
+    sweep = read_sweep(sweep_file(tmp_path, """  queue.size: {values: [16, 64, 256]}
+  negatives.kind: {values: [queue, memory_bank]}
+  loss.temperature: {value: 0.2}"""))
+    assert len(sweep.runs) == 6 and sweep.swept == ["queue.size", "negatives.kind"] and sweep.files == [SMOKE]
+    assert sweep.runs[1].overrides == [
+        "train.steps_per_epoch=2", "queue.size=16", "negatives.kind=memory_bank", "loss.temperature=0.2",
+    ]
+    assert sweep.runs[1].params == {"queue.size": 16, "negatives.kind": "memory_bank"}
+    assert len({r.name for r in sweep.runs}) == 6
+
+
+def test_random_draws_run_cap_distinct_runs(tmp_path):
+    sweep = read_sweep(sweep_file(tmp_path, "  queue.size: {values: [16, 32, 64, 128, 256]}", "random", "run_cap: 3"))
+    sizes = [r.params["queue.size"] for r in sweep.runs]
+    assert len(sizes) == 3 and len(set(sizes)) == 3
+
+
+@pytest.mark.parametrize("parameters,message", [
+    ("  queue.sise: {values: [16, 64]}", "queue.size"),  # unknown key: the closest valid one is named
+    ("  queue.size: {values: [0, 64]}", "K must be >= 1"),
+    ("  queue.size: {min: 1, max: 5}", "values"),
+])
+def test_bad_parameters_are_errors_naming_them(tmp_path, parameters, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        read_sweep(sweep_file(tmp_path, parameters))
+
+
+def test_smoke_sweep_runs_offline_with_wandb_and_skips_finished_runs(tmp_path):
+    path = sweep_file(tmp_path, "  queue.size: {values: [16, 48]}")
+    out = tmp_path / "out"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "-m", "moco_engine.sweep", path, "--out", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(runs) == 2
+    for run in runs:  # one offline W&B run each, grouped under the sweep's name
+        wandb_files = list((run / "wandb").glob("offline-run-*/*.wandb"))
+        assert len(wandb_files) == 1
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["queue.size"] for r in rows] == ["16", "48"] and all(float(r["knn_top1"]) >= 0 for r in rows)
+    assert (out / "knn_top1.png").stat().st_size > 1000 and "| run |" in (out / "results.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 2
+    assert all(len(list((run / "wandb").glob("offline-run-*"))) == 1 for run in runs)  # nothing re-ran

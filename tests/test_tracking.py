@@ -1,0 +1,87 @@
+"""What a run reports: every metric in metrics.jsonl, the collapse warning, the augmentation
+preview, and W&B (offline: these machines have no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+
+from moco_engine.checkpoint import latest_checkpoint
+from moco_engine.config import load_config
+from moco_engine.engine import PREVIEW_FILE, Trainer
+from moco_engine.tracking import wandb_mode
+
+STEP_METRICS = {
+    "loss", "lr", "momentum", "top1", "top5", "logit_pos", "logit_neg", "embed_std", "qk_weight_dist",
+    "img_per_s", "mem_peak_gib",
+}
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def run_tiny(tmp_path: Path, *extra: str) -> Path:
+    out = tmp_path / "run"
+    Trainer(load_config([], [*TINY, f"train.out_dir={out}", *extra])).fit()
+    return out
+
+
+@pytest.mark.parametrize("kind,source_metrics", [
+    ("queue", {"queue_fill", "queue_age_mean", "queue_age_max", "queue_same_instance"}),
+    ("memory_bank", {"bank_staleness_batch", "bank_staleness_mean"}),
+])
+def test_metrics_jsonl_holds_every_metric(tmp_path, kind, source_metrics, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = run_tiny(tmp_path, f"negatives.kind={kind}")
+    step = records(out, "step")[0]
+    missing = (STEP_METRICS | source_metrics) - set(step)
+    assert not missing, f"step records lack {sorted(missing)}"
+    assert 0 < step["embed_std"] < 1 and step["qk_weight_dist"] >= 0 and step["mem_peak_gib"] > 0
+    assert {"knn_top1", "knn_top5"} <= set(records(out, "eval")[-1])
+    assert {"epoch_s", "negatives_bytes"} <= set(records(out, "epoch")[0])
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_augmentation_preview_is_written_at_the_start(tmp_path, pipeline):
+    from PIL import Image
+
+    out = run_tiny(tmp_path, f"data.pipeline={pipeline}", "train.epochs=1", "track.preview=3")
+    with Image.open(out / PREVIEW_FILE) as img:
+        # 3 pairs = 6 views of 32 px enlarged 4x, in one row, with 4 px padding.
+        assert img.size == (6 * 128 + 7 * 4, 128 + 2 * 4)
+
+
+def test_collapse_warning_once_an_epoch(tmp_path, capsys):
+    run_tiny(tmp_path, "track.collapse_threshold=100")  # any spread is below this: must warn
+    err = capsys.readouterr().err
+    assert err.count("embeddings collapsing") == 2  # 2 epochs, once each
+    assert "track.collapse_threshold 100" in err
+
+
+def test_wandb_mode_falls_back_to_offline_without_a_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    mode, notice = wandb_mode("online")
+    assert mode == "offline" and "no API key" in notice
+    assert wandb_mode("disabled") == ("disabled", None)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("online") == ("online", None)
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the environment wins, as W&B's own convention
+    assert wandb_mode("online") == ("disabled", None)
+
+
+def test_wandb_offline_run_is_continued_by_a_resumed_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = run_tiny(tmp_path, "train.epochs=1")
+    run_id = latest_checkpoint(out)[1]["wandb_run_id"]
+    assert run_id
+    Trainer(load_config([], [*TINY, f"train.out_dir={out}", "train.resume=auto"])).fit()
+    folders = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(run_id) for f in folders)
+    assert all(list(f.glob("*.wandb")) for f in folders)
