@@ -144,8 +144,8 @@ def breakdown(trainer, x, idx, repeats: int, warmup: int) -> dict[str, float]:
             trainer.encoder_k(x)
 
     def shuffle():
-        shuffled, unshuffle = dist.shuffle_batch(x)
-        return k[unshuffle]
+        shuffled, restore = dist.shuffle_batch(x)
+        return restore(k)
 
     def queue_logits():
         neg = trainer.negatives.negatives(q, k, idx)

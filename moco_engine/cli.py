@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +23,8 @@ def _guard(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
     try:
         return main(list(sys.argv[1:] if argv is None else argv))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 
@@ -43,21 +45,26 @@ def _train(args: list[str]) -> int:
     files, overrides = split_args(parser.parse_args(args).items)
     cfg = load_config(files, overrides)
 
-    from .engine import (  # torch loads only once the config is valid
-        NonFiniteLoss,
-        StopRequested,
-        train,
-    )
+    from . import distributed as dist  # torch loads only once the config is valid
+    from .engine import NonFiniteLoss, StopRequested, resolve_device, train
 
+    if dist.restarted() and not cfg.train.resume:
+        cfg.train.resume = "auto"  # torchrun --max-restarts restarted us: go on from the checkpoint
+    dist.setup(resolve_device(cfg.train.device).type)
+    main_process = dist.is_main()  # asked now: after teardown every process looks like rank 0
     try:
         final = train(cfg)
     except StopRequested as stop:
-        print(stop, file=sys.stderr)
+        if main_process:
+            print(stop, file=sys.stderr)
         return 128 + stop.signum  # the shell's convention for "ended by signal N"
     except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_process:
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
-    if "knn_top1" in final:
+    finally:
+        dist.teardown()
+    if "knn_top1" in final and main_process:
         print(f"kNN top-1: {final['knn_top1']:.2f}% after {final['epochs']} epochs ({cfg.train.out_dir})")
     return 0
 

@@ -47,6 +47,8 @@ class DataConfig:
     augmentation: str = "cifar"  # cifar | moco_v1 | moco_v2
     image_size: int = 32  # crop size of the augmentations
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
+    on_bad_image: str = "fail"  # fail (stop, naming the file) | skip (leave unreadable images out, count and warn)
+    drop_last: bool = True  # drop each epoch's last partial batch (off: a ragged last batch is trained on)
     pipeline: str = "cpu"  # cpu (PIL augmentations in loader workers) | device (decoded once, augmented batched on train.device)
     synthetic_size: int = 512  # synthetic: number of training images (test: a quarter)
     synthetic_classes: int = 4  # synthetic: number of classes
@@ -61,7 +63,8 @@ class ModelConfig:
     dim: int = 128  # D, the embedding size of queries, keys and negatives
     momentum: float = 0.99  # m of the key encoder's EMA
     momentum_schedule: str = "constant"  # constant | cosine (m rises to 1 over training)
-    bn: str = "shuffle"  # shuffle (the key batch permuted before f_k) | plain
+    bn: str = "shuffle"  # shuffle (key batch permuted across all ranks before f_k) | sync (SyncBN, CUDA) | plain
+    norm: str = "batch"  # batch | group (GroupNorm, 32 groups: no statistics shared between samples)
     bn_splits: int = 4  # split-BN: BN statistics over this many slices of each batch
 
 
@@ -100,6 +103,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 128  # per process
+    lr_scaling: str = "none"  # none | linear (lr = optim.lr x global batch / 256)
     schedule: str = "cosine"  # cosine | step | constant (after the warm-up)
     warmup_epochs: float = 0.0  # linear warm-up from 0
     milestones: list[int] = field(default_factory=lambda: [120, 160])  # step: epochs of lr x gamma
@@ -118,6 +122,7 @@ class TrainConfig:
     steps_per_epoch: int = 0  # stop each epoch after this many steps (0 = the whole epoch)
     log_every: int = 10  # steps between metrics.jsonl lines
     keep_checkpoints: int = 2  # the newest k epoch checkpoints are kept
+    max_nonfinite_skips: int = 0  # skip up to this many steps whose loss is NaN/inf (checked every step) before stopping
     save_every: int = 1  # epochs between checkpoints (the last epoch and a stop signal always save)
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and on tensor cores
     compile: bool = False  # torch.compile the encoders (first steps pay the compilation)
@@ -186,10 +191,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("embedded", "cifar10", "imagefolder", "synthetic"),
     "data.augmentation": ("cifar", "moco_v1", "moco_v2"),
     "data.pipeline": ("cpu", "device"),
+    "data.on_bad_image": ("fail", "skip"),
     "model.arch": ("resnet18", "resnet34", "resnet50"),
     "model.head": ("linear", "mlp", "mlp_bn"),
     "model.momentum_schedule": ("constant", "cosine"),
-    "model.bn": ("shuffle", "plain"),
+    "model.bn": ("shuffle", "sync", "plain"),
+    "model.norm": ("batch", "group"),
     "loss.name": ("infonce", "nce"),
     "negatives.kind": ("queue", "memory_bank", "in_batch"),
     "queue.dtype": ("float32", "bfloat16", "float16"),
@@ -197,6 +204,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "memory_bank.positive": ("bank", "key"),
     "memory_bank.update": ("refresh", "momentum", "both"),
     "optim.schedule": ("cosine", "step", "constant"),
+    "optim.lr_scaling": ("none", "linear"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "eval.knn_features": ("backbone", "head"),
     "track.wandb.mode": ("online", "offline", "disabled"),
@@ -288,6 +296,8 @@ def validate(cfg: Config) -> None:
     need(cfg.model.hidden_dim >= 0, "model.hidden_dim", cfg.model.hidden_dim, "must be >= 0")
     need(0.0 <= cfg.model.momentum <= 1.0, "model.momentum", cfg.model.momentum, "m must lie in [0, 1]")
     need(cfg.model.bn_splits >= 1, "model.bn_splits", cfg.model.bn_splits, "must be >= 1")
+    need(cfg.model.bn != "sync" or cfg.model.bn_splits == 1, "model.bn_splits", cfg.model.bn_splits,
+         "must be 1 with model.bn=sync (SyncBN normalises over the global batch)")
     need(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "T must be > 0")
     need(cfg.optim.lr >= 0, "optim.lr", cfg.optim.lr, "must be >= 0")
     need(cfg.optim.batch_size >= 1, "optim.batch_size", cfg.optim.batch_size, "must be >= 1")
@@ -301,6 +311,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.epochs >= 1, "train.epochs", cfg.train.epochs, "must be >= 1")
     need(cfg.train.steps_per_epoch >= 0, "train.steps_per_epoch", cfg.train.steps_per_epoch, "must be >= 0")
     need(cfg.train.log_every >= 1, "train.log_every", cfg.train.log_every, "must be >= 1")
+    need(cfg.train.max_nonfinite_skips >= 0, "train.max_nonfinite_skips", cfg.train.max_nonfinite_skips, "must be >= 0")
     need(cfg.train.save_every >= 1, "train.save_every", cfg.train.save_every, "must be >= 1")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", cfg.train.keep_checkpoints, "must be >= 1")
     need(bool(cfg.train.out_dir), "train.out_dir", cfg.train.out_dir, "must name a folder")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -71,9 +72,16 @@ class ArrayImages(ImageSet):
 
 
 class FolderImages(ImageSet):
-    """``<folder>/<class>/<image>`` read lazily from disk (any size, e.g. ImageNet)."""
+    """``<folder>/<class>/<image>`` read lazily from disk (any size, e.g. ImageNet).
 
-    def __init__(self, folder: Path):
+    An unreadable image is found only when it is read: with ``on_bad="fail"`` that stops the run
+    naming the file; with ``"skip"`` the next readable image stands in for it and the file is
+    reported once (one line per bad file, from whichever process met it).
+    """
+
+    def __init__(self, folder: Path, on_bad: str = "fail"):
+        self.on_bad = on_bad
+        self.bad: set[Path] = set()
         self.classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
         self.paths: list[Path] = []
         self.targets = []
@@ -84,17 +92,32 @@ class FolderImages(ImageSet):
         if not self.paths:
             raise DataError(f"no images found in {folder} (expected <class>/<image> sub-folders)")
 
+    def _read(self, path: Path) -> Image.Image:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+
     def load(self, i: int) -> Image.Image:
-        try:
-            with Image.open(self.paths[i]) as img:
-                return img.convert("RGB")
-        except OSError as e:
-            raise DataError(f"cannot read image {self.paths[i]}: {e}") from None
+        for offset in range(min(len(self.paths), 100)):
+            path = self.paths[(i + offset) % len(self.paths)]
+            try:
+                return self._read(path)
+            except OSError as e:
+                if self.on_bad == "fail":
+                    raise DataError(f"cannot read image {path}: {e} (data.on_bad_image=skip leaves such files out)") from None
+                if path not in self.bad:
+                    self.bad.add(path)
+                    print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
+        raise DataError(f"no readable image among the 100 files from {self.paths[i]} on")
 
 
-def read_archive(path: Path, split: str) -> ArrayImages:
-    """Decode every ``<split>/<class>/<image>`` member of a tar archive into memory."""
+def read_archive(path: Path, split: str, on_bad: str = "fail") -> ArrayImages:
+    """Decode every ``<split>/<class>/<image>`` member of a tar archive into memory.
+
+    An image that does not decode stops with an error naming it (``on_bad="fail"``), or is left
+    out, counted and reported in one warning line (``"skip"``).
+    """
     by_class: dict[str, list[tuple[str, np.ndarray]]] = {}
+    skipped: list[str] = []
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
@@ -109,10 +132,18 @@ def read_archive(path: Path, split: str) -> ArrayImages:
                     with Image.open(io.BytesIO(raw)) as img:
                         array = np.asarray(img.convert("RGB"))
                 except OSError as e:
-                    raise DataError(f"cannot decode image {member.name} in {path}: {e}") from None
+                    if on_bad == "skip":
+                        skipped.append(member.name)
+                        continue
+                    raise DataError(
+                        f"cannot decode image {member.name} in {path}: {e} (data.on_bad_image=skip leaves such files out)"
+                    ) from None
                 by_class.setdefault(parts[1], []).append((parts[2], array))
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         raise DataError(f"cannot read archive {path}: {e}") from None
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable image(s) in {path} (first: {skipped[0]})",
+              file=sys.stderr, flush=True)
     if not by_class:
         raise DataError(f"no images under '{split}/<class>/' in archive {path}")
     classes = sorted(by_class)
@@ -155,18 +186,18 @@ def _is_archive(path: Path) -> bool:
     return path.is_file() and any(path.name.endswith(s) for s in (".tar", ".tar.gz", ".tgz", ".tar.xz"))
 
 
-def _imagefolder_split(root: str, split: str) -> ImageSet:
+def _imagefolder_split(root: str, split: str, on_bad: str = "fail") -> ImageSet:
     path = Path(root).expanduser()
     if not path.exists():
         raise DataError(f"data path not found: {path}")
     if _is_archive(path):
-        return read_archive(path, split)
+        return read_archive(path, split, on_bad)
     if not path.is_dir():
         raise DataError(f"data path is neither a folder nor a .tar/.tar.gz/.tar.xz archive: {path}")
     folder = path / split if split else path
     if not folder.is_dir():
         raise DataError(f"data folder {path} has no '{split}' sub-folder")
-    return FolderImages(folder)
+    return FolderImages(folder, on_bad)
 
 
 def _cifar10_split(cfg: DataConfig, train: bool) -> ImageSet:
@@ -207,8 +238,8 @@ def build_splits(cfg: DataConfig, seed: int = 0) -> Splits:
     if cfg.name == "embedded":
         return Splits(read_archive(EMBEDDED_ARCHIVE, "train"), read_archive(EMBEDDED_ARCHIVE, "test"))
     # imagefolder
-    train = _imagefolder_split(cfg.root, cfg.train_split)
-    test = _imagefolder_split(cfg.test_root or cfg.root, cfg.test_split) if cfg.test_split else None
+    train = _imagefolder_split(cfg.root, cfg.train_split, cfg.on_bad_image)
+    test = _imagefolder_split(cfg.test_root or cfg.root, cfg.test_split, cfg.on_bad_image) if cfg.test_split else None
     return Splits(train, test)
 
 
@@ -314,8 +345,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     Epoch e's order is ``randperm(N)`` drawn from ``seed + e``, so it is the same on every rank
     and after a restart; rank r takes positions r, r + W, r + 2W, ... (as DistributedSampler
-    does), and ``skip`` drops the first items of this rank's share (the part of the epoch done
-    before a checkpoint).
+    does: with W > 1 the order is first padded with its own first items to a multiple of W, so
+    every rank has the same number of items and of steps), and ``skip`` drops the first items of
+    this rank's share (the part of the epoch done before a checkpoint).
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1):
@@ -332,13 +364,18 @@ class EpochSampler(Sampler[tuple[int, int]]):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        order += order[: self.share_size() * self.world - self.n]  # equal shares on every rank
         return order[self.rank :: self.world]
+
+    def share_size(self) -> int:
+        """Items per rank per epoch, before ``skip``: ceil(N / W)."""
+        return -(-self.n // self.world)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return ((self.epoch, i) for i in self._share()[self.skip :])
 
     def __len__(self) -> int:
-        return max(len(range(self.rank, self.n, self.world)) - self.skip, 0)
+        return max(self.share_size() - self.skip, 0)
 
 
 def make_loader(

@@ -47,21 +47,23 @@ class DeviceTwoViews:
     """Training batches ``((x_q, x_k), targets, indices)`` from images held on the device.
 
     The order is :class:`EpochSampler`'s (the same shuffle, rank split and mid-epoch skip as the
-    CPU path), cut into full batches (the last partial one is dropped, as ``drop_last`` does).
+    CPU path), cut into batches (the last partial one dropped unless ``drop_last=False``).
     Both views of a batch are made in one call on the 2B images.
     """
 
     def __init__(self, images: Tensor, targets: list[int], spec: ViewSpec, batch_size: int,
-                 sampler: EpochSampler, seed: int, compile: bool = False):
+                 sampler: EpochSampler, seed: int, compile: bool = False, drop_last: bool = True):
         self.images = images  # (N, 3, H, W) uint8
         # Compiled, the ~150 small ops of a batch's views become a few fused kernels: on a GPU
         # the eager version is bound by the host's time to launch them, not by the GPU.
         self.apply = torch.compile(apply_views, dynamic=False) if compile else apply_views
         self.targets = torch.tensor(targets, device=images.device)
         self.spec, self.batch_size, self.sampler, self.seed = spec, batch_size, sampler, seed
+        self.drop_last = drop_last
 
     def __len__(self) -> int:
-        return len(range(self.sampler.rank, self.sampler.n, self.sampler.world)) // self.batch_size
+        share = self.sampler.share_size()
+        return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[tuple[Tensor, Tensor], Tensor, Tensor]]:
         device = self.images.device
@@ -69,7 +71,8 @@ class DeviceTwoViews:
         # The epoch's order goes to the device once; each step slices it.
         order = torch.tensor([i for _, i in self.sampler], device=device, dtype=torch.long)
         first_step = self.sampler.skip // self.batch_size
-        for k in range(len(order) // self.batch_size):
+        steps = len(order) // self.batch_size if self.drop_last else -(-len(order) // self.batch_size)
+        for k in range(steps):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
             batch = self.images[idx]
             g = step_generator(device, self.seed, epoch, first_step + k)

@@ -6,9 +6,60 @@ training code runs under ``python``, ``moco-train`` and ``torchrun``.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher) set WORLD_SIZE > 1 for this process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def setup(device_type: str) -> None:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the
+    environment): NCCL for CUDA, gloo for CPU. A no-op for a single process."""
+    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
+        return
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def restarted() -> bool:
+    """True in a process that torchrun restarted after a failure (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+@torch.no_grad()
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """The mean of ``t`` over the ranks (``t`` itself on one process)."""
+    if not is_distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / world_size()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on any rank (a collective: every rank must call it)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def is_distributed() -> bool:
@@ -29,18 +80,30 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def gather_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's n, in rank order (a collective with a host sync)."""
+    if not is_distributed():
+        return [n]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([n], device=device))
+    return [int(s.item()) for s in sizes]
+
+
 @torch.no_grad()
-def all_gather_cat(t: Tensor) -> Tensor:
+def all_gather_cat(t: Tensor, same_size: bool = False) -> Tensor:
     """Concatenate ``t`` (B_r, ...) from every rank in rank order -> (sum_r B_r, ...).
 
     Ranks may hold different B_r (a ragged last batch): each pads to the largest, gathers, and
-    the padding is cut off again. No gradients flow through the result.
+    the padding is cut off again. ``same_size=True`` promises equal B_r and skips exchanging
+    the sizes (and its host sync). No gradients flow through the result.
     """
     if not is_distributed():
         return t
-    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([t.shape[0]], device=t.device))
-    counts = [int(s.item()) for s in sizes]
+    if same_size:
+        parts = [torch.empty_like(t) for _ in range(world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+    counts = gather_sizes(t.shape[0], t.device)
     padded = t.new_zeros((max(counts), *t.shape[1:]))
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in counts]
@@ -61,13 +124,28 @@ def all_gather_with_grad(t: Tensor) -> Tensor:
     return torch.cat(all_gather(t.contiguous()))
 
 
-def shuffle_batch(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Shuffle-BN's permutation of the key batch (one process).
+def shuffle_batch(x: Tensor, same_size: bool = True) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """Shuffle-BN's permutation of the key batch, across all ranks when there are several.
 
-    x: (B, ...) -> (x[perm], unshuffle) with ``y[unshuffle]`` restoring the original order of any
-    per-sample output y computed on ``x[perm]``. On one process the permutation only matters
-    together with split-BN (``model.bn_splits > 1``), which then sees other slices than the
-    query encoder's.
+    x: (B, ...) this rank's images -> (x', restore): x' is this rank's share of the global batch
+    after a random permutation (so its BatchNorm sees samples of other ranks, as in the official
+    MoCo), and ``restore(y)`` takes any per-sample output y (B', ...) computed on x' back to this
+    rank's original B samples, in order. On one process the permutation matters together with
+    split-BN (``model.bn_splits > 1``), whose slices then differ from the query encoder's.
     """
-    perm = torch.randperm(x.shape[0], device=x.device)
-    return x[perm], torch.argsort(perm)
+    if not is_distributed():
+        perm = torch.randperm(x.shape[0], device=x.device)
+        unshuffle = torch.argsort(perm)
+        return x[perm], lambda y: y[unshuffle]
+    counts = [x.shape[0]] * world_size() if same_size else gather_sizes(x.shape[0], x.device)
+    everything = all_gather_cat(x, same_size)
+    perm = torch.randperm(everything.shape[0], device=x.device)
+    dist.broadcast(perm, src=0)  # one permutation for all ranks: rank 0's
+    unshuffle = torch.argsort(perm)
+    start = sum(counts[: rank()])
+    mine = slice(start, start + counts[rank()])
+
+    def restore(y: Tensor) -> Tensor:
+        return all_gather_cat(y, same_size)[unshuffle[mine]]
+
+    return everything[perm[mine]], restore

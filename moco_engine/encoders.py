@@ -51,10 +51,13 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training or s == 1:
             return super().forward(x)
         if n % s:
-            # A ragged batch: normalise each uneven slice on its own (rare, so a loop is fine).
+            # A ragged batch: normalise each uneven slice on its own (rare, so a loop is fine),
+            # with at most n // 2 slices, so that every slice has two samples to take statistics of.
+            s = max(1, min(s, n // 2))
             stats = [(self.running_mean.clone(), self.running_var.clone()) for _ in range(s)]
             parts = [
                 F.batch_norm(part, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
+                if len(part) else part  # a batch smaller than s leaves some slices empty
                 for part, (mean, var) in zip(torch.tensor_split(x, s), stats)
             ]
             self._keep_mean_stats(torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats]))
@@ -119,13 +122,19 @@ def split_bn(module: nn.Module, num_splits: int) -> nn.Module:
     return module
 
 
-def build_backbone(arch: str, cifar_stem: bool) -> tuple[nn.Module, int]:
-    """A torchvision ResNet without its classifier.
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (fewer when the channels do not allow), Wu & He 2018's default."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def build_backbone(arch: str, cifar_stem: bool, norm: str = "batch") -> tuple[nn.Module, int]:
+    """A torchvision ResNet without its classifier; ``norm="group"`` swaps every BatchNorm for
+    GroupNorm (each sample normalised on its own: results independent of how a batch is split).
 
     Returns:
         (backbone, width): backbone maps images (B, 3, H, W) to features (B, width).
     """
-    net = BACKBONES[arch](weights=None)
+    net = BACKBONES[arch](weights=None, norm_layer=group_norm if norm == "group" else None)
     width = net.fc.in_features
     net.fc = nn.Identity()
     if cifar_stem:
@@ -178,8 +187,10 @@ class Encoder(nn.Module):
 
 def build_encoder(cfg: ModelConfig) -> Encoder:
     """The query encoder f_q described by ``cfg`` (the key encoder is its :class:`MomentumEncoder`)."""
-    backbone, width = build_backbone(cfg.arch, cfg.cifar_stem)
+    backbone, width = build_backbone(cfg.arch, cfg.cifar_stem, cfg.norm)
     encoder = Encoder(backbone, build_head(cfg.head, width, cfg.dim, cfg.hidden_dim))
+    if cfg.bn == "sync":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
     return split_bn(encoder, cfg.bn_splits) if cfg.bn_splits > 1 else encoder
 
 

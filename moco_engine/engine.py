@@ -69,11 +69,15 @@ class NonFiniteLoss(Exception):
 
 
 def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device; under torchrun, ``auto`` and ``cuda`` mean this
+    process's GPU, cuda:LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"config key 'train.device' = {name!r}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank() if dist.launched_by_torchrun() else torch.cuda.current_device())
     return device
 
 
@@ -85,8 +89,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
-    """Learning rate at global ``step``: linear warm-up, then cosine to 0, step decay or constant."""
+    """Learning rate at global ``step``: linear warm-up, then cosine to 0, step decay or constant.
+
+    With ``optim.lr_scaling=linear`` the peak is optim.lr × global batch / 256 (Goyal et al.).
+    """
     base, total = cfg.optim.lr, cfg.train.epochs * steps_per_epoch
+    if cfg.optim.lr_scaling == "linear":
+        base = base * cfg.optim.batch_size * dist.world_size() / 256
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return base * (step + 1) / warmup
@@ -100,8 +109,10 @@ def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
 
 
 def _means(sums: dict[str, Tensor], count: int) -> dict[str, float]:
-    """Per-step means of metric sums kept on the device, fetched in one host sync."""
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in sums.values()]).tolist()
+    """Per-step means of metric sums kept on the device, averaged over the ranks, fetched in one
+    host sync (a collective under torchrun: every rank calls it at the same steps)."""
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in sums.values()])
+    values = dist.all_reduce_mean(stacked).tolist()
     return {name: value / count for name, value in zip(sums, values)}
 
 
@@ -152,6 +163,11 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.steps_per_epoch)
 
         # ---------------------------------------------------------------- model
+        # The model and the queue start identical on every rank (DDP would broadcast f_q, but
+        # f_k and the queue are built here); per-rank randomness resumes after them.
+        torch.manual_seed(cfg.train.seed)
+        if cfg.model.bn == "sync" and self.device.type != "cuda":
+            raise UserError("config key 'model.bn' = 'sync': SyncBatchNorm needs CUDA; use shuffle or plain on CPU")
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.encoder_q = build_encoder(cfg.model).to(self.device, memory_format=self.memory_format)
         self.encoder_k = MomentumEncoder(self.encoder_q)
@@ -160,6 +176,17 @@ class Trainer:
             self.encoder_q.compile()
             self.encoder_k.compile()
         self.negatives: NegativeSource = build_source(cfg, self.num_items).to(self.device)
+        torch.manual_seed(cfg.train.seed + self.rank)
+        # DDP wraps f_q alone: f_k and the negatives live outside it and every rank updates them
+        # identically from all-gathered keys, so nothing of theirs is broadcast as a buffer.
+        self.model_q: torch.nn.Module = self.encoder_q
+        if dist.is_distributed():
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model_q = DistributedDataParallel(
+                self.encoder_q, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
         self.optimizer = torch.optim.SGD(
             self.encoder_q.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
@@ -174,21 +201,30 @@ class Trainer:
         self.stop_signal: int | None = None  # set by SIGTERM/SIGINT: finish the step, save, exit
         self.wandb_run_id: str | None = None  # kept in checkpoints: a resumed run continues its W&B run
         self._collapse_warned = -1
+        self.nonfinite_skips = 0  # steps skipped for a NaN/inf loss (train.max_nonfinite_skips)
 
     def _cpu_loaders(self, splits) -> None:
         """DataLoaders: PIL decoding and augmentation in ``data.num_workers`` processes."""
         cfg, pin = self.cfg, self.device.type == "cuda"
         self.loader = make_loader(
             Indexed(splits.train, TwoViews(view_transform(cfg.data.augmentation, cfg.data.image_size)), cfg.train.seed),
-            cfg.optim.batch_size, cfg.data.num_workers, self.sampler, drop_last=True, pin_memory=pin,
+            cfg.optim.batch_size, cfg.data.num_workers, self.sampler, drop_last=cfg.data.drop_last, pin_memory=pin,
         )
         # The train split seen without augmentation, in index order: the kNN memory and the
         # memory bank's refresh both encode it.
         plain = eval_transform(cfg.data.augmentation, cfg.data.image_size)
         self.plain_train_loader = make_loader(Indexed(splits.train, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
+        shard = self._shard()
+        self.plain_train_shard = make_loader(Indexed(splits.train, plain), cfg.eval.batch_size, cfg.data.num_workers,
+                                             sampler=list(shard), pin_memory=pin)
         self.test_loader = None
         if splits.test is not None:
             self.test_loader = make_loader(Indexed(splits.test, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
+
+    def _shard(self) -> range:
+        """This rank's contiguous part of the item indices (the memory bank's sharded refresh)."""
+        n, w, r = self.num_items, self.world, self.rank
+        return range(r * n // w, (r + 1) * n // w)
 
     def _device_loaders(self, splits) -> None:
         """The same batches from images decoded once into device memory, augmented there."""
@@ -196,10 +232,14 @@ class Trainer:
         spec = view_spec(cfg.data.augmentation, cfg.data.image_size)
         train = to_device_tensor(splits.train, self.device)
         self.loader = DeviceTwoViews(
-            train, splits.train.targets, spec, cfg.optim.batch_size, self.sampler, cfg.train.seed, compile=cfg.train.compile
+            train, splits.train.targets, spec, cfg.optim.batch_size, self.sampler, cfg.train.seed,
+            compile=cfg.train.compile, drop_last=cfg.data.drop_last,
         )
         size, bs = cfg.data.image_size, cfg.eval.batch_size
         self.plain_train_loader = DevicePlain(train, splits.train.targets, bs, size, spec.mean, spec.std)
+        shard = self._shard()
+        self.plain_train_shard = DevicePlain(train[shard.start : shard.stop], splits.train.targets[shard.start : shard.stop],
+                                             bs, size, spec.mean, spec.std)
         self.test_loader = None
         if splits.test is not None:
             test = to_device_tensor(splits.test, self.device)
@@ -217,11 +257,11 @@ class Trainer:
         In-batch negatives are end to end: the keys come from f_q, with gradients.
         """
         if self.negatives.end_to_end:
-            return self.encoder_q(x)
+            return self.model_q(x)
         with torch.no_grad():
             if self.cfg.model.bn == "shuffle":
-                shuffled, unshuffle = dist.shuffle_batch(x)
-                return self.encoder_k(shuffled)[unshuffle]
+                shuffled, restore = dist.shuffle_batch(x, same_size=self.cfg.data.drop_last)
+                return restore(self.encoder_k(shuffled))
             return self.encoder_k(x)
 
     def contrastive_loss(self, x_q: Tensor, x_k: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -230,7 +270,7 @@ class Trainer:
         Returns:
             (loss (), logits (B, 1+K), queries (B, D), keys (B, D)).
         """
-        q = self.encoder_q(x_q)
+        q = self.model_q(x_q)
         k = self.compute_keys(x_k)
         positives = self.negatives.positives(indices)
         neg = self.negatives.negatives(q, k, indices)
@@ -243,7 +283,9 @@ class Trainer:
     def train_step(self, x_q: Tensor, x_k: Tensor, indices: Tensor) -> dict[str, Tensor]:
         """One optimizer step on a batch of two views (B, 3, H, W) and their indices (B,).
 
-        Returns the step's metrics as 0-d tensors on the device (no host sync here).
+        Returns the step's metrics as 0-d tensors on the device (no host sync here), or None for
+        a step skipped because its loss was not finite (only with ``train.max_nonfinite_skips``,
+        which checks every step's loss on the host).
         """
         cfg = self.cfg
         total = cfg.train.epochs * self.steps_per_epoch
@@ -253,6 +295,10 @@ class Trainer:
             group["lr"] = lr
 
         source_metrics = self.negatives.metrics(indices)  # before this batch's update
+        guard = cfg.train.max_nonfinite_skips > 0
+        if guard:  # the forward passes update BatchNorm statistics: keep a copy to undo a bad step
+            buffers = [b for m in (self.encoder_q, self.encoder_k) for b in m.buffers()]
+            saved_buffers = [b.clone() for b in buffers]
         with self._autocast():
             loss, logits, q, k = self.contrastive_loss(x_q, x_k, indices)
             if cfg.loss.symmetric:
@@ -261,6 +307,12 @@ class Trainer:
                 loss_21, _, _, k_1 = self.contrastive_loss(x_k, x_q, indices)
                 loss = loss + loss_21
                 k = torch.cat([k_1, k])
+
+        if guard and dist.any_rank(not torch.isfinite(loss).item(), self.device):
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, saved_buffers)
+            self._skip_nonfinite(loss)
+            return None
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -271,7 +323,8 @@ class Trainer:
             self.encoder_k.update(self.encoder_q, momentum)
         if cfg.loss.symmetric:
             indices = torch.cat([indices, indices])
-        self.negatives.update(dist.all_gather_cat(k.detach().float()), dist.all_gather_cat(indices))
+        same = cfg.data.drop_last  # full batches on every rank: no size exchange needed
+        self.negatives.update(dist.all_gather_cat(k.detach().float(), same), dist.all_gather_cat(indices, same))
         self.step += 1
 
         logits = logits.detach()
@@ -313,23 +366,30 @@ class Trainer:
             metrics = self.train_step(x_q, x_k, idx)
             self.step_in_epoch += 1
             images += x_q.shape[0]
-            for name, value in metrics.items():
-                window[name] = window.get(name, 0) + value
-                epoch_sum[name] = epoch_sum.get(name, 0) + value
-            window_steps += 1
-            epoch_steps += 1
+            if metrics is not None:  # None: a step skipped for its non-finite loss
+                for name, value in metrics.items():
+                    window[name] = window.get(name, 0) + value
+                    epoch_sum[name] = epoch_sum.get(name, 0) + value
+                window_steps += 1
+                epoch_steps += 1
             self.tracker.advance()
-            stopping = self.stop_signal is not None
-            if stopping or self.step % cfg.train.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+            at_log = self.step % cfg.train.log_every == 0 or self.step_in_epoch == self.steps_per_epoch
+            if dist.is_distributed():
+                # Ranks must stop after the same step: they agree at each log point (a signal
+                # caught by any rank, e.g. one SIGTERM'd by the scheduler, stops them all).
+                stopping = dist.any_rank(self.stop_signal is not None, self.device) if at_log else False
+                if stopping and self.stop_signal is None:
+                    self.stop_signal = signal.SIGTERM
+            else:
+                stopping = self.stop_signal is not None
+            if (stopping or at_log) and window_steps:
                 # The one host sync of the interval: metrics stayed on the device until now.
                 means = _means(window, window_steps)
                 if not math.isfinite(means["loss"]):
                     # Checked before any save, so NaN weights never overwrite a good checkpoint.
-                    saved = ckpt.checkpoint_files(self.run_dir)
-                    last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
-                    raise NonFiniteLoss(
-                        f"non-finite loss ({means['loss']}) in the steps up to step {self.step}; {last}"
-                    )
+                    raise NonFiniteLoss(self._divergence_message(
+                        f"non-finite loss ({means['loss']}) in the steps up to step {self.step}"
+                    ))
                 elapsed = time.perf_counter() - window_start
                 means["lr"] = self.optimizer.param_groups[0]["lr"]
                 means["momentum"] = momentum_at(
@@ -352,11 +412,27 @@ class Trainer:
         hook_time = time.perf_counter() - hook_start
         self.epoch += 1
         self.step_in_epoch = 0
-        out = _means(epoch_sum, max(epoch_steps, 1))
+        out = _means(epoch_sum, epoch_steps) if epoch_steps else {}
         out.update(epoch_s=epoch_time, negatives_bytes=self.negatives.memory_bytes())
         if hook_time > 1e-3:  # the memory bank's refresh: its cost in seconds and in % of the epoch
             out.update(refresh_s=hook_time, refresh_pct=100 * hook_time / (epoch_time + hook_time))
         return out
+
+    def _skip_nonfinite(self, loss: Tensor) -> None:
+        """After a step whose loss was NaN/inf (its BatchNorm statistics already restored): no
+        update of f_q, f_k or the negatives; count the skip; stop past the limit."""
+        self.nonfinite_skips += 1
+        self.step += 1  # the batch is used up and the schedules move on
+        limit = self.cfg.train.max_nonfinite_skips
+        if self.nonfinite_skips > limit:
+            raise NonFiniteLoss(self._divergence_message(
+                f"non-finite loss ({loss.item()}) at step {self.step}, after {limit} skipped steps (train.max_nonfinite_skips)"
+            ))
+        self.tracker.warn(f"non-finite loss ({loss.item()}) at step {self.step}: step skipped ({self.nonfinite_skips} of at most {limit})")
+
+    def _divergence_message(self, what: str) -> str:
+        saved = ckpt.checkpoint_files(self.run_dir)
+        return f"{what}; " + (f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet")
 
     def _check_collapse(self, embed_std: float) -> None:
         """Warn (once an epoch) when the queries lose their spread: embed_std·sqrt(D) below
@@ -381,7 +457,10 @@ class Trainer:
         statistics would give embeddings a query could tell apart from keys by their look)."""
         encoder = self.encoder_q if self.negatives.end_to_end else self.encoder_k
         with self._own_rng():
-            return extract_features(encoder, self.plain_train_loader, self.device, batch_stats=True)[0]
+            # Sharded: each rank encodes its contiguous part of the items, the parts are gathered
+            # in rank order, which is index order, so every rank ends with the same (N, D).
+            part = extract_features(encoder, self.plain_train_shard, self.device, batch_stats=True)[0]
+            return dist.all_gather_cat(part)
 
     @torch.no_grad()
     def evaluate_knn(self) -> dict[str, float]:
@@ -418,6 +497,7 @@ class Trainer:
             "rng": rng,
             "last_eval": dict(self.last_eval),
             "wandb_run_id": self.wandb_run_id,
+            "nonfinite_skips": self.nonfinite_skips,
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
@@ -437,6 +517,7 @@ class Trainer:
         self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
         self.last_eval = dict(state.get("last_eval", {}))
         self.wandb_run_id = state.get("wandb_run_id")
+        self.nonfinite_skips = state.get("nonfinite_skips", 0)
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if "cuda" in state["rng"] and self.device.type == "cuda":

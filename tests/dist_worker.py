@@ -1,0 +1,60 @@
+"""Run under torchrun by tests/test_distributed.py: trains a tiny config and dumps what each rank
+holds, so the test can compare ranks (and a one-process run).
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py OUT_DIR key=value ...
+
+With ``--crash-at-step N`` rank 1 raises at step N in the first attempt (a simulated crash for
+``--max-restarts``); the run goes through ``moco_engine.cli.train_main`` as a user's would.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moco_engine import distributed as dist  # noqa: E402
+from moco_engine.cli import train_main  # noqa: E402
+from moco_engine.engine import Trainer  # noqa: E402
+from moco_engine.evaluation import extract_features  # noqa: E402
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    crash_at = None
+    if args and args[0] == "--crash-at-step":
+        crash_at, args = int(args[1]), args[2:]
+    out = Path(args[0])
+    seen: list[list[int]] = []
+    original_step = Trainer.train_step
+    original_fit = Trainer.fit
+
+    def recording_step(self, x_q, x_k, indices):
+        if crash_at is not None and self.step + 1 == crash_at and dist.rank() == 1 and not dist.restarted():
+            raise RuntimeError(f"simulated crash of rank 1 at step {crash_at}")
+        seen.append(indices.tolist())
+        return original_step(self, x_q, x_k, indices)
+
+    def dumping_fit(self):
+        result = original_fit(self)
+        encoder = self.encoder_q if self.negatives.end_to_end else self.encoder_k
+        full = extract_features(encoder, self.plain_train_loader, self.device, batch_stats=True)[0]
+        torch.save({
+            "negatives": {k: v.cpu() for k, v in self.negatives.state_dict().items()},
+            "encoder_q": {k: v.cpu() for k, v in self.encoder_q.state_dict().items()},
+            "seen": seen, "world": dist.world_size(), "step": self.step, "full_encoding": full.cpu(),
+        }, out / f"rank{dist.rank()}.pt")
+        return result
+
+    Trainer.train_step = recording_step
+    Trainer.fit = dumping_fit
+    return train_main([*args[1:], f"train.out_dir={out / 'run'}"])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The CUDA path (skipped without a GPU): device augmentations, the bf16 step with split-BN in
+channels_last, and the device data pipeline end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY
+
+from moco_engine.augment import random_views, view_spec
+from moco_engine.config import load_config
+from moco_engine.encoders import SplitBatchNorm
+from moco_engine.engine import Trainer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_device_views_on_cuda_are_seeded_and_in_range():
+    spec = view_spec("moco_v2", 32)
+    x = torch.randint(0, 256, (256, 3, 40, 40), dtype=torch.uint8, device="cuda")
+    a = random_views(x, spec, torch.Generator(device="cuda").manual_seed(1))
+    b = random_views(x, spec, torch.Generator(device="cuda").manual_seed(1))
+    assert a.is_cuda and a.shape == (256, 3, 32, 32) and torch.equal(a, b)
+    pixels = a * torch.tensor(spec.std, device="cuda").view(1, 3, 1, 1) + torch.tensor(spec.mean, device="cuda").view(1, 3, 1, 1)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+
+
+def test_split_bn_bf16_channels_last_matches_fp32():
+    torch.manual_seed(0)
+    bn = SplitBatchNorm(16, 4).cuda()
+    x = torch.randn(64, 16, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    ref = bn(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = bn(x.bfloat16())
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.float() - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_a_short_cuda_run_in_bf16(tmp_path, pipeline):
+    cfg = load_config([], [*TINY, f"train.out_dir={tmp_path / 'run'}", "train.device=cuda", f"data.pipeline={pipeline}"])
+    trainer = Trainer(cfg)
+    assert trainer.amp_dtype == torch.bfloat16 and trainer.negatives.keys.is_cuda
+    final = trainer.fit()
+    assert final["steps"] == 6 and 0 <= final["knn_top1"] <= 100
