@@ -214,9 +214,10 @@ class Trainer:
         # memory bank's refresh both encode it.
         plain = eval_transform(cfg.data.augmentation, cfg.data.image_size)
         self.plain_train_loader = make_loader(Indexed(splits.train, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
-        shard = self._shard()
-        self.plain_train_shard = make_loader(Indexed(splits.train, plain), cfg.eval.batch_size, cfg.data.num_workers,
-                                             sampler=list(shard), pin_memory=pin)
+        self.plain_train_shard = self.plain_train_loader
+        if self.world > 1:
+            self.plain_train_shard = make_loader(Indexed(splits.train, plain), cfg.eval.batch_size, cfg.data.num_workers,
+                                                 sampler=list(self._shard()), pin_memory=pin)
         self.test_loader = None
         if splits.test is not None:
             self.test_loader = make_loader(Indexed(splits.test, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
@@ -239,7 +240,7 @@ class Trainer:
         self.plain_train_loader = DevicePlain(train, splits.train.targets, bs, size, spec.mean, spec.std)
         shard = self._shard()
         self.plain_train_shard = DevicePlain(train[shard.start : shard.stop], splits.train.targets[shard.start : shard.stop],
-                                             bs, size, spec.mean, spec.std)
+                                             bs, size, spec.mean, spec.std) if self.world > 1 else self.plain_train_loader
         self.test_loader = None
         if splits.test is not None:
             test = to_device_tensor(splits.test, self.device)

@@ -89,3 +89,36 @@ def test_a_crashed_rank_is_restarted_and_the_run_resumes_from_its_checkpoint(tmp
     assert "simulated crash of rank 1 at step 5" in r.stderr + r.stdout
     assert "resumed from" in r.stdout and r0["step"] == 6
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"kind": "final"') == 1
+
+
+@pytest.mark.slow  # about a minute: two torchrun launches
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    import json
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    args = [*TINY, "train.device=cpu", f"train.out_dir={run}", "data.synthetic_size=640", "train.steps_per_epoch=0",
+            "train.log_every=2", "train.epochs=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "moco_engine", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"step": 2' in metrics.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # as a scheduler does: torchrun passes it on to every worker
+    _, err = proc.communicate(timeout=120)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    stopped = [r for r in records if r["kind"] == "stopped"]
+    assert len(stopped) == 1, err[-2000:]  # rank 0 alone writes, once
+    from moco_engine.checkpoint import latest_checkpoint
+
+    state = latest_checkpoint(run)[1]
+    assert state["step"] == stopped[0]["step"] and state["step_in_epoch"] == state["step"] < 20  # mid-epoch
+    # Both ranks stopped after that same step: a resumed run carries on from it to the end.
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "moco_engine", *args, "train.resume=auto"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert latest_checkpoint(run)[1]["step"] == 20
