@@ -70,9 +70,17 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "infonce"  # infonce | nce (Wu et al.'s binary NCE; memory bank only)
+    name: str = "infonce"  # infonce | nt_xent | nce | pair | triplet | lifted | npair | debiased | mochi (moco_engine.losses.LOSSES)
     temperature: float = 0.1  # T
     symmetric: bool = False  # each crop is once the query (two key passes, both keys enqueued)
+    pair_margin: float = 1.0  # pair: margin on the squared distance of negative pairs
+    triplet_margin: float = 0.2  # triplet: alpha
+    lifted_margin: float = 1.0  # lifted: alpha
+    tau_plus: float = 0.1  # debiased: the class prior of a false negative
+    mochi_hardest: int = 1024  # mochi: the pool of hardest negatives mixed from
+    mochi_mix: int = 1024  # mochi: synthetic negatives mixed from two hard negatives
+    mochi_mix_query: int = 256  # mochi: synthetic negatives mixed from the query and a hard negative
+    byol_hidden_dim: int = 4096  # byol: width of the predictor MLP
 
 
 @dataclass
@@ -173,6 +181,7 @@ class TrackConfig:
 
 @dataclass
 class Config:
+    method: str = "moco"  # moco (a contrastive loss over negatives) | byol (a predictor, no negatives)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -197,7 +206,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.momentum_schedule": ("constant", "cosine"),
     "model.bn": ("shuffle", "sync", "plain"),
     "model.norm": ("batch", "group"),
-    "loss.name": ("infonce", "nce"),
+    "method": ("moco", "byol"),
+    "loss.name": ("infonce", "nt_xent", "nce", "pair", "triplet", "lifted", "npair", "debiased", "mochi"),
     "negatives.kind": ("queue", "memory_bank", "in_batch"),
     "queue.dtype": ("float32", "bfloat16", "float16"),
     "memory_bank.init": ("random", "encode"),
@@ -280,7 +290,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {value!r}: {rule}")
 
     for key, choices in CHOICES.items():
-        value = cfg
+        value: Any = cfg
         for part in key.split("."):
             value = getattr(value, part)
         need(value in choices, key, value, f"must be one of {', '.join(choices)}")
@@ -299,6 +309,10 @@ def validate(cfg: Config) -> None:
     need(cfg.model.bn != "sync" or cfg.model.bn_splits == 1, "model.bn_splits", cfg.model.bn_splits,
          "must be 1 with model.bn=sync (SyncBN normalises over the global batch)")
     need(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "T must be > 0")
+    need(0 <= cfg.loss.tau_plus < 1, "loss.tau_plus", cfg.loss.tau_plus, "must lie in [0, 1)")
+    for key in ("mochi_hardest", "mochi_mix", "mochi_mix_query"):
+        need(getattr(cfg.loss, key) >= 0, f"loss.{key}", getattr(cfg.loss, key), "must be >= 0")
+    need(cfg.loss.byol_hidden_dim >= 1, "loss.byol_hidden_dim", cfg.loss.byol_hidden_dim, "must be >= 1")
     need(cfg.optim.lr >= 0, "optim.lr", cfg.optim.lr, "must be >= 0")
     need(cfg.optim.batch_size >= 1, "optim.batch_size", cfg.optim.batch_size, "must be >= 1")
     need(

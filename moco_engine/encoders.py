@@ -185,6 +185,27 @@ class Encoder(nn.Module):
         return F.normalize(self.head(self.backbone(x)), dim=1)
 
 
+def build_predictor(dim: int, hidden: int) -> nn.Module:
+    """BYOL's predictor q_θ: fc-BN-ReLU-fc, (B, D) -> (B, D)."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+
+class OnlineNetwork(nn.Module):
+    """BYOL's online branch: the query encoder's backbone and projector, then the predictor.
+
+    ``forward(x)`` returns (prediction (B, D), projection (B, D)), neither normalised.
+    """
+
+    def __init__(self, encoder: Encoder, predictor: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = predictor
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        projection = self.encoder.head(self.encoder.backbone(x))
+        return self.predictor(projection), projection
+
+
 def build_encoder(cfg: ModelConfig) -> Encoder:
     """The query encoder f_q described by ``cfg`` (the key encoder is its :class:`MomentumEncoder`)."""
     backbone, width = build_backbone(cfg.arch, cfg.cifar_stem, cfg.norm)

@@ -40,9 +40,17 @@ from .data import (
     view_transform,
 )
 from .device_data import DevicePlain, DeviceTwoViews, step_generator, to_device_tensor
-from .encoders import MomentumEncoder, build_encoder, momentum_at
+from .encoders import MomentumEncoder, OnlineNetwork, build_encoder, build_predictor, momentum_at
 from .evaluation import extract_features, knn_accuracy
-from .losses import estimate_log_z, info_nce, info_nce_logits, instance_accuracy, nce
+from .losses import (
+    byol_loss,
+    contrastive_objective,
+    estimate_log_z,
+    info_nce,
+    info_nce_logits,
+    instance_accuracy,
+    nce,
+)
 from .negatives import NegativeSource, build_source
 from .tracking import METRICS_FILE, Tracker, WandbBackend, wandb_mode
 
@@ -50,7 +58,7 @@ CONFIG_FILE = "config.yaml"
 PREVIEW_FILE = "augmentations.png"
 # Settings a checkpoint's state depends on: resuming under other values is refused.
 STATE_SHAPING_KEYS = (
-    "model.arch", "model.cifar_stem", "model.head", "model.hidden_dim", "model.dim", "negatives.kind", "queue.size",
+    "method", "model.arch", "model.cifar_stem", "model.head", "model.hidden_dim", "model.dim", "negatives.kind", "queue.size",
 )
 
 
@@ -126,7 +134,20 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def _state_shaping(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    return {key: cfg_dict[key.split(".")[0]][key.split(".")[1]] for key in STATE_SHAPING_KEYS}
+    defaults = to_dict(Config())  # checkpoints older than a key hold its default
+
+    def get(d: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            d = d[part]
+        return d
+
+    out = {}
+    for key in STATE_SHAPING_KEYS:
+        try:
+            out[key] = get(cfg_dict, key)
+        except KeyError:
+            out[key] = get(defaults, key)
+    return out
 
 
 class Trainer:
@@ -176,19 +197,24 @@ class Trainer:
             self.encoder_q.compile()
             self.encoder_k.compile()
         self.negatives: NegativeSource = build_source(cfg, self.num_items).to(self.device)
+        # BYOL: the online branch adds a predictor after f_q's projector (f_k is BYOL's target).
+        self.predictor: torch.nn.Module | None = None
+        online: torch.nn.Module = self.encoder_q
+        if cfg.method == "byol":
+            self.predictor = build_predictor(cfg.model.dim, cfg.loss.byol_hidden_dim).to(self.device)
+            online = OnlineNetwork(self.encoder_q, self.predictor)
         torch.manual_seed(cfg.train.seed + self.rank)
         # DDP wraps f_q alone: f_k and the negatives live outside it and every rank updates them
         # identically from all-gathered keys, so nothing of theirs is broadcast as a buffer.
-        self.model_q: torch.nn.Module = self.encoder_q
+        self.model_q: torch.nn.Module = online
         if dist.is_distributed():
             from torch.nn.parallel import DistributedDataParallel
 
             self.model_q = DistributedDataParallel(
-                self.encoder_q, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
+                online, device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False,
             )
         self.optimizer = torch.optim.SGD(
-            self.encoder_q.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+            online.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -275,11 +301,29 @@ class Trainer:
         k = self.compute_keys(x_k)
         positives = self.negatives.positives(indices)
         neg = self.negatives.negatives(q, k, indices)
-        logits = info_nce_logits(q, k if positives is None else positives, neg.embeddings, self.cfg.loss.temperature, neg.drop)
-        if self.cfg.loss.name == "nce":
+        positive = k if positives is None else positives
+        logits = info_nce_logits(q, positive, neg.embeddings, self.cfg.loss.temperature, neg.drop)
+        name = self.cfg.loss.name
+        if name == "nce":
             log_z = self.negatives.track_log_z(estimate_log_z(logits.detach(), self.num_items))
             return nce(logits, self.num_items, log_z), logits, q, k
-        return info_nce(logits), logits, q, k
+        if name in ("infonce", "nt_xent"):
+            return info_nce(logits), logits, q, k
+        # Any other objective of losses.LOSSES, over the same negatives (the logits above still
+        # give the instance-discrimination metrics).
+        hyper = {key: value for key, value in to_dict(self.cfg)["loss"].items() if key not in ("name", "symmetric")}
+        return contrastive_objective(name, q, positive, neg.embeddings, neg.drop, **hyper), logits, q, k
+
+    def byol_objective(self, x_1: Tensor, x_2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """BYOL's symmetrised loss: each view's prediction regresses the target's projection of
+        the other view. Returns (loss (), online projections of x_1 (B, D) unit norm, target
+        projections of x_2 (B, D))."""
+        p_1, z_1 = self.model_q(x_1)
+        p_2, _ = self.model_q(x_2)
+        with torch.no_grad():
+            t_1, t_2 = self.encoder_k(x_1), self.encoder_k(x_2)
+        loss = byol_loss(p_1, t_2) + byol_loss(p_2, t_1)
+        return loss, torch.nn.functional.normalize(z_1.float(), dim=1), t_2
 
     def train_step(self, x_q: Tensor, x_k: Tensor, indices: Tensor) -> dict[str, Tensor]:
         """One optimizer step on a batch of two views (B, 3, H, W) and their indices (B,).
@@ -301,8 +345,12 @@ class Trainer:
             buffers = [b for m in (self.encoder_q, self.encoder_k) for b in m.buffers()]
             saved_buffers = [b.clone() for b in buffers]
         with self._autocast():
-            loss, logits, q, k = self.contrastive_loss(x_q, x_k, indices)
-            if cfg.loss.symmetric:
+            if cfg.method == "byol":
+                loss, q, k = self.byol_objective(x_q, x_k)
+                logits = None
+            else:
+                loss, logits, q, k = self.contrastive_loss(x_q, x_k, indices)
+            if cfg.loss.symmetric and logits is not None:
                 # The MoCo CIFAR-10 demo's symmetric loss: the sum of both directions, both
                 # keys enqueued (so its gradient is twice an asymmetric step's).
                 loss_21, _, _, k_1 = self.contrastive_loss(x_k, x_q, indices)
@@ -322,11 +370,13 @@ class Trainer:
 
         if not self.negatives.end_to_end:
             self.encoder_k.update(self.encoder_q, momentum)
+        self.step += 1
+        if logits is None:  # BYOL: no negatives to update, no logits
+            return {"loss": loss.detach(), "embed_std": q.detach().float().std(dim=0).mean(), **source_metrics}
         if cfg.loss.symmetric:
             indices = torch.cat([indices, indices])
         same = cfg.data.drop_last  # full batches on every rank: no size exchange needed
         self.negatives.update(dist.all_gather_cat(k.detach().float(), same), dist.all_gather_cat(indices, same))
-        self.step += 1
 
         logits = logits.detach()
         negative = logits[:, 1:]
@@ -493,6 +543,7 @@ class Trainer:
             "encoder_q": self.encoder_q.state_dict(),
             "encoder_k": self.encoder_k.state_dict(),
             "negatives": self.negatives.state_dict(),
+            "predictor": None if self.predictor is None else self.predictor.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng,
@@ -513,6 +564,8 @@ class Trainer:
         self.encoder_q.load_state_dict(state["encoder_q"])
         self.encoder_k.load_state_dict(state["encoder_k"])
         self.negatives.load_state_dict(state["negatives"])
+        if self.predictor is not None:
+            self.predictor.load_state_dict(state["predictor"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]

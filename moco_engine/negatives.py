@@ -272,6 +272,13 @@ class InBatch(NegativeSource):
         return Negatives(torch.cat([all_keys, all_queries]), torch.cat([own, own], dim=1))
 
 
+class NoNegatives(NegativeSource):
+    """BYOL's: no negatives and no state (its loss regresses the target network's projection)."""
+
+    def negatives(self, queries: Tensor, keys: Tensor, indices: Tensor) -> Negatives:
+        raise RuntimeError("method=byol uses no negatives")
+
+
 def build_source(cfg: Config, num_items: int) -> NegativeSource:
     """The negative source ``negatives.kind`` names, for a data set of ``num_items`` items.
 
@@ -279,6 +286,8 @@ def build_source(cfg: Config, num_items: int) -> NegativeSource:
         ConfigError: K larger than N where the bank samples without replacement.
     """
     kind, k, d = cfg.negatives.kind, cfg.queue.size, cfg.model.dim
+    if cfg.method == "byol":
+        return NoNegatives()
     if kind == "queue":
         return Queue(k, d, cfg.queue.mask_same_instance, cfg.queue.dtype)
     if kind == "memory_bank":
