@@ -16,11 +16,11 @@ pytestmark = pytest.mark.distributed
 WORKER = str(ROOT / "tests" / "dist_worker.py")
 
 
-def torchrun(out, *overrides, nproc=2, extra=(), crash_at=None):
+def torchrun(out, *overrides, nproc=2, extra=(), crash_at=None, wandb="disabled"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra, WORKER]
     if crash_at is not None:
         cmd += ["--crash-at-step", str(crash_at)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": wandb, "WANDB_SILENT": "true"}
     for attempt in range(2):
         r = subprocess.run([*cmd, str(out), *TINY, "train.device=cpu", *overrides, "train.overwrite=true"],
                            capture_output=True, text=True, env=env, timeout=300)
@@ -75,13 +75,20 @@ def test_sharded_bank_refresh_gives_every_rank_the_same_bank(tmp_path):
     torch.testing.assert_close(r0["negatives"]["bank"], r0["full_encoding"], rtol=1e-4, atol=1e-5)
 
 
-def test_a_ragged_last_batch_with_drop_last_off(tmp_path):
+def test_a_ragged_last_batch_with_drop_last_off_and_only_rank_0_logs(tmp_path):
     # 100 items over 2 ranks: 50 each, batches 16, 16, 16, 2; shuffle-BN across ranks on.
     (r0, r1), _ = torchrun(tmp_path, "data.synthetic_size=100", "data.drop_last=false", "train.steps_per_epoch=0",
-                           "train.epochs=1", "queue.size=40")
+                           "train.epochs=1", "queue.size=40", "train.log_every=1", wandb="offline")
     assert [len(b) for b in r0["seen"]] == [16, 16, 16, 2] == [len(b) for b in r1["seen"]]
     assert torch.equal(r0["negatives"]["keys"], r1["negatives"]["keys"])
     assert sorted(sum(r0["seen"], []) + sum(r1["seen"], [])) == list(range(100))
+    # One writer: each step logged once (averaged over the ranks), one W&B run.
+    import json
+
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "step"]
+    assert steps == [1, 2, 3, 4]
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
 
 
 def test_a_crashed_rank_is_restarted_and_the_run_resumes_from_its_checkpoint(tmp_path):
