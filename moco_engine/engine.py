@@ -590,9 +590,9 @@ class Trainer:
         cfg = self.cfg.train
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".write_test"
+            probe = self.run_dir / f".write_test.{os.getpid()}"  # one per process: ranks share the folder
             probe.write_text("")
-            probe.unlink()
+            probe.unlink(missing_ok=True)
         except OSError as e:
             raise UserError(f"config key 'train.out_dir': cannot write to {self.run_dir}: {e.strerror}") from None
 
