@@ -175,7 +175,7 @@ class WandbConfig:
 class TrackConfig:
     progress: bool = True  # tqdm progress bar on the console
     preview: int = 8  # query/key view pairs drawn to augmentations.png at the start (0 = none)
-    collapse_threshold: float = 0.1  # warn when embed_std·sqrt(D) falls below this (uniform on the sphere: 1)
+    collapse_threshold: float = 0.01  # warn when embed_std·sqrt(D) falls below this (uniform on the sphere: 1)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
