@@ -208,10 +208,16 @@ class Trainer:
         # identically from all-gathered keys, so nothing of theirs is broadcast as a buffer.
         self.model_q: torch.nn.Module = online
         if dist.is_distributed():
+            import inspect
+
             from torch.nn.parallel import DistributedDataParallel
 
+            # BatchNorm statistics stay per rank (no broadcast before each forward); newer torch
+            # names the option forward_sync_buffers.
+            options = inspect.signature(DistributedDataParallel.__init__).parameters
+            no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in options else {"broadcast_buffers": False}
             self.model_q = DistributedDataParallel(
-                online, device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False,
+                online, device_ids=[self.device.index] if self.device.type == "cuda" else None, **no_sync,
             )
         self.optimizer = torch.optim.SGD(
             online.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
