@@ -317,7 +317,7 @@ class Trainer:
             return info_nce(logits), logits, q, k
         # Any other objective of losses.LOSSES, over the same negatives (the logits above still
         # give the instance-discrimination metrics).
-        hyper = {key: value for key, value in to_dict(self.cfg)["loss"].items() if key not in ("name", "symmetric")}
+        hyper = {key: value for key, value in vars(self.cfg.loss).items() if key not in ("name", "symmetric")}
         return contrastive_objective(name, q, positive, neg.embeddings, neg.drop, **hyper), logits, q, k
 
     def byol_objective(self, x_1: Tensor, x_2: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -7,6 +7,8 @@ dtype of the encoders, because 1/T (T as small as 0.07) amplifies bf16's roundin
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -260,10 +262,12 @@ LOSSES = {
 }
 
 
+@functools.cache
+def _accepted(name: str) -> frozenset[str]:
+    return frozenset(inspect.signature(LOSSES[name]).parameters)
+
+
 def contrastive_objective(name: str, q: Tensor, p: Tensor, negatives: Tensor, drop: Tensor | None, **hyper) -> Tensor:
     """``LOSSES[name]`` called with the hyper-parameters it takes (others in ``hyper`` ignored)."""
-    import inspect
-
-    fn = LOSSES[name]
-    accepted = inspect.signature(fn).parameters
-    return fn(q, p, negatives, drop, **{k: v for k, v in hyper.items() if k in accepted})
+    accepted = _accepted(name)
+    return LOSSES[name](q, p, negatives, drop, **{k: v for k, v in hyper.items() if k in accepted})
