@@ -86,10 +86,13 @@ def _has_wandb_key() -> bool:
 def wandb_mode(configured: str) -> tuple[str, str | None]:
     """The W&B mode to use, and a one-line notice when it differs from what was asked.
 
-    WANDB_MODE, when set, wins over the config (W&B's own convention); ``online`` without an API
-    key falls back to ``offline`` (``wandb sync`` uploads the run later).
+    WANDB_MODE, when set, wins over the config (W&B's own convention); a run started by
+    ``wandb agent`` (WANDB_SWEEP_ID set) logs online even with the default ``disabled``; ``online``
+    without an API key falls back to ``offline`` (``wandb sync`` uploads the run later).
     """
     mode = WANDB_ENV_MODES.get(os.environ.get("WANDB_MODE", "").lower(), configured)
+    if mode == "disabled" and os.environ.get("WANDB_SWEEP_ID") and "WANDB_MODE" not in os.environ:
+        mode = "online"  # launched by `wandb agent`: the sweep needs the run's metrics
     if mode == "online" and not _has_wandb_key():
         return "offline", "W&B: no API key (WANDB_API_KEY or `wandb login`); logging offline, `wandb sync` uploads later"
     return mode, None

@@ -65,12 +65,15 @@ def test_collapse_warning_once_an_epoch(tmp_path, capsys):
 def test_wandb_mode_falls_back_to_offline_without_a_key(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     mode, notice = wandb_mode("online")
     assert mode == "offline" and "no API key" in notice
     assert wandb_mode("disabled") == ("disabled", None)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode("online") == ("online", None)
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc")  # started by `wandb agent`: log even if the config says disabled
+    assert wandb_mode("disabled") == ("online", None)
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the environment wins, as W&B's own convention
     assert wandb_mode("online") == ("disabled", None)
 
