@@ -9,7 +9,8 @@ For a named case (backbone, image size, batch, K) it times, on inputs already in
   the queue logits (forward and backward) and the enqueue.
 
 Each figure is the median of ``--repeats`` timed calls after ``--warmup`` untimed ones, with the
-device synchronised around every call. ``--data`` adds the real input path (decode, augment,
+device synchronised around every call; the supervised and MoCo steps are timed in alternation and
+their ratio is the median of the per-round ratios, so a drifting machine moves both alike. ``--data`` adds the real input path (decode, augment,
 transfer) alone and together with the step, to show whether loading limits training.
 
     moco-bench r18-cifar                      # the MoCo CIFAR-10 demo's step
@@ -76,6 +77,29 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: 
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def paired_medians(a: Callable[[], object], b: Callable[[], object], repeats: int, warmup: int,
+                   device: torch.device) -> tuple[float, float, float]:
+    """Median seconds of ``a()`` and of ``b()``, and the median of the per-round ratios b / a.
+
+    The two are timed in alternation (a, b, a, b, …), so a machine whose speed drifts (shared
+    cores, clock changes) slows both alike and the ratio stays honest; timing all of ``a`` and
+    then all of ``b`` let a 2-core machine's drift move the ratio by ±20%.
+    """
+    for _ in range(warmup):
+        a()
+        b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for fn, times in ((a, times_a), (b, times_b)):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    ratios = [tb / ta for ta, tb in zip(times_a, times_b)]
+    return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
 
 
 def _peak_memory(device: torch.device, fn: Callable[[], object]) -> float | None:
@@ -213,16 +237,17 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
 
     sup_fn = supervised_step(trainer, case, x_q, labels)
     moco_fn = lambda: trainer.train_step(x_q, x_k, idx)  # noqa: E731
+    supervised_s, moco_s, ratio = paired_medians(sup_fn, moco_fn, args.repeats, args.warmup, device)
     result = {
         "case": name, **asdict(case), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "precision": str(trainer.amp_dtype or "fp32").replace("torch.", ""), "compile": trainer.cfg.train.compile,
-        "supervised_s": median_seconds(sup_fn, args.repeats, args.warmup, device),
+        "supervised_s": supervised_s,
         "supervised_peak_gib": _peak_memory(device, sup_fn),
-        "moco_s": median_seconds(moco_fn, args.repeats, args.warmup, device),
+        "moco_s": moco_s,
         "moco_peak_gib": _peak_memory(device, moco_fn),
+        "ratio": ratio, "repeats": args.repeats,  # the median of paired ratios, not the ratio of medians
     }
-    result["ratio"] = result["moco_s"] / result["supervised_s"]
     result["breakdown_s"] = breakdown(trainer, x_k, idx, args.repeats, args.warmup)
     if args.data:
         result["data_s"] = data_path(trainer, args.repeats, args.warmup)
@@ -258,7 +283,7 @@ def format_table(r: dict) -> str:
         f"| supervised | {r['supervised_s'] * 1e3:.2f} | {b / r['supervised_s']:,.0f} | {gib(r['supervised_peak_gib'])} |",
         f"| MoCo | {r['moco_s'] * 1e3:.2f} | {b / r['moco_s']:,.0f} | {gib(r['moco_peak_gib'])} |",
         "",
-        f"MoCo / supervised: {r['ratio']:.2f}",
+        f"MoCo / supervised: {r['ratio']:.2f} (median of {r['repeats']} paired rounds)",
         "",
         "| MoCo piece (alone) | ms | % of the MoCo step |",
         "| --- | --- | --- |",

@@ -46,26 +46,44 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, C, *spatial) -> same shape."""
-        n, c, *spatial = x.shape
+        n = x.shape[0]
         s = self.num_splits
         if not self.training or s == 1:
             return super().forward(x)
-        if n % s:
-            # A ragged batch: normalise each uneven slice on its own (rare, so a loop is fine),
-            # with at most n // 2 slices, so that every slice has two samples to take statistics of.
-            s = max(1, min(s, n // 2))
-            stats = [(self.running_mean.clone(), self.running_var.clone()) for _ in range(s)]
-            parts = [
-                F.batch_norm(part, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
-                if len(part) else part  # a batch smaller than s leaves some slices empty
-                for part, (mean, var) in zip(torch.tensor_split(x, s), stats)
-            ]
-            self._keep_mean_stats(torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats]))
-            return torch.cat(parts)
-        return self._even_split(x, s)
+        if n % s == 0 and x.device.type != "cpu":
+            return self._one_pass(x, s)
+        # On CPU, and for a ragged batch, one native batch_norm per slice. On CPU that is the
+        # fast way (measured on 2 cores, CIFAR ResNet-18 shapes at batch 64: about the cost of a
+        # plain BatchNorm, against 2-4x for the one-pass form, whose extra elementwise passes
+        # cost more there than the 8 calls do); on a GPU the one-pass form saves the launches.
+        # A ragged batch gets at most n // 2 slices, so that every slice has two samples.
+        return self._per_slice(x, s if n % s == 0 else max(1, min(s, n // 2)))
 
-    def _even_split(self, x: Tensor, s: int) -> Tensor:
-        """Split-BN of a batch of N = m·s samples: slice k is samples k·m … (k+1)·m − 1.
+    def _momentum(self) -> float:
+        """The running statistics' update factor (momentum=None: the cumulative average)."""
+        return self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+
+    def _per_slice(self, x: Tensor, s: int) -> Tensor:
+        """Split-BN as ``s`` calls of the native batch_norm, one per slice (of unequal sizes when
+        N % s != 0; a batch smaller than s leaves some slices empty)."""
+        # torch.split, not tensor_split: the slices' gradients then come back as one cat, where
+        # tensor_split's come back as one zero-filled full-size tensor per slice, summed.
+        sizes = [len(r) for r in torch.arange(x.shape[0]).tensor_split(s)]
+        parts = x.split(sizes)
+        if not self.track_running_stats:
+            return torch.cat([F.batch_norm(p, None, None, self.weight, self.bias, True, 0.0, self.eps) for p in parts])
+        # Each slice updates its own copy of the running statistics; their mean is kept.
+        stats = [(self.running_mean.clone(), self.running_var.clone()) for _ in range(s)]
+        momentum = self._momentum()
+        out = torch.cat([
+            F.batch_norm(p, mean, var, self.weight, self.bias, True, momentum, self.eps) if len(p) else p
+            for p, (mean, var) in zip(parts, stats)
+        ])
+        self._keep_mean_stats(torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats]))
+        return out
+
+    def _one_pass(self, x: Tensor, s: int) -> Tensor:
+        """Split-BN of a batch of N = m·s samples in one pass: slice k is samples k·m … (k+1)·m − 1.
 
         Contiguous slices are what DDP gives each of s GPUs, and the batch axis is outermost in
         both memory formats, so the slices are views: a channels_last (NHWC) batch is viewed as
@@ -96,7 +114,7 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.track_running_stats:
             count = x.numel() // (s * c)
             with torch.no_grad():
-                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+                momentum = self._momentum()
                 unbiased = var.float() * (count / max(count - 1, 1))  # BN keeps the unbiased variance
                 self._keep_mean_stats(torch.lerp(self.running_mean, mean.float(), momentum),
                                       torch.lerp(self.running_var, unbiased, momentum))

@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from moco_engine.config import ModelConfig
 from moco_engine.encoders import (
@@ -74,16 +75,17 @@ def reference_split_bn(x, bn: nn.BatchNorm2d, splits: int):
     return torch.cat(parts)
 
 
-@pytest.mark.parametrize("n", [12, 13])  # divisible by the splits, and ragged
+@pytest.mark.parametrize("n, path", [(12, "forward"), (12, "one_pass"), (13, "forward")])  # 13: ragged
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_split_bn_normalises_each_slice_on_its_own(n, memory_format):
+def test_split_bn_normalises_each_slice_on_its_own(n, path, memory_format):
+    # "forward" on CPU is the per-slice path; "one_pass" is the form a GPU takes, run here on CPU.
     torch.manual_seed(0)
     bn = SplitBatchNorm(3, num_splits=4)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2)
         bn.bias.uniform_(-1, 1)
     x = (torch.randn(n, 3, 5, 5) * 3 + 1).contiguous(memory_format=memory_format).requires_grad_()
-    out = bn(x)
+    out = bn(x) if path == "forward" else bn._one_pass(x, 4)
     ref = reference_split_bn(x, bn, 4)
     assert torch.allclose(out, ref, atol=1e-5)
     assert out.is_contiguous(memory_format=memory_format)  # no layout change for the next conv
@@ -117,6 +119,21 @@ def test_split_bn_on_head_features_and_in_the_mlp_bn_head():
     head_bns = [m for m in enc.head if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert len(head_bns) == 2 and all(isinstance(m, SplitBatchNorm) for m in head_bns)
     assert enc(torch.randn(6, 3, 32, 32)).shape == (6, 8)
+
+
+def test_split_bn_momentum_none_and_no_running_stats():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4) * 2 + 1
+    cumulative = SplitBatchNorm(3, num_splits=2, momentum=None)
+    cumulative(x)  # the first update of a cumulative average replaces the initial statistics
+    means = torch.stack([part.mean(dim=(0, 2, 3)) for part in x.chunk(2)]).mean(0)
+    assert torch.allclose(cumulative.running_mean, means, atol=1e-6)
+    one_pass = SplitBatchNorm(3, num_splits=2, momentum=None)
+    one_pass._one_pass(x, 2)
+    assert torch.allclose(one_pass.running_mean, means, atol=1e-6)
+    stateless = SplitBatchNorm(3, num_splits=2, track_running_stats=False)
+    ref = torch.cat([F.batch_norm(part, None, None, stateless.weight, stateless.bias, True) for part in x.chunk(2)])
+    assert torch.allclose(stateless(x), ref, atol=1e-6)
 
 
 def test_split_bn_with_one_split_is_plain_batchnorm():

@@ -1,0 +1,55 @@
+import json
+import time
+
+import pytest
+import torch
+
+from moco_engine.bench import CASES, bench_main, paired_medians
+
+
+def test_moco_bench_runs_the_tiny_case_and_prints_its_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the benchmark's Trainer writes under ./runs/bench
+    out = tmp_path / "bench.json"
+    code = bench_main(["tiny", "--device", "cpu", "--repeats", "2", "--warmup", "1", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| supervised |" in printed and "| MoCo |" in printed
+    assert "MoCo / supervised:" in printed and "(median of 2 paired rounds)" in printed
+    for piece in ("key forward", "EMA", "shuffle", "queue logits", "enqueue"):
+        assert f"| {piece} |" in printed
+    (r,) = json.loads(out.read_text())
+    assert r["case"] == "tiny" and r["batch"] == CASES["tiny"].batch and r["device"] == "cpu"
+    assert r["supervised_s"] > 0 and r["moco_s"] > 0 and r["ratio"] > 0
+    assert r["supervised_peak_gib"] is None  # no allocator statistics on CPU: "n/a", not a made-up 0
+    assert set(r["breakdown_s"]) == {"key forward", "EMA", "shuffle", "queue logits", "enqueue"}
+
+
+def test_moco_bench_data_mode_times_the_input_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = bench_main(["tiny", "--device", "cpu", "--repeats", "1", "--warmup", "1", "--data",
+                       "--pipeline", "device", "--bn-splits", "2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| data |" in printed and "| data + step |" in printed
+
+
+def test_moco_bench_unknown_case_is_a_one_line_error(capsys):
+    assert bench_main(["r18-imagenet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown benchmark case 'r18-imagenet'") and "\n" not in err
+
+
+def test_paired_medians_takes_the_median_of_per_round_ratios():
+    # b always costs twice a, but the machine slows down during the run: every round's ratio is
+    # 2, though the medians alone (taken over different rounds) would not say so exactly.
+    slowdown = iter([1, 1, 1, 1, 2, 2, 3, 3, 5, 5])  # a, b of the warm-up round, then 4 timed rounds
+
+    def a():
+        time.sleep(0.002 * next(slowdown))
+
+    def b():
+        time.sleep(0.004 * next(slowdown))
+
+    med_a, med_b, ratio = paired_medians(a, b, repeats=4, warmup=1, device=torch.device("cpu"))
+    assert ratio == pytest.approx(2.0, rel=0.25)
+    assert med_b > med_a
