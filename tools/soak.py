@@ -2,7 +2,8 @@
 an uninterrupted run ends.
 
 1. A straight run of about ``--steps`` steps (tiny ResNet-18 on synthetic images, CPU).
-2. The same run under fire: after a random 10–40 s the process gets SIGTERM (it finishes the step,
+2. The same run under fire, in parallel with the first (each process on ``--threads`` threads): after
+   a random ``--interval`` (20–90 s) the process gets SIGTERM (it finishes the step,
    checkpoints and exits 143) and is restarted with ``train.resume=auto``; ``--kills`` of the
    cycles use SIGKILL instead (no warning: the run loses what it did since its last checkpoint
    and redoes it from there).
@@ -10,6 +11,7 @@ an uninterrupted run ends.
    optimizer state): on CPU they must be bit-identical.
 
     python tools/soak.py --steps 2000 --out /tmp/soak       # prints a summary table at the end
+    nice -n 19 python tools/soak.py --steps 10000           # the BENCHMARKS.md run, on idle cycles
 
 Not a test (it takes tens of minutes); BENCHMARKS.md records its figures.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import signal
 import subprocess
@@ -44,11 +47,20 @@ def config(steps: int, out: Path) -> list[str]:
     ]
 
 
-def run(args: list[str], kill_after: float | None = None, sig: int = signal.SIGTERM) -> tuple[int, float]:
-    """Run moco-train with ``args``; send ``sig`` after ``kill_after`` seconds. Returns (exit code, seconds)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "moco_engine", *args], cwd=ROOT,
+def start(args: list[str], threads: int) -> subprocess.Popen:
+    """moco-train with ``args`` as a child process on ``threads`` intra-op threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen([sys.executable, "-m", "moco_engine", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def run(args: list[str], threads: int, kill_after: float | None = None, sig: int = signal.SIGTERM,
+        proc: subprocess.Popen | None = None) -> tuple[int, float]:
+    """Run moco-train with ``args`` (or wait for ``proc``); send ``sig`` after ``kill_after`` seconds.
+
+    Returns (exit code, seconds)."""
+    started = time.perf_counter()
+    proc = proc or start(args, threads)
     try:
         proc.wait(timeout=kill_after)
     except subprocess.TimeoutExpired:
@@ -59,7 +71,7 @@ def run(args: list[str], kill_after: float | None = None, sig: int = signal.SIGT
     # or an evaluation: the default action ends the process, which is one more crash to survive).
     if proc.returncode not in (0, 128 + signal.SIGTERM, -signal.SIGTERM, -signal.SIGKILL):
         raise SystemExit(f"run failed with exit code {proc.returncode}:\n{stderr[-2000:]}")
-    return proc.returncode, time.perf_counter() - start
+    return proc.returncode, time.perf_counter() - started
 
 
 def compare(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -82,13 +94,17 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=2, help="how many of the interruptions are SIGKILL")
     ap.add_argument("--out", default="/tmp/moco_soak")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="threads of each of the two concurrent runs")
+    ap.add_argument("--interval", type=float, nargs=2, default=(20.0, 90.0), metavar=("MIN", "MAX"),
+                    help="seconds each interrupted process runs before its signal, drawn uniformly")
     args = ap.parse_args()
     out = Path(args.out)
     rng = random.Random(args.seed)
 
     straight_dir, soak_dir = out / "straight", out / "soak"
-    code, straight_s = run([*config(args.steps, straight_dir), "train.overwrite=true"])
-    straight = latest_checkpoint(straight_dir)[1]
+    # The straight run goes alongside the interrupted one: the two share nothing but the cores.
+    straight_started = time.perf_counter()
+    straight_proc = start([*config(args.steps, straight_dir), "train.overwrite=true"], args.threads)
 
     soak_args = [*config(args.steps, soak_dir), "train.resume=auto"]
     cycles, kills, total_s, sigterm_exits = 0, 0, 0.0, 0
@@ -96,12 +112,17 @@ def main() -> None:
     while True:
         cycles += 1
         sig = signal.SIGKILL if cycles in kill_cycles else signal.SIGTERM
-        code, seconds = run(soak_args, kill_after=rng.uniform(10.0, 40.0), sig=sig)
+        code, seconds = run(soak_args, args.threads, kill_after=rng.uniform(*args.interval), sig=sig)
         total_s += seconds
         kills += code in (-signal.SIGKILL, -signal.SIGTERM)
         sigterm_exits += code == 128 + signal.SIGTERM
         if code == 0:
             break
+    code, _ = run([], args.threads, proc=straight_proc)
+    straight_s = time.perf_counter() - straight_started
+    if code != 0:
+        raise SystemExit(f"the straight run failed with exit code {code}")
+    straight = latest_checkpoint(straight_dir)[1]
     soak = latest_checkpoint(soak_dir)[1]
     diffs = compare({k: straight[k] for k in ("encoder_q", "encoder_k", "negatives", "optimizer")},
                     {k: soak[k] for k in ("encoder_q", "encoder_k", "negatives", "optimizer")})
