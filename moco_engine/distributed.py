@@ -30,7 +30,29 @@ def setup(device_type: str) -> None:
         return
     if device_type == "cuda":
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if _one_agent_shares_its_store():
+        # torchrun's agent keeps one store for the whole job, and the process group's keys (each
+        # rank's gloo address, NCCL's unique id) carry no round: a worker group restarted by
+        # --max-restarts could read its dead predecessors' addresses and hang or be refused.
+        # One agent means one restart count for every worker, so it names a fresh key space.
+        store, rank_, world = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"moco_engine/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world)
+    else:
+        dist.init_process_group(backend=backend)
+
+
+def _one_agent_shares_its_store() -> bool:
+    """True under a single-node torchrun whose agent shares its store with the workers.
+
+    With several nodes each agent counts its own restarts (an agent whose workers were still
+    healthy restarts them without counting), so the count cannot name a round there; the
+    README's multi-node command sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead, which gives
+    every round its own store.
+    """
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE"))
 
 
 def teardown() -> None:

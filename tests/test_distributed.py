@@ -21,14 +21,8 @@ def torchrun(out, *overrides, nproc=2, extra=(), crash_at=None, wandb="disabled"
     if crash_at is not None:
         cmd += ["--crash-at-step", str(crash_at)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": wandb, "WANDB_SILENT": "true"}
-    for attempt in range(2):
-        r = subprocess.run([*cmd, str(out), *TINY, "train.device=cpu", *overrides, "train.overwrite=true"],
-                           capture_output=True, text=True, env=env, timeout=300)
-        # gloo's start-up on a loaded 2-core machine sometimes fails to connect its peers (seen
-        # once, in a worker group restarted by torchrun): that is the launcher, not the engine,
-        # so such a run is tried once more; any other failure fails the test.
-        if r.returncode == 0 or "connectFullMesh failed" not in r.stderr or attempt:
-            break
+    r = subprocess.run([*cmd, str(out), *TINY, "train.device=cpu", *overrides, "train.overwrite=true"],
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(nproc)], r
 
@@ -91,10 +85,8 @@ def test_a_ragged_last_batch_with_drop_last_off_and_only_rank_0_logs(tmp_path):
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
 
 
-# Slow, and out of the default run: it passes alone in 25-40 s, but once, with another job loading
-# the 2 cores, torchrun's restarted worker group hung past 300 s (gloo's start-up in the second
-# round); until that is understood it must not decide whether CI passes.
-@pytest.mark.slow
+# torchrun's agent keeps one store across rounds: before distributed.setup named each round's key
+# space, the restarted rank 0 often read the crashed rank 1's gloo address and was refused or hung.
 def test_a_crashed_rank_is_restarted_and_the_run_resumes_from_its_checkpoint(tmp_path):
     (r0, _), r = torchrun(tmp_path, crash_at=5, extra=["--max-restarts=1"])
     assert "simulated crash of rank 1 at step 5" in r.stderr + r.stdout
