@@ -220,11 +220,20 @@ class MemoryBank(NegativeSource):
 
     @torch.no_grad()
     def update(self, keys: Tensor, indices: Tensor) -> None:
-        """The proximal update of the batch's entries (``momentum`` or ``both``)."""
+        """The proximal update of the batch's entries (``momentum`` or ``both``).
+
+        keys: (B, D) unit vectors; indices: (B,) their items, repeats allowed (their mean key counts).
+        """
         if self.update_mode == "refresh":
             self.clock += 1
             return
-        mixed = self.momentum * self.bank[indices].float() + (1 - self.momentum) * keys.detach().float()
+        keys = keys.detach().float()
+        # An item can come twice in one update (the symmetric loss's two views, DDP's padded
+        # shares): each occurrence is given its item's mean key, so duplicates write the same
+        # value (index_copy_ keeps an unspecified one of them on CUDA). (B, B) compares, no sync.
+        same = (indices[:, None] == indices[None, :]).float()
+        keys = (same @ keys) / same.sum(1, keepdim=True)
+        mixed = self.momentum * self.bank[indices].float() + (1 - self.momentum) * keys
         self.bank.index_copy_(0, indices, F.normalize(mixed, dim=1).to(self.bank.dtype))
         self.written.index_fill_(0, indices, self.clock)
         self.clock += 1

@@ -27,7 +27,7 @@ def test_moco_bench_runs_the_tiny_case_and_prints_its_table(tmp_path, monkeypatc
 def test_moco_bench_data_mode_times_the_input_path(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code = bench_main(["tiny", "--device", "cpu", "--repeats", "1", "--warmup", "1", "--data",
-                       "--pipeline", "device", "--bn-splits", "2"])
+                       "--pipeline", "device", "--workers", "0", "--bn-splits", "2"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "| data |" in printed and "| data + step |" in printed

@@ -123,6 +123,19 @@ def test_bank_momentum_update_equals_its_formula():
     assert torch.equal(refresh_only.bank, kept)  # refresh mode writes only at the epoch's end
 
 
+def test_bank_update_of_a_repeated_item_takes_the_mean_of_its_keys():
+    # The symmetric loss updates every item twice in one call (both views' keys).
+    bank = MemoryBank(6, 3, num_negatives=4, update="momentum", momentum=0.5)
+    before = bank.bank.clone()
+    k1, k2, k3 = torch.nn.functional.normalize(torch.randn(3, 3), dim=1)
+    bank.update(torch.stack([k1, k3, k2]), torch.tensor([2, 5, 2]))
+    expected_2 = torch.nn.functional.normalize(0.5 * before[2] + 0.5 * (k1 + k2) / 2, dim=0)
+    expected_5 = torch.nn.functional.normalize(0.5 * before[5] + 0.5 * k3, dim=0)
+    assert torch.allclose(bank.bank[2], expected_2, atol=1e-6)
+    assert torch.allclose(bank.bank[5], expected_5, atol=1e-6)
+    assert bank.written[2] == bank.written[5] == 0 and bank.clock == 1
+
+
 def test_bank_sampling_is_uniform_and_can_exclude_own_items():
     torch.manual_seed(0)
     n, k, draws = 20, 50, 400
