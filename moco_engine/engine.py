@@ -249,15 +249,22 @@ class Trainer:
         self.plain_train_shard = self.plain_train_loader
         if self.world > 1:
             self.plain_train_shard = make_loader(Indexed(splits.train, plain), cfg.eval.batch_size, cfg.data.num_workers,
-                                                 sampler=list(self._shard()), pin_memory=pin)
+                                                 sampler=self._shard(), pin_memory=pin)
         self.test_loader = None
         if splits.test is not None:
             self.test_loader = make_loader(Indexed(splits.test, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
 
-    def _shard(self) -> range:
-        """This rank's contiguous part of the item indices (the memory bank's sharded refresh)."""
+    def _shard(self) -> list[int]:
+        """This rank's contiguous part of the item indices (the memory bank's sharded refresh).
+
+        Every rank's part is ceil(N / world) long, the tail padded with the last item: the ranks
+        then run the same number of batches of the same sizes, which SyncBN's per-layer
+        collectives need (unequal parts could leave one rank waiting for a batch that never
+        comes). The gathered encodings are cut back to N.
+        """
         n, w, r = self.num_items, self.world, self.rank
-        return range(r * n // w, (r + 1) * n // w)
+        size = -(-n // w)
+        return [min(i, n - 1) for i in range(r * size, (r + 1) * size)]
 
     def _device_loaders(self, splits) -> None:
         """The same batches from images decoded once into device memory, augmented there."""
@@ -270,9 +277,11 @@ class Trainer:
         )
         size, bs = cfg.data.image_size, cfg.eval.batch_size
         self.plain_train_loader = DevicePlain(train, splits.train.targets, bs, size, spec.mean, spec.std)
-        shard = self._shard()
-        self.plain_train_shard = DevicePlain(train[shard.start : shard.stop], splits.train.targets[shard.start : shard.stop],
-                                             bs, size, spec.mean, spec.std) if self.world > 1 else self.plain_train_loader
+        self.plain_train_shard = self.plain_train_loader
+        if self.world > 1:
+            shard = self._shard()
+            self.plain_train_shard = DevicePlain(train[torch.tensor(shard, device=train.device)],
+                                                 [splits.train.targets[i] for i in shard], bs, size, spec.mean, spec.std)
         self.test_loader = None
         if splits.test is not None:
             test = to_device_tensor(splits.test, self.device)
@@ -515,9 +524,10 @@ class Trainer:
         encoder = self.encoder_q if self.negatives.end_to_end else self.encoder_k
         with self._own_rng():
             # Sharded: each rank encodes its contiguous part of the items, the parts are gathered
-            # in rank order, which is index order, so every rank ends with the same (N, D).
+            # in rank order, which is index order (then the padding), so every rank ends with
+            # the same (N, D).
             part = extract_features(encoder, self.plain_train_shard, self.device, batch_stats=True)[0]
-            return dist.all_gather_cat(part)
+            return dist.all_gather_cat(part, same_size=True)[: self.num_items]
 
     @torch.no_grad()
     def evaluate_knn(self) -> dict[str, float]:

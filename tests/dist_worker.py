@@ -47,6 +47,7 @@ def main() -> int:
             "negatives": {k: v.cpu() for k, v in self.negatives.state_dict().items()},
             "encoder_q": {k: v.cpu() for k, v in self.encoder_q.state_dict().items()},
             "seen": seen, "world": dist.world_size(), "step": self.step, "full_encoding": full.cpu(),
+            "shard_batches": [len(idx) for _, _, idx in self.plain_train_shard],
         }, out / f"rank{dist.rank()}.pt")
         return result
 

@@ -61,9 +61,15 @@ def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(tmp_path):
     torch.testing.assert_close(keys(two), keys(one), rtol=1e-4, atol=1e-5)
 
 
-def test_sharded_bank_refresh_gives_every_rank_the_same_bank(tmp_path):
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_sharded_bank_refresh_gives_every_rank_the_same_bank(tmp_path, pipeline):
+    # 97 items: shards of 49, the second padded with a repeat of item 96 (equal batches on every
+    # rank, as SyncBN needs), cut off again after the gather.
     (r0, r1), _ = torchrun(tmp_path, "negatives.kind=memory_bank", "memory_bank.update=refresh", "model.norm=group",
-                           "model.bn=plain", "model.head=linear", "model.bn_splits=1")
+                           "model.bn=plain", "model.head=linear", "model.bn_splits=1", "data.synthetic_size=97",
+                           f"data.pipeline={pipeline}", "eval.batch_size=16")
+    assert r0["negatives"]["bank"].shape[0] == 97
+    assert r0["shard_batches"] == r1["shard_batches"] == [16, 16, 16, 1]
     assert torch.equal(r0["negatives"]["bank"], r1["negatives"]["bank"])
     # Each rank encoded half the items; together they equal one full encoding by f_k.
     torch.testing.assert_close(r0["negatives"]["bank"], r0["full_encoding"], rtol=1e-4, atol=1e-5)
