@@ -242,6 +242,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         "case": name, **asdict(case), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "precision": str(trainer.amp_dtype or "fp32").replace("torch.", ""), "compile": trainer.cfg.train.compile,
+        "split_bn": args.split_bn,
         "supervised_s": supervised_s,
         "supervised_peak_gib": _peak_memory(device, sup_fn),
         "moco_s": moco_s,
@@ -276,7 +277,8 @@ def format_table(r: dict) -> str:
     gib = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     lines = [
         f"## {r['case']}: {r['arch']}{' (CIFAR stem)' if r['cifar_stem'] else ''}, {r['image_size']} px, batch {b}, "
-        f"K {r['queue']}, {r['precision']}{', compiled' if r['compile'] else ''} on {r['device_name']}",
+        f"K {r['queue']}, {r['precision']}{', compiled' if r['compile'] else ''}"
+        f"{', split-BN ' + str(r['bn_splits']) + ' (' + r['split_bn'] + ')' if r['bn_splits'] > 1 else ''} on {r['device_name']}",
         "",
         "| step | ms (median) | images/s | peak memory GiB |",
         "| --- | --- | --- | --- |",
@@ -313,16 +315,25 @@ def _bench(argv: list[str]) -> int:
     parser.add_argument("--pipeline", default="cpu", help="--data: cpu (loader workers) | device (augmented on the device)")
     parser.add_argument("--workers", type=int, default=4, help="--data: loader processes of the cpu pipeline")
     parser.add_argument("--bn-splits", type=int, default=0, help="override the case's split-BN slices (1 = plain BN)")
+    parser.add_argument("--split-bn", default="auto", choices=("auto", "per_slice", "one_pass"),
+                        help="split-BN's form: one native batch_norm per slice, or one pass of reductions and a "
+                        "scale-and-shift (auto: per_slice on CPU, one_pass on GPUs)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the MoCo step")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         raise UserError(f"unknown benchmark case {unknown[0]!r}; choose from {', '.join(CASES)}")
-    results = []
-    for name in args.cases:
-        results.append(run_case(name, args))
-        print(format_table(results[-1]) + "\n", flush=True)
+    from .encoders import SplitBatchNorm
+
+    results, default_impl = [], SplitBatchNorm.impl
+    SplitBatchNorm.impl = args.split_bn
+    try:
+        for name in args.cases:
+            results.append(run_case(name, args))
+            print(format_table(results[-1]) + "\n", flush=True)
+    finally:
+        SplitBatchNorm.impl = default_impl  # a class-wide switch: leave it as found
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

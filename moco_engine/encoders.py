@@ -36,6 +36,10 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     mode it is a plain BatchNorm.
     """
 
+    # How an even batch is normalised: "auto" (per_slice on CPU, one_pass elsewhere), or either
+    # form forced; a class-wide switch for ``moco-bench --split-bn``, which compares the two.
+    impl = "auto"
+
     def __init__(self, num_features: int, num_splits: int, **kw) -> None:
         super().__init__(num_features, **kw)
         self.num_splits = num_splits
@@ -50,7 +54,8 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         s = self.num_splits
         if not self.training or s == 1:
             return super().forward(x)
-        if n % s == 0 and x.device.type != "cpu":
+        impl = self.impl if self.impl != "auto" else ("per_slice" if x.device.type == "cpu" else "one_pass")
+        if n % s == 0 and impl == "one_pass":
             return self._one_pass(x, s)
         # On CPU, and for a ragged batch, one native batch_norm per slice. On CPU that is the
         # fast way (measured on 2 cores, CIFAR ResNet-18 shapes at batch 64: about the cost of a
