@@ -10,8 +10,9 @@ For a named case (backbone, image size, batch, K) it times, on inputs already in
 
 Each figure is the median of ``--repeats`` timed calls after ``--warmup`` untimed ones, with the
 device synchronised around every call; the supervised and MoCo steps are timed in alternation and
-their ratio is the median of the per-round ratios, so a drifting machine moves both alike. ``--data`` adds the real input path (decode, augment,
-transfer) alone and together with the step, to show whether loading limits training.
+their ratio is the median of the per-round ratios, so a drifting machine moves both alike.
+``--data`` adds the real input path (decode, augment, transfer) alone and together with the step,
+to show whether loading limits training.
 
     moco-bench r18-cifar                      # the MoCo CIFAR-10 demo's step
     moco-bench r18-cifar --data --data-root ../shared/data/cifar10_train_20k.tar.gz

@@ -60,7 +60,8 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         # On CPU, and for a ragged batch, one native batch_norm per slice. On CPU that is the
         # fast way (measured on 2 cores, CIFAR ResNet-18 shapes at batch 64: about the cost of a
         # plain BatchNorm, against 2-4x for the one-pass form, whose extra elementwise passes
-        # cost more there than the 8 calls do); on a GPU the one-pass form saves the launches.
+        # cost more there than the 8 calls do). GPUs keep the one-pass form, the one measured
+        # there so far (BENCHMARKS.md); `moco-bench --split-bn` compares the two.
         # A ragged batch gets at most n // 2 slices, so that every slice has two samples.
         return self._per_slice(x, s if n % s == 0 else max(1, min(s, n // 2)))
 

@@ -230,9 +230,13 @@ class MemoryBank(NegativeSource):
         keys = keys.detach().float()
         # An item can come twice in one update (the symmetric loss's two views, DDP's padded
         # shares): each occurrence is given its item's mean key, so duplicates write the same
-        # value (index_copy_ keeps an unspecified one of them on CUDA). (B, B) compares, no sync.
-        same = (indices[:, None] == indices[None, :]).float()
-        keys = (same @ keys) / same.sum(1, keepdim=True)
+        # value (index_copy_ keeps an unspecified one of them on CUDA). Sums by index_add_ into
+        # the item's first occurrence: exact for a lone key (a matmul by the (B, B) match matrix
+        # would round keys under TF32), and no host sync (torch.unique would need one).
+        first = (indices[:, None] == indices[None, :]).int().argmax(1)  # (B,) first equal position
+        total = torch.zeros_like(keys).index_add_(0, first, keys)
+        count = torch.zeros(len(keys), device=keys.device).index_add_(0, first, torch.ones(len(keys), device=keys.device))
+        keys = total[first] / count[first, None]
         mixed = self.momentum * self.bank[indices].float() + (1 - self.momentum) * keys
         self.bank.index_copy_(0, indices, F.normalize(mixed, dim=1).to(self.bank.dtype))
         self.written.index_fill_(0, indices, self.clock)
