@@ -174,6 +174,7 @@ class Trainer:
                 f"({len(splits.train)} images), so no full batch can be drawn"
             )
         self.num_items = len(splits.train)
+        self.num_test = len(splits.test) if splits.test is not None else 0
         self.sampler = EpochSampler(self.num_items, cfg.train.seed, True, self.rank, self.world)
         if cfg.data.pipeline == "device":
             self._device_loaders(splits)
@@ -243,26 +244,30 @@ class Trainer:
             cfg.optim.batch_size, cfg.data.num_workers, self.sampler, drop_last=cfg.data.drop_last, pin_memory=pin,
         )
         # The train split seen without augmentation, in index order: the kNN memory and the
-        # memory bank's refresh both encode it.
+        # memory bank's refresh both encode it; each rank encodes its shard of it (and of the
+        # test split), the shards are gathered.
         plain = eval_transform(cfg.data.augmentation, cfg.data.image_size)
-        self.plain_train_loader = make_loader(Indexed(splits.train, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
-        self.plain_train_shard = self.plain_train_loader
-        if self.world > 1:
-            self.plain_train_shard = make_loader(Indexed(splits.train, plain), cfg.eval.batch_size, cfg.data.num_workers,
-                                                 sampler=self._shard(), pin_memory=pin)
-        self.test_loader = None
+
+        def plain_loader(split, shard=None):
+            return make_loader(Indexed(split, plain), cfg.eval.batch_size, cfg.data.num_workers, sampler=shard,
+                               pin_memory=pin)
+
+        self.plain_train_loader = plain_loader(splits.train)
+        self.plain_train_shard = plain_loader(splits.train, self._shard(self.num_items)) if self.world > 1 else self.plain_train_loader
+        self.test_loader = self.test_shard = None
         if splits.test is not None:
-            self.test_loader = make_loader(Indexed(splits.test, plain), cfg.eval.batch_size, cfg.data.num_workers, pin_memory=pin)
+            self.test_loader = plain_loader(splits.test)
+            self.test_shard = plain_loader(splits.test, self._shard(self.num_test)) if self.world > 1 else self.test_loader
 
-    def _shard(self) -> list[int]:
-        """This rank's contiguous part of the item indices (the memory bank's sharded refresh).
+    def _shard(self, n: int) -> list[int]:
+        """This rank's contiguous part of the indices 0 … n − 1 (sharded encoding of a split).
 
-        Every rank's part is ceil(N / world) long, the tail padded with the last item: the ranks
+        Every rank's part is ceil(n / world) long, the tail padded with the last item: the ranks
         then run the same number of batches of the same sizes, which SyncBN's per-layer
         collectives need (unequal parts could leave one rank waiting for a batch that never
-        comes). The gathered encodings are cut back to N.
+        comes). The gathered encodings are cut back to n.
         """
-        n, w, r = self.num_items, self.world, self.rank
+        w, r = self.world, self.rank
         size = -(-n // w)
         return [min(i, n - 1) for i in range(r * size, (r + 1) * size)]
 
@@ -277,15 +282,20 @@ class Trainer:
         )
         size, bs = cfg.data.image_size, cfg.eval.batch_size
         self.plain_train_loader = DevicePlain(train, splits.train.targets, bs, size, spec.mean, spec.std)
-        self.plain_train_shard = self.plain_train_loader
-        if self.world > 1:
-            shard = self._shard()
-            self.plain_train_shard = DevicePlain(train[torch.tensor(shard, device=train.device)],
-                                                 [splits.train.targets[i] for i in shard], bs, size, spec.mean, spec.std)
-        self.test_loader = None
+
+        def shard_of(images, targets, loader):
+            if self.world == 1:
+                return loader
+            shard = self._shard(len(targets))
+            return DevicePlain(images[torch.tensor(shard, device=images.device)], [targets[i] for i in shard], bs, size,
+                               spec.mean, spec.std)
+
+        self.plain_train_shard = shard_of(train, splits.train.targets, self.plain_train_loader)
+        self.test_loader = self.test_shard = None
         if splits.test is not None:
             test = to_device_tensor(splits.test, self.device)
             self.test_loader = DevicePlain(test, splits.test.targets, bs, size, spec.mean, spec.std)
+            self.test_shard = shard_of(test, splits.test.targets, self.test_loader)
 
     # ======================================================================== one step
     def _autocast(self):
@@ -523,11 +533,16 @@ class Trainer:
         statistics would give embeddings a query could tell apart from keys by their look)."""
         encoder = self.encoder_q if self.negatives.end_to_end else self.encoder_k
         with self._own_rng():
-            # Sharded: each rank encodes its contiguous part of the items, the parts are gathered
-            # in rank order, which is index order (then the padding), so every rank ends with
-            # the same (N, D).
-            part = extract_features(encoder, self.plain_train_shard, self.device, batch_stats=True)[0]
-            return dist.all_gather_cat(part, same_size=True)[: self.num_items]
+            return self._encode_sharded(encoder, self.plain_train_shard, self.num_items, batch_stats=True)[0]
+
+    def _encode_sharded(self, model: torch.nn.Module, shard, n: int, batch_stats: bool = False) -> tuple[Tensor, Tensor]:
+        """Features (n, F) and labels (n,) of a split, each rank encoding its shard (``_shard``).
+
+        The parts are gathered in rank order, which is index order (then the padding, cut off),
+        so every rank ends with the same tensors, each having encoded 1/world of the split.
+        """
+        features, labels = extract_features(model, shard, self.device, batch_stats=batch_stats)
+        return dist.all_gather_cat(features, same_size=True)[:n], dist.all_gather_cat(labels, same_size=True)[:n]
 
     @torch.no_grad()
     def evaluate_knn(self) -> dict[str, float]:
@@ -540,8 +555,8 @@ class Trainer:
     def _knn(self) -> dict[str, float]:
         cfg = self.cfg.eval
         model = self.encoder_q.backbone if cfg.knn_features == "backbone" else self.encoder_q
-        memory, memory_labels = extract_features(model, self.plain_train_loader, self.device)
-        query, query_labels = extract_features(model, self.test_loader, self.device)
+        memory, memory_labels = self._encode_sharded(model, self.plain_train_shard, self.num_items)
+        query, query_labels = self._encode_sharded(model, self.test_shard, self.num_test)
         return knn_accuracy(query, query_labels, memory, memory_labels, self.num_classes, cfg.knn_k, cfg.knn_t)
 
     # ======================================================================== state

@@ -20,7 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moco_engine import distributed as dist  # noqa: E402
 from moco_engine.cli import train_main  # noqa: E402
 from moco_engine.engine import Trainer  # noqa: E402
-from moco_engine.evaluation import extract_features  # noqa: E402
+from moco_engine.evaluation import extract_features, knn_accuracy  # noqa: E402
+
+
+def unsharded_knn(trainer: Trainer) -> dict[str, float]:
+    """The kNN accuracy of ``Trainer._knn``, every split encoded whole by this process alone."""
+    cfg = trainer.cfg.eval
+    model = trainer.encoder_q.backbone if cfg.knn_features == "backbone" else trainer.encoder_q
+    memory = extract_features(model, trainer.plain_train_loader, trainer.device)
+    query = extract_features(model, trainer.test_loader, trainer.device)
+    return knn_accuracy(*query, *memory, trainer.num_classes, cfg.knn_k, cfg.knn_t)
 
 
 def main() -> int:
@@ -48,6 +57,8 @@ def main() -> int:
             "encoder_q": {k: v.cpu() for k, v in self.encoder_q.state_dict().items()},
             "seen": seen, "world": dist.world_size(), "step": self.step, "full_encoding": full.cpu(),
             "shard_batches": [len(idx) for _, _, idx in self.plain_train_shard],
+            # kNN as each rank computed it (sharded encoding), and on one process's whole splits.
+            "knn": self.evaluate_knn(), "knn_unsharded": unsharded_knn(self),
         }, out / f"rank{dist.rank()}.pt")
         return result
 

@@ -70,6 +70,8 @@ def test_sharded_bank_refresh_gives_every_rank_the_same_bank(tmp_path, pipeline)
                            f"data.pipeline={pipeline}", "eval.batch_size=16")
     assert r0["negatives"]["bank"].shape[0] == 97
     assert r0["shard_batches"] == r1["shard_batches"] == [16, 16, 16, 1]
+    # kNN from test and train splits encoded in shards equals kNN on the whole splits.
+    assert r0["knn"] == r1["knn"] == r0["knn_unsharded"]
     assert torch.equal(r0["negatives"]["bank"], r1["negatives"]["bank"])
     # Each rank encoded half the items; together they equal one full encoding by f_k.
     torch.testing.assert_close(r0["negatives"]["bank"], r0["full_encoding"], rtol=1e-4, atol=1e-5)
