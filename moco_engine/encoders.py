@@ -74,7 +74,8 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         N % s != 0; a batch smaller than s leaves some slices empty)."""
         # torch.split, not tensor_split: the slices' gradients then come back as one cat, where
         # tensor_split's come back as one zero-filled full-size tensor per slice, summed.
-        sizes = [len(r) for r in torch.arange(x.shape[0]).tensor_split(s)]
+        n = x.shape[0]
+        sizes = [n // s + (k < n % s) for k in range(s)]  # tensor_split's sizes: the first n % s one longer
         parts = x.split(sizes)
         if not self.track_running_stats:
             return torch.cat([F.batch_norm(p, None, None, self.weight, self.bias, True, 0.0, self.eps) for p in parts])
