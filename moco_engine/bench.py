@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import UserError, load_config
+from .encoders import SplitBatchNorm, build_backbone
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ def build_trainer(case: Case, args: argparse.Namespace):
     cfg = load_config([], data + [
         f"data.image_size={case.image_size}", f"data.augmentation={case.augmentation}",
         f"model.arch={case.arch}", f"model.cifar_stem={case.cifar_stem}", f"model.head={case.head}",
-        f"model.bn_splits={case.bn_splits}", f"queue.size={case.queue}", f"optim.batch_size={case.batch}",
+        f"model.bn_splits={case.bn_splits}", f"model.bn_split_form={args.split_bn}",
+        f"queue.size={case.queue}", f"optim.batch_size={case.batch}",
         f"train.device={args.device}", f"train.precision={args.precision}",
         f"train.channels_last={not args.no_channels_last}", f"train.compile={args.compile}",
         "train.out_dir=runs/bench", "track.progress=false",
@@ -136,8 +138,6 @@ def build_trainer(case: Case, args: argparse.Namespace):
 
 def supervised_step(trainer, case: Case, x, labels) -> Callable[[], None]:
     """The supervised baseline: the same backbone (plain BatchNorm) and a linear classifier."""
-    from .encoders import build_backbone
-
     backbone, width = build_backbone(case.arch, case.cifar_stem)
     model = torch.nn.Sequential(backbone, torch.nn.Linear(width, 1000)).to(trainer.device, memory_format=trainer.memory_format)
     if trainer.cfg.train.compile:
@@ -316,25 +316,20 @@ def _bench(argv: list[str]) -> int:
     parser.add_argument("--pipeline", default="cpu", help="--data: cpu (loader workers) | device (augmented on the device)")
     parser.add_argument("--workers", type=int, default=4, help="--data: loader processes of the cpu pipeline")
     parser.add_argument("--bn-splits", type=int, default=0, help="override the case's split-BN slices (1 = plain BN)")
-    parser.add_argument("--split-bn", default="auto", choices=("auto", "per_slice", "one_pass"),
-                        help="split-BN's form: one native batch_norm per slice, or one pass of reductions and a "
-                        "scale-and-shift (auto: per_slice on CPU, one_pass on GPUs)")
+    parser.add_argument("--split-bn", default="auto", choices=SplitBatchNorm.FORMS,
+                        help="split-BN's form: one native batch_norm per slice, one pass of reductions and a "
+                        "scale-and-shift, or one native batch_norm over a strided (N/s, s*C, H, W) view "
+                        "(model.bn_split_form; auto: per_slice on CPU, one_pass on GPUs)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the MoCo step")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         raise UserError(f"unknown benchmark case {unknown[0]!r}; choose from {', '.join(CASES)}")
-    from .encoders import SplitBatchNorm
-
-    results, default_impl = [], SplitBatchNorm.impl
-    SplitBatchNorm.impl = args.split_bn
-    try:
-        for name in args.cases:
-            results.append(run_case(name, args))
-            print(format_table(results[-1]) + "\n", flush=True)
-    finally:
-        SplitBatchNorm.impl = default_impl  # a class-wide switch: leave it as found
+    results = []
+    for name in args.cases:
+        results.append(run_case(name, args))
+        print(format_table(results[-1]) + "\n", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -66,6 +66,7 @@ class ModelConfig:
     bn: str = "shuffle"  # shuffle (key batch permuted across all ranks before f_k) | sync (SyncBN, CUDA) | plain
     norm: str = "batch"  # batch | group (GroupNorm, 32 groups: no statistics shared between samples)
     bn_splits: int = 4  # split-BN: BN statistics over this many slices of each batch
+    bn_split_form: str = "auto"  # how split-BN is computed: auto | per_slice | one_pass | strided (encoders.SplitBatchNorm)
 
 
 @dataclass
@@ -206,6 +207,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.momentum_schedule": ("constant", "cosine"),
     "model.bn": ("shuffle", "sync", "plain"),
     "model.norm": ("batch", "group"),
+    "model.bn_split_form": ("auto", "per_slice", "one_pass", "strided"),
     "method": ("moco", "byol"),
     "loss.name": ("infonce", "nt_xent", "nce", "pair", "triplet", "lifted", "npair", "debiased", "mochi"),
     "negatives.kind": ("queue", "memory_bank", "in_batch"),

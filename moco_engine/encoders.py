@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import CHOICES, ModelConfig
 
 BACKBONES = {
     "resnet18": torchvision.models.resnet18,
@@ -31,18 +31,34 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     On one process this simulates ``num_splits`` GPUs each normalising its own sub-batch, which
     is what makes MoCo's shuffle-BN matter (the MoCo authors' CIFAR-10 demo uses 8 slices).
-    The slices are contiguous: the batch cut into ``num_splits`` equal parts, as DDP cuts a global
-    batch across GPUs. The running statistics are the average of the slices' updates; in eval
-    mode it is a plain BatchNorm.
+    The running statistics are the average of the slices' updates; in eval mode it is a plain
+    BatchNorm.
+
+    Three forms compute it; they differ in speed, and ``strided`` also in which samples share a
+    slice (any fixed partition serves: the loader's order is random and the keys are shuffled):
+
+    - ``per_slice``: contiguous slices (the batch cut into ``num_splits`` parts, as DDP cuts a
+      global batch), one native batch_norm each; also the form of every ragged batch;
+    - ``one_pass``: the same contiguous slices, one reduction and one scale-and-shift for all;
+    - ``strided``: slice k is samples k, k + s, k + 2s, ... (the MoCo demo's partition), so
+      the batch is one native batch_norm over s·C channels of an (N/s, s·C, H, W) view, a free
+      view of a contiguous (NCHW) batch; a channels_last batch is copied to NCHW and back.
+
+    ``form`` (``model.bn_split_form``) picks one for even batches; "auto" takes the form measured
+    fastest so far on the input's device (BENCHMARKS.md): per_slice on CPU, one_pass elsewhere.
     """
 
-    # How an even batch is normalised: "auto" (per_slice on CPU, one_pass elsewhere), or either
-    # form forced; a class-wide switch for ``moco-bench --split-bn``, which compares the two.
-    impl = "auto"
+    FORMS = CHOICES["model.bn_split_form"]
 
-    def __init__(self, num_features: int, num_splits: int, **kw) -> None:
+    def __init__(self, num_features: int, num_splits: int, form: str = "auto", **kw) -> None:
         super().__init__(num_features, **kw)
+        if form not in self.FORMS:
+            raise ValueError(f"unknown split-BN form {form!r}; choose from {', '.join(self.FORMS)}")
         self.num_splits = num_splits
+        self.form = form
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_splits={self.num_splits}, form={self.form}"
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() not in (2, 4):
@@ -54,9 +70,11 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         s = self.num_splits
         if not self.training or s == 1:
             return super().forward(x)
-        impl = self.impl if self.impl != "auto" else ("per_slice" if x.device.type == "cpu" else "one_pass")
-        if n % s == 0 and impl == "one_pass":
+        form = self.form if self.form != "auto" else ("per_slice" if x.device.type == "cpu" else "one_pass")
+        if n % s == 0 and form == "one_pass":
             return self._one_pass(x, s)
+        if n % s == 0 and form == "strided":
+            return self._strided(x, s)
         # On CPU, and for a ragged batch, one native batch_norm per slice. On CPU that is the
         # fast way (measured on 2 cores, CIFAR ResNet-18 shapes at batch 64: about the cost of a
         # plain BatchNorm, against 2-4x for the one-pass form, whose extra elementwise passes
@@ -127,6 +145,27 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
                                       torch.lerp(self.running_var, unbiased, momentum))
         return out
 
+    def _strided(self, x: Tensor, s: int) -> Tensor:
+        """Split-BN of a batch of N = m·s samples as one native batch_norm: slice k is samples
+        k, k + s, ..., viewed as the k-th group of C channels of an (m, s·C, *spatial) tensor.
+
+        Each slice's running statistics are a repeated copy (s·C,) that the native kernel
+        updates; their per-channel mean is kept.
+        """
+        n, c = x.shape[:2]
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        grouped = x.contiguous().view(n // s, s * c, *x.shape[2:])  # a copy only if x is not NCHW
+        weight = self.weight.repeat(s) if self.weight is not None else None
+        bias = self.bias.repeat(s) if self.bias is not None else None
+        if self.track_running_stats:
+            mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+            out = F.batch_norm(grouped, mean, var, weight, bias, True, self._momentum(), self.eps)
+            self._keep_mean_stats(mean.view(s, c), var.view(s, c))
+        else:
+            out = F.batch_norm(grouped, None, None, weight, bias, True, 0.0, self.eps)
+        out = out.view(x.shape)
+        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
     @torch.no_grad()
     def _keep_mean_stats(self, means: Tensor, variances: Tensor) -> None:
         """Each slice updated its own copy (s, C) of the running statistics; keep their mean."""
@@ -135,15 +174,16 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.num_batches_tracked.add_(1)
 
 
-def split_bn(module: nn.Module, num_splits: int) -> nn.Module:
-    """Replace every BatchNorm2d in ``module`` by a :class:`SplitBatchNorm` (in place)."""
+def split_bn(module: nn.Module, num_splits: int, form: str = "auto") -> nn.Module:
+    """Replace every BatchNorm1d/2d in ``module`` by a :class:`SplitBatchNorm` (in place)."""
     for name, child in module.named_children():
         if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            split = SplitBatchNorm(child.num_features, num_splits, eps=child.eps, momentum=child.momentum, affine=child.affine)
+            split = SplitBatchNorm(child.num_features, num_splits, form, eps=child.eps, momentum=child.momentum,
+                                   affine=child.affine)
             split.load_state_dict(child.state_dict())
             setattr(module, name, split)
         else:
-            split_bn(child, num_splits)
+            split_bn(child, num_splits, form)
     return module
 
 
@@ -237,7 +277,7 @@ def build_encoder(cfg: ModelConfig) -> Encoder:
     encoder = Encoder(backbone, build_head(cfg.head, width, cfg.dim, cfg.hidden_dim))
     if cfg.bn == "sync":
         return nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
-    return split_bn(encoder, cfg.bn_splits) if cfg.bn_splits > 1 else encoder
+    return split_bn(encoder, cfg.bn_splits, cfg.bn_split_form) if cfg.bn_splits > 1 else encoder
 
 
 class MomentumEncoder(nn.Module):

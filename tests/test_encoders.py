@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from moco_engine.config import ModelConfig
@@ -66,27 +66,37 @@ def test_cosine_momentum_rises_to_one():
     assert momentum_at(0.99, "cosine", 100, 100) == pytest.approx(1.0)
 
 
-def reference_split_bn(x, bn: nn.BatchNorm2d, splits: int):
-    parts = []
-    for part in torch.tensor_split(x, splits):  # contiguous slices, as DDP splits a batch
+def split_slices(n: int, splits: int, form: str) -> list[Tensor]:
+    """The sample indices of each slice: contiguous (as DDP splits a batch, tensor_split's sizes
+    for a ragged one) or strided (slice k is samples k, k + s, ...)."""
+    if form == "strided":
+        return [torch.arange(k, n, splits) for k in range(splits)]
+    return list(torch.tensor_split(torch.arange(n), splits))
+
+
+def reference_split_bn(x, bn: nn.BatchNorm2d, slices: list[Tensor]):
+    out = torch.empty_like(x)
+    for idx in slices:
+        part = x[idx]
         mean = part.mean(dim=(0, 2, 3), keepdim=True)
         var = part.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        parts.append((part - mean) / torch.sqrt(var + bn.eps) * bn.weight[None, :, None, None] + bn.bias[None, :, None, None])
-    return torch.cat(parts)
+        out[idx] = (part - mean) / torch.sqrt(var + bn.eps) * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+    return out
 
 
-@pytest.mark.parametrize("n, path", [(12, "forward"), (12, "one_pass"), (13, "forward")])  # 13: ragged
+@pytest.mark.parametrize("n, impl", [(12, "per_slice"), (12, "one_pass"), (12, "strided"),
+                                     (13, "per_slice"), (13, "strided")])  # 13: ragged, always per slice
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_split_bn_normalises_each_slice_on_its_own(n, path, memory_format):
-    # "forward" on CPU is the per-slice path; "one_pass" is the form a GPU takes, run here on CPU.
+def test_split_bn_normalises_each_slice_on_its_own(n, impl, memory_format):
     torch.manual_seed(0)
-    bn = SplitBatchNorm(3, num_splits=4)
+    bn = SplitBatchNorm(3, num_splits=4, form=impl)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2)
         bn.bias.uniform_(-1, 1)
     x = (torch.randn(n, 3, 5, 5) * 3 + 1).contiguous(memory_format=memory_format).requires_grad_()
-    out = bn(x) if path == "forward" else bn._one_pass(x, 4)
-    ref = reference_split_bn(x, bn, 4)
+    out = bn(x)
+    slices = split_slices(n, 4, "strided" if impl == "strided" and n % 4 == 0 else "contiguous")
+    ref = reference_split_bn(x, bn, slices)
     assert torch.allclose(out, ref, atol=1e-5)
     assert out.is_contiguous(memory_format=memory_format)  # no layout change for the next conv
     g = torch.randn_like(out)
@@ -95,10 +105,11 @@ def test_split_bn_normalises_each_slice_on_its_own(n, path, memory_format):
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-4)
     # Running statistics: the mean of the slices' momentum updates (from 0 and 1).
-    means = torch.stack([part.mean(dim=(0, 2, 3)) for part in torch.tensor_split(x.detach(), 4)])
-    variances = torch.stack([part.var(dim=(0, 2, 3)) for part in torch.tensor_split(x.detach(), 4)])
+    means = torch.stack([x.detach()[idx].mean(dim=(0, 2, 3)) for idx in slices])
+    variances = torch.stack([x.detach()[idx].var(dim=(0, 2, 3)) for idx in slices])
     assert torch.allclose(bn.running_mean, (0.1 * means).mean(0), atol=1e-5)
     assert torch.allclose(bn.running_var, (0.9 + 0.1 * variances).mean(0), atol=1e-4)
+    assert bn.num_batches_tracked == 1
     bn.eval()
     plain = nn.BatchNorm2d(3)
     plain.load_state_dict(bn.state_dict())
@@ -106,34 +117,39 @@ def test_split_bn_normalises_each_slice_on_its_own(n, path, memory_format):
     assert torch.allclose(bn(x), plain(x))
 
 
-def test_split_bn_on_head_features_and_in_the_mlp_bn_head():
+@pytest.mark.parametrize("impl", ["per_slice", "strided"])
+def test_split_bn_on_head_features_and_in_the_mlp_bn_head(impl):
     torch.manual_seed(0)
-    bn = SplitBatchNorm(5, num_splits=2, affine=False)
+    bn = SplitBatchNorm(5, num_splits=2, form=impl, affine=False)
     x = torch.randn(8, 5) * 2 + 3
     out = bn(x)
-    for i in range(2):
-        part = x[4 * i : 4 * i + 4]
+    for idx in split_slices(8, 2, "strided" if impl == "strided" else "contiguous"):
+        part = x[idx]
         ref = (part - part.mean(0)) / torch.sqrt(part.var(0, unbiased=False) + bn.eps)
-        assert torch.allclose(out[4 * i : 4 * i + 4], ref, atol=1e-5)
-    enc = build_encoder(ModelConfig(arch="resnet18", cifar_stem=False, head="mlp_bn", hidden_dim=32, dim=8, bn_splits=2))
+        assert torch.allclose(out[idx], ref, atol=1e-5)
+    enc = build_encoder(ModelConfig(arch="resnet18", cifar_stem=False, head="mlp_bn", hidden_dim=32, dim=8, bn_splits=2,
+                                    bn_split_form=impl))
     head_bns = [m for m in enc.head if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert len(head_bns) == 2 and all(isinstance(m, SplitBatchNorm) for m in head_bns)
+    assert all(m.form == impl for m in enc.modules() if isinstance(m, SplitBatchNorm))
     assert enc(torch.randn(6, 3, 32, 32)).shape == (6, 8)
 
 
-def test_split_bn_momentum_none_and_no_running_stats():
+@pytest.mark.parametrize("impl", ["per_slice", "one_pass", "strided"])
+def test_split_bn_momentum_none_and_no_running_stats(impl):
     torch.manual_seed(0)
     x = torch.randn(8, 3, 4, 4) * 2 + 1
-    cumulative = SplitBatchNorm(3, num_splits=2, momentum=None)
+    slices = split_slices(8, 2, "strided" if impl == "strided" else "contiguous")
+    cumulative = SplitBatchNorm(3, num_splits=2, form=impl, momentum=None)
     cumulative(x)  # the first update of a cumulative average replaces the initial statistics
-    means = torch.stack([part.mean(dim=(0, 2, 3)) for part in x.chunk(2)]).mean(0)
+    means = torch.stack([x[idx].mean(dim=(0, 2, 3)) for idx in slices]).mean(0)
     assert torch.allclose(cumulative.running_mean, means, atol=1e-6)
-    one_pass = SplitBatchNorm(3, num_splits=2, momentum=None)
-    one_pass._one_pass(x, 2)
-    assert torch.allclose(one_pass.running_mean, means, atol=1e-6)
-    stateless = SplitBatchNorm(3, num_splits=2, track_running_stats=False)
-    ref = torch.cat([F.batch_norm(part, None, None, stateless.weight, stateless.bias, True) for part in x.chunk(2)])
-    assert torch.allclose(stateless(x), ref, atol=1e-6)
+    stateless = SplitBatchNorm(3, num_splits=2, form=impl, track_running_stats=False)
+    out = stateless(x)
+    for idx in slices:
+        ref = F.batch_norm(x[idx], None, None, stateless.weight, stateless.bias, True)
+        assert torch.allclose(out[idx], ref, atol=1e-6)
+    assert stateless.running_mean is None
 
 
 def test_split_bn_with_one_split_is_plain_batchnorm():
