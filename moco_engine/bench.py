@@ -243,7 +243,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         "case": name, **asdict(case), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "precision": str(trainer.amp_dtype or "fp32").replace("torch.", ""), "compile": trainer.cfg.train.compile,
-        "split_bn": args.split_bn,
+        "split_bn": SplitBatchNorm.resolve_form(args.split_bn, device),  # what "auto" meant here
         "supervised_s": supervised_s,
         "supervised_peak_gib": _peak_memory(device, sup_fn),
         "moco_s": moco_s,

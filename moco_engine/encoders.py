@@ -57,6 +57,11 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.num_splits = num_splits
         self.form = form
 
+    @staticmethod
+    def resolve_form(form: str, device: torch.device) -> str:
+        """The form "auto" stands for on ``device`` (any other form is itself)."""
+        return form if form != "auto" else ("per_slice" if device.type == "cpu" else "one_pass")
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}, form={self.form}"
 
@@ -70,7 +75,7 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         s = self.num_splits
         if not self.training or s == 1:
             return super().forward(x)
-        form = self.form if self.form != "auto" else ("per_slice" if x.device.type == "cpu" else "one_pass")
+        form = self.resolve_form(self.form, x.device)
         if n % s == 0 and form == "one_pass":
             return self._one_pass(x, s)
         if n % s == 0 and form == "strided":

@@ -19,6 +19,7 @@ def test_moco_bench_runs_the_tiny_case_and_prints_its_table(tmp_path, monkeypatc
         assert f"| {piece} |" in printed
     (r,) = json.loads(out.read_text())
     assert r["case"] == "tiny" and r["batch"] == CASES["tiny"].batch and r["device"] == "cpu"
+    assert r["split_bn"] == "per_slice"  # what --split-bn auto stands for on CPU, not "auto"
     assert r["supervised_s"] > 0 and r["moco_s"] > 0 and r["ratio"] > 0
     assert r["supervised_peak_gib"] is None  # no allocator statistics on CPU: "n/a", not a made-up 0
     assert set(r["breakdown_s"]) == {"key forward", "EMA", "shuffle", "queue logits", "enqueue"}
