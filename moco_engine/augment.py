@@ -300,3 +300,19 @@ def plain_views(images: Tensor, size: int, mean, std) -> Tensor:
     top, left = (height - size) // 2, (width - size) // 2
     x = x[..., top : top + size, left : left + size]
     return (x - _const(tuple(mean), x.device).view(1, 3, 1, 1)) / _const(tuple(std), x.device).view(1, 3, 1, 1)
+
+
+def view_statistics(x: Tensor) -> dict[str, Tensor]:
+    """Per-view summaries of (n, 3, H, W) pixels in [0, 1], each (n,): brightness (mean luma),
+    contrast (luma std), saturation (mean (max − min) / max over pixels), sharpness (mean
+    absolute difference of neighbouring pixels) and grayness (1 where the channels agree). For
+    comparing two augmentation pipelines by distribution (``tools/compare_views.py``)."""
+    luma = grayscale(x)[:, 0]
+    high, low = x.amax(1), x.amin(1)
+    return {
+        "luma_mean": luma.mean((1, 2)),
+        "luma_std": luma.std((1, 2)),
+        "saturation": torch.where(high > 0, (high - low) / high.clamp(min=1e-6), 0.0).mean((1, 2)),
+        "sharpness": (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3)) + (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3)),
+        "gray": ((high - low).amax((1, 2)) < 1e-3).float(),
+    }
