@@ -81,10 +81,10 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         if n % s == 0 and form == "strided":
             return self._strided(x, s)
         # On CPU, and for a ragged batch, one native batch_norm per slice. On CPU that is the
-        # fast way (measured on 2 cores, CIFAR ResNet-18 shapes at batch 64: about the cost of a
-        # plain BatchNorm, against 2-4x for the one-pass form, whose extra elementwise passes
-        # cost more there than the 8 calls do). GPUs keep the one-pass form, the one measured
-        # there so far (BENCHMARKS.md); `moco-bench --split-bn` compares the two.
+        # fastest form for the channels_last batches the engine uses (2 cores, the CIFAR
+        # ResNet-18 at batch 64: a MoCo step costs what it costs with plain BatchNorm; the
+        # one-pass form's extra elementwise passes cost 2-4x a layer, the strided form's copies
+        # to NCHW and back 1.2x the step). `moco-bench --split-bn` compares the forms.
         # A ragged batch gets at most n // 2 slices, so that every slice has two samples.
         return self._per_slice(x, s if n % s == 0 else max(1, min(s, n // 2)))
 
