@@ -67,9 +67,10 @@ def test_cosine_momentum_rises_to_one():
 
 
 def split_slices(n: int, splits: int, form: str) -> list[Tensor]:
-    """The sample indices of each slice: contiguous (as DDP splits a batch, tensor_split's sizes
-    for a ragged one) or strided (slice k is samples k, k + s, ...)."""
-    if form == "strided":
+    """The sample indices of each slice of split-BN's ``form``: strided (slice k is samples k,
+    k + s, ...) for an even batch of the strided form, else contiguous (as DDP splits a batch,
+    tensor_split's sizes for a ragged one)."""
+    if form == "strided" and n % splits == 0:
         return [torch.arange(k, n, splits) for k in range(splits)]
     return list(torch.tensor_split(torch.arange(n), splits))
 
@@ -95,7 +96,7 @@ def test_split_bn_normalises_each_slice_on_its_own(n, impl, memory_format):
         bn.bias.uniform_(-1, 1)
     x = (torch.randn(n, 3, 5, 5) * 3 + 1).contiguous(memory_format=memory_format).requires_grad_()
     out = bn(x)
-    slices = split_slices(n, 4, "strided" if impl == "strided" and n % 4 == 0 else "contiguous")
+    slices = split_slices(n, 4, impl)
     ref = reference_split_bn(x, bn, slices)
     assert torch.allclose(out, ref, atol=1e-5)
     assert out.is_contiguous(memory_format=memory_format)  # no layout change for the next conv
@@ -123,7 +124,7 @@ def test_split_bn_on_head_features_and_in_the_mlp_bn_head(impl):
     bn = SplitBatchNorm(5, num_splits=2, form=impl, affine=False)
     x = torch.randn(8, 5) * 2 + 3
     out = bn(x)
-    for idx in split_slices(8, 2, "strided" if impl == "strided" else "contiguous"):
+    for idx in split_slices(8, 2, impl):
         part = x[idx]
         ref = (part - part.mean(0)) / torch.sqrt(part.var(0, unbiased=False) + bn.eps)
         assert torch.allclose(out[idx], ref, atol=1e-5)
@@ -139,7 +140,7 @@ def test_split_bn_on_head_features_and_in_the_mlp_bn_head(impl):
 def test_split_bn_momentum_none_and_no_running_stats(impl):
     torch.manual_seed(0)
     x = torch.randn(8, 3, 4, 4) * 2 + 1
-    slices = split_slices(8, 2, "strided" if impl == "strided" else "contiguous")
+    slices = split_slices(8, 2, impl)
     cumulative = SplitBatchNorm(3, num_splits=2, form=impl, momentum=None)
     cumulative(x)  # the first update of a cumulative average replaces the initial statistics
     means = torch.stack([x[idx].mean(dim=(0, 2, 3)) for idx in slices]).mean(0)
