@@ -17,6 +17,7 @@ TINY = [
     "data.synthetic_classes=3",
     "data.num_workers=0",
     "model.cifar_stem=false",
+    "model.head=mlp",
     "model.hidden_dim=64",
     "model.dim=16",
     "queue.size=50",
