@@ -123,7 +123,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 12  # the embedded default run: about 3 minutes on 2 CPU cores
+    epochs: int = 12  # the embedded default run: about 3.5 minutes on 2 CPU cores
     out_dir: str = "runs/default"  # the run folder: config, checkpoints, metrics
     resume: str = ""  # "" (start fresh) | auto (latest checkpoint in out_dir, if any) | a path
     overwrite: bool = False  # allow starting fresh in a folder that holds checkpoints
