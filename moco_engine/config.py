@@ -179,7 +179,7 @@ class TrackConfig:
     progress: bool = True  # tqdm progress bar on the console
     preview: int = 8  # query/key view pairs drawn to augmentations.png at the start (0 = none)
     # Warn when embed_std·sqrt(D) falls below this (uniform on the sphere: 1). A run stuck on
-    # MoCo's collapsed start sat at 0.02-0.05 for 150 steps; learning runs stayed above 0.11.
+    # MoCo's collapsed start sat at 0.018-0.05 for 150 steps; learning runs stayed above 0.11.
     collapse_threshold: float = 0.05
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
