@@ -3,8 +3,8 @@
 The CPU path (``data.py``) augments one PIL image at a time in loader workers; on a GPU that
 cannot keep up with a CIFAR-sized step (the MoCo authors' demo spends half its epoch waiting
 for 16 workers). Here a whole batch is augmented at once, on whatever device holds it, with
-per-sample random parameters drawn from the same distributions as the torchvision recipes of
-:func:`moco_engine.data.view_transform`:
+per-sample random parameters drawn from the distribution of a recipe's
+:class:`~moco_engine.recipes.ViewSpec` (the same spec the CPU path's PIL transforms are built from):
 
 - random resized crop: area fraction ~ U(scale), log aspect ratio ~ U(log ratio), ten tries
   then the centre-crop fallback, integer pixel boxes as torchvision rounds them; resampled
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+from .recipes import ViewSpec, eval_resize
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # as torchvision's rgb_to_grayscale (tensor path)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -42,38 +42,6 @@ def _const(values: tuple[float, ...], device: torch.device) -> Tensor:
     """A small constant on ``device``, made once: building it from a Python list each step
     would be a blocking host-to-device copy, a host sync per step on CUDA."""
     return torch.tensor(values, device=device)
-
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """The distribution of one random view; the fields mirror the torchvision ops' arguments."""
-
-    size: int
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    gray_before_jitter: bool = False  # MoCo v1 converts to grayscale first, then jitters
-    blur_p: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel: int = 3
-    mean: tuple[float, float, float] = CIFAR_MEAN
-    std: tuple[float, float, float] = CIFAR_STD
-
-
-def view_spec(preset: str, size: int) -> ViewSpec:
-    """The :class:`ViewSpec` of a ``data.augmentation`` preset (same as ``view_transform``)."""
-    if preset == "cifar":
-        return ViewSpec(size)
-    if preset == "moco_v1":
-        return ViewSpec(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_before_jitter=True,
-                        mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    if preset == "moco_v2":
-        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
-        return ViewSpec(size, scale=(0.2, 1.0), blur_p=0.5, blur_kernel=kernel, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    raise ValueError(f"unknown augmentation preset {preset!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,12 +254,12 @@ def random_views(images: Tensor, spec: ViewSpec, generator: torch.Generator, app
 def plain_views(images: Tensor, size: int, mean, std) -> Tensor:
     """The evaluation view: (n, 3, H, W) uint8 -> (n, 3, size, size) normalised float32.
 
-    As ``eval_transform``: small images resized to ``size``; large ones resized to size·256/224
-    on the short side, then centre-cropped.
+    As ``recipes.eval_transform``: resized to ``recipes.eval_resize(size)`` on the short side,
+    then centre-cropped.
     """
     x = images.float() / 255.0
     height, width = x.shape[-2:]
-    short = size if size <= 64 else size * 256 // 224
+    short = eval_resize(size)
     if min(height, width) != short:
         scale = short / min(height, width)
         x = F.interpolate(x, size=(round(height * scale), round(width * scale)), mode="bilinear",

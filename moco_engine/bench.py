@@ -3,8 +3,8 @@
 For a named case (backbone, image size, batch, K) it times, on inputs already in device memory:
 
 - a supervised step of the same backbone and batch (forward, cross-entropy, backward, SGD);
-- the engine's MoCo step (``Trainer.train_step``: query and key passes, logits, backward, SGD,
-  EMA, enqueue);
+- the engine's MoCo step (``step.moco_step`` through ``Trainer.train_step``: query and key
+  passes, logits, backward, SGD, EMA, enqueue);
 - the pieces MoCo adds, each alone: the key encoder's forward, the EMA, shuffle-BN's permutation,
   the queue logits (forward and backward) and the enqueue.
 
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .config import UserError, load_config
 from .encoders import SplitBatchNorm, build_backbone
+from .precision import autocast
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def supervised_step(trainer, case: Case, x, labels) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
 
     def step() -> None:
-        with trainer._autocast():
+        with autocast(trainer.device, trainer.amp_dtype):
             loss = F.cross_entropy(model(x).float(), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -165,7 +166,7 @@ def breakdown(trainer, x, idx, repeats: int, warmup: int) -> dict[str, float]:
     k = F.normalize(torch.randn(b, dim, device=device), dim=1)
 
     def key_forward():
-        with torch.no_grad(), trainer._autocast():
+        with torch.no_grad(), autocast(device, trainer.amp_dtype):
             trainer.encoder_k(x)
 
     def shuffle():
@@ -174,7 +175,7 @@ def breakdown(trainer, x, idx, repeats: int, warmup: int) -> dict[str, float]:
 
     def queue_logits():
         neg = trainer.negatives.negatives(q, k, idx)
-        with trainer._autocast():
+        with autocast(device, trainer.amp_dtype):
             loss = info_nce(info_nce_logits(q, k, neg.embeddings, cfg.loss.temperature, neg.drop))
         loss.backward()
 
@@ -197,8 +198,8 @@ def data_path(trainer, steps: int, warmup: int) -> dict[str, float]:
 
     def batches():
         while True:
-            trainer.sampler.set_epoch(trainer.epoch)
-            for (x_q, x_k), _, idx in trainer.loader:
+            trainer.loaders.sampler.set_epoch(trainer.epoch)
+            for (x_q, x_k), _, idx in trainer.loaders.train:
                 yield (x_q.to(device, memory_format=trainer.memory_format, non_blocking=True),
                        x_k.to(device, memory_format=trainer.memory_format, non_blocking=True),
                        idx.to(device, non_blocking=True))
@@ -338,9 +339,9 @@ def _bench(argv: list[str]) -> int:
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
     """``moco-bench [CASE ...] [options]``"""
-    from .cli import _guard
+    from .cli import run_guarded
 
-    return _guard(_bench, argv)
+    return run_guarded(_bench, argv)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,65 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
+# Settings listed first when a checkpoint does not fit: those that shape the state's tensors.
+SHAPING_GROUPS = ("method", "model.", "negatives.", "queue.", "memory_bank.", "loss.", "data.")
+
+
+def tensor_shapes(state: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Every tensor in a nested state (dicts of dicts of tensors) by dotted name, with its shape."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: tuple(state.shape)}
+    if isinstance(state, dict):
+        out: dict[str, tuple[int, ...]] = {}
+        for key, value in state.items():
+            out.update(tensor_shapes(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {}
+
+
+def misfits(saved: dict[str, Any], fresh: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    """How the tensors of a saved state differ from those of a freshly built run's, section by
+    section (``encoder_q``, ``negatives``, ...): names missing on either side, shapes that differ.
+    A section the fresh run does not hold (None) is not compared."""
+    problems = []
+    for section in sections:
+        if fresh.get(section) is None:
+            continue
+        have, want = tensor_shapes(saved.get(section) or {}, section), tensor_shapes(fresh[section], section)
+        for name in sorted(have.keys() | want.keys()):
+            if name not in have:
+                problems.append(f"{name} missing from the checkpoint")
+            elif name not in want:
+                problems.append(f"{name} not in this config's model")
+            elif have[name] != want[name]:
+                if name == "negatives.bank":
+                    problems.append(f"memory bank of N={have[name][0]} items (checkpoint) vs a data set of N={want[name][0]} items")
+                else:
+                    problems.append(f"{name} of shape {have[name]} (checkpoint) vs {want[name]} (config)")
+    return problems
+
+
+def differing_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key a (checkpoint) vs b (config)`` for every setting of :data:`SHAPING_GROUPS` whose
+    value differs (keys a checkpoint predates are left out)."""
+    from .config import valid_keys
+
+    def get(d: Any, key: str) -> Any:
+        for part in key.split("."):
+            if not isinstance(d, dict) or part not in d:
+                return KeyError
+            d = d[part]
+        return d
+
+    out = []
+    for key in valid_keys():
+        if key.startswith(SHAPING_GROUPS) or key in SHAPING_GROUPS:
+            a, b = get(saved, key), get(now, key)
+            if a is not KeyError and a != b:
+                out.append(f"{key} {a!r} (checkpoint) vs {b!r} (config)")
+    return out
+
+
 def latest_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
     """The newest readable checkpoint of a run, or None if it has none.
 

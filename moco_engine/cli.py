@@ -19,7 +19,9 @@ EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3  # the loss became NaN or infinite
 
 
-def _guard(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
+def run_guarded(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
+    """Run a command's ``main(args)``; a :class:`UserError` becomes one line on stderr (rank 0
+    only under torchrun) and exit code 2. Every console entry point goes through it."""
     try:
         return main(list(sys.argv[1:] if argv is None else argv))
     except UserError as e:
@@ -46,7 +48,9 @@ def _train(args: list[str]) -> int:
     cfg = load_config(files, overrides)
 
     from . import distributed as dist  # torch loads only once the config is valid
-    from .engine import NonFiniteLoss, StopRequested, resolve_device, train
+    from .engine import NonFiniteLoss, train
+    from .precision import resolve_device
+    from .run import StopRequested
 
     if dist.restarted() and not cfg.train.resume:
         cfg.train.resume = "auto"  # torchrun --max-restarts restarted us: go on from the checkpoint
@@ -71,7 +75,7 @@ def _train(args: list[str]) -> int:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``moco-train [CONFIG.yaml ...] [key=value ...]``"""
-    return _guard(_train, argv)
+    return run_guarded(_train, argv)
 
 
 def _eval(args: list[str]) -> int:
@@ -102,7 +106,7 @@ def _eval(args: list[str]) -> int:
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """``moco-eval knn|linear CHECKPOINT [key=value ...]``"""
-    return _guard(_eval, argv)
+    return run_guarded(_eval, argv)
 
 
 def _export(args: list[str]) -> int:
@@ -127,7 +131,7 @@ def _export(args: list[str]) -> int:
 
 def export_main(argv: Sequence[str] | None = None) -> int:
     """``moco-export CHECKPOINT [--format torchvision|detectron2|both] [--out PATH]``"""
-    return _guard(_export, argv)
+    return run_guarded(_export, argv)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms as T
 
 from .config import DataConfig, UserError
 
 EMBEDDED_ARCHIVE = Path(__file__).parent / "assets" / "cifar10_sample.tar.xz"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class DataError(UserError):
@@ -244,55 +241,8 @@ def build_splits(cfg: DataConfig, seed: int = 0) -> Splits:
 
 
 # ---------------------------------------------------------------------------------------------
-# Augmentations
+# Views (the recipes themselves are in recipes.py)
 # ---------------------------------------------------------------------------------------------
-def view_transform(preset: str, size: int) -> Callable:
-    """One random view of an image, for the named preset.
-
-    - ``cifar``: the MoCo CIFAR-10 demo's: RandomResizedCrop, flip, colour jitter
-      0.4/0.4/0.4/0.1 with p=0.8, grayscale p=0.2.
-    - ``moco_v1``: MoCo v1's ImageNet recipe (crop scale 0.2-1, grayscale 0.2, jitter 0.4).
-    - ``moco_v2``: MoCo v2's "aug+" (adds Gaussian blur with p=0.5, jitter with p=0.8).
-    """
-    if preset == "cifar":
-        mean, std = CIFAR_MEAN, CIFAR_STD
-        ops = [
-            T.RandomResizedCrop(size),
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-        ]
-    elif preset == "moco_v1":
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-        ops = [
-            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            T.RandomGrayscale(p=0.2),
-            T.ColorJitter(0.4, 0.4, 0.4, 0.4),
-            T.RandomHorizontalFlip(),
-        ]
-    elif preset == "moco_v2":
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, about 10% of the image side
-        ops = [
-            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
-            T.RandomHorizontalFlip(),
-        ]
-    else:
-        raise ValueError(f"unknown augmentation preset {preset!r}")
-    return T.Compose([*ops, T.ToTensor(), T.Normalize(mean, std)])
-
-
-def eval_transform(preset: str, size: int) -> Callable:
-    """The deterministic view used for kNN and linear evaluation."""
-    mean, std = (CIFAR_MEAN, CIFAR_STD) if preset == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
-    # Small images (CIFAR) are used whole; large ones get ImageNet's resize-256-crop-224 ratio.
-    resize = size if size <= 64 else size * 256 // 224
-    return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
-
-
 class TwoViews:
     """Two independent random views (x_q, x_k) of one image."""
 

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .augment import ViewSpec, apply_views, plain_views, random_views
+from .augment import apply_views, plain_views, random_views
 from .data import ArrayImages, DataError, EpochSampler, ImageSet
+from .recipes import ViewSpec
 
 
 def to_device_tensor(images: ImageSet, device: torch.device) -> Tensor:
@@ -36,10 +37,12 @@ def to_device_tensor(images: ImageSet, device: torch.device) -> Tensor:
     return torch.from_numpy(images.images).permute(0, 3, 1, 2).contiguous().to(device)
 
 
-def step_generator(device: torch.device, seed: int, epoch: int, step: int) -> torch.Generator:
-    """The generator of one step's views, seeded from (seed, epoch, step): a run resumed
-    mid-epoch draws exactly the views an uninterrupted one would."""
-    state = int(np.random.SeedSequence([seed, epoch, step]).generate_state(2, dtype=np.uint64)[0] >> 1)
+def step_generator(device: torch.device, seed: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
+    """The generator of one step's views on one rank, seeded from (seed, epoch, step, rank): a
+    run resumed mid-epoch draws exactly the views an uninterrupted one would, and the ranks of a
+    torchrun job draw different views of their images (rank 0 draws what a single process draws)."""
+    entropy = [seed, epoch, step] + ([rank] if rank else [])
+    state = int(np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)[0] >> 1)
     return torch.Generator(device=device).manual_seed(state)
 
 
@@ -61,6 +64,10 @@ class DeviceTwoViews:
         self.spec, self.batch_size, self.sampler, self.seed = spec, batch_size, sampler, seed
         self.drop_last = drop_last
 
+    def apply_to(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """One view of each of ``images`` (n, 3, H, W) uint8 under ``generator``, as a step draws them."""
+        return random_views(images, self.spec, generator, self.apply)
+
     def __len__(self) -> int:
         share = self.sampler.share_size()
         return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
@@ -75,7 +82,7 @@ class DeviceTwoViews:
         for k in range(steps):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
             batch = self.images[idx]
-            g = step_generator(device, self.seed, epoch, first_step + k)
+            g = step_generator(device, self.seed, epoch, first_step + k, self.sampler.rank)
             views = random_views(torch.cat([batch, batch]), self.spec, g, self.apply)
             yield (views[: len(idx)], views[len(idx) :]), self.targets[idx], idx
 

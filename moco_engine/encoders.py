@@ -327,14 +327,3 @@ class MomentumEncoder(nn.Module):
         diff = torch.stack(torch._foreach_norm(torch._foreach_sub(query_params, key_params))).norm()
         return diff / torch.stack(torch._foreach_norm(query_params)).norm().clamp(min=1e-12)
 
-
-def momentum_at(base: float, schedule: str, step: int, total_steps: int) -> float:
-    """The EMA momentum m at ``step`` of ``total_steps``.
-
-    ``constant``: m = base. ``cosine`` (BYOL's): m rises from base to 1,
-    m = 1 − (1 − base)·(cos(π·step/total) + 1)/2.
-    """
-    if schedule == "constant" or total_steps <= 0:
-        return base
-    progress = min(step / total_steps, 1.0)
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0

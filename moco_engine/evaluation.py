@@ -1,32 +1,34 @@
-"""Judging the learned features: extraction, the weighted kNN classifier and the linear probe.
+"""Judging the learned features: encoding a split (sharded under torchrun) and the kNN monitor.
 
 The kNN monitor is the one of Wu et al. 2018 used by the MoCo CIFAR-10 demo: the normalised
 features of the training images are the memory, each test image votes with its k nearest
-neighbours (cosine similarity), each vote weighted by exp(similarity / T).
+neighbours (cosine similarity), each vote weighted by exp(similarity / T). Training runs it every
+``eval.knn_every`` epochs and ``moco-eval knn`` runs it on a checkpoint: both call
+:func:`knn_monitor`. The linear probe is in ``probe.py``.
 
-The linear probe is MoCo's linear classification protocol: a fully connected layer, initialised
-N(0, 0.01), trained on the frozen backbone's features (backbone in eval mode, so not even its
-BatchNorm statistics move) with SGD at lr 30, momentum 0.9, no weight decay, 100 epochs and the
-lr divided by 10 at epochs 60 and 80. ``cached`` is the fast variant: the features of the
-un-augmented training images are extracted once and the fc is trained on them.
+Encodings run under the run's own precision (``precision.autocast``): an fp32 run encodes in
+fp32, a bf16 run in bf16.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+
+from . import distributed as dist
+from .precision import autocast
 
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, loader: DataLoader, device: torch.device, batch_stats: bool = False, normalize: bool = True
+    model: nn.Module, loader: Iterable, device: torch.device, batch_stats: bool = False, normalize: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Run ``model`` over ``loader``, in eval mode unless ``batch_stats``.
+    """Run ``model`` over ``loader``'s ``(images, targets, indices)`` batches, in eval mode
+    unless ``batch_stats``, under autocast to ``dtype`` (None: fp32).
 
     ``batch_stats=True`` keeps BatchNorm on batch statistics, as when the model makes keys during
     training (the memory bank's refresh must match the keys it stands in for).
@@ -37,13 +39,10 @@ def extract_features(
     """
     was_training = model.training
     model.train(batch_stats)
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )
     feats, labels = [], []
     try:
         for images, targets, _ in loader:
-            with autocast:
+            with autocast(device, dtype):
                 out = model(images.to(device, non_blocking=True))
             feats.append(F.normalize(out.float(), dim=1) if normalize else out.float())
             labels.append(targets.to(device))
@@ -98,132 +97,25 @@ def knn_accuracy(
     return {"knn_top1": hits[:, 0].float().mean().item() * 100, "knn_top5": hits.any(1).float().mean().item() * 100}
 
 
-# ---------------------------------------------------------------------------------------------
-# Linear probe
-# ---------------------------------------------------------------------------------------------
-def topk_accuracy(logits: Tensor, labels: Tensor) -> dict[str, float]:
-    """Top-1 and top-5 (%) of class scores (N, C) against labels (N,)."""
-    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hits = ranked == labels[:, None]
-    return {"top1": hits[:, 0].float().mean().item() * 100, "top5": hits.any(1).float().mean().item() * 100}
 
 
-def fit_linear(
-    batches: Callable[[int], Iterable[tuple[Tensor, Tensor]]],
-    width: int,
-    num_classes: int,
-    cfg,
-    device: torch.device,
-    seed: int = 0,
-) -> nn.Linear:
-    """Train the probe's fc with MoCo's recipe.
+def encode_split(model: nn.Module, shard: Iterable, n: int, device: torch.device, dtype: torch.dtype | None = None,
+                 batch_stats: bool = False) -> tuple[Tensor, Tensor]:
+    """Features (n, F) and labels (n,) of a split of n items, each rank encoding its shard
+    (``loaders.shard_indices``; on one process the shard is the whole split).
 
-    Args:
-        batches: epoch -> iterable of (features (B, width) float32, labels (B,)) on ``device``.
-        width: feature size; num_classes: C.
-        cfg: a :class:`~moco_engine.config.LinearConfig` (epochs, lr, momentum, weight_decay,
-            milestones, gamma).
-
-    Returns:
-        the trained ``nn.Linear(width, C)``.
+    The parts are gathered in rank order, which is index order (then the padding, cut off), so
+    every rank ends with the same tensors, each having encoded 1/world of the split.
     """
-    generator = torch.Generator().manual_seed(seed)
-    fc = nn.Linear(width, num_classes)
-    with torch.no_grad():
-        fc.weight.normal_(0.0, 0.01, generator=generator)
-        fc.bias.zero_()
-    fc.to(device)
-    optimizer = torch.optim.SGD(fc.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
-    for epoch in range(cfg.epochs):
-        for features, labels in batches(epoch):
-            loss = F.cross_entropy(fc(features), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        schedule.step()
-    return fc
-
-
-def linear_probe_cached(
-    train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int, cfg, seed: int = 0
-) -> dict[str, float]:
-    """The fast probe: the fc trained on fixed features.
-
-    Args:
-        train, test: (features (N, F) float32, labels (N,)) on one device.
-
-    Returns:
-        {"top1", "top5"} (%) on the test features.
-    """
-    features, labels = train
-    device = features.device
-    generator = torch.Generator().manual_seed(seed)
-
-    def batches(epoch: int):
-        order = torch.randperm(len(labels), generator=generator).to(device)
-        for chunk in order.split(cfg.batch_size):
-            yield features[chunk], labels[chunk]
-
-    fc = fit_linear(batches, features.shape[1], num_classes, cfg, device, seed)
-    with torch.no_grad():
-        return topk_accuracy(fc(test[0]), test[1])
-
-
-def _fingerprint(module: nn.Module) -> dict[str, Tensor]:
-    return {name: t.detach().clone() for name, t in module.state_dict().items()}
+    features, labels = extract_features(model, shard, device, batch_stats=batch_stats, dtype=dtype)
+    return dist.all_gather_cat(features, same_size=True)[:n], dist.all_gather_cat(labels, same_size=True)[:n]
 
 
 @torch.no_grad()
-def _unchanged(module: nn.Module, before: dict[str, Tensor]) -> bool:
-    return all(torch.equal(t, before[name]) for name, t in module.state_dict().items())
-
-
-def linear_probe(
-    backbone: nn.Module,
-    train_loader: Iterable,
-    test_loader: Iterable,
-    width: int,
-    num_classes: int,
-    cfg,
-    device: torch.device,
-    seed: int = 0,
-) -> dict[str, float]:
-    """MoCo's linear classification protocol on a frozen backbone.
-
-    ``train_loader`` yields augmented ``(images, labels, index)`` batches, ``test_loader`` plain
-    ones. The backbone runs in eval mode without gradients; afterwards every tensor of its
-    state_dict is checked against a copy taken before (a probe that moved the backbone would
-    measure something else).
-
-    Returns:
-        {"top1", "top5"} (%) on the test split.
-
-    Raises:
-        RuntimeError: the backbone changed during the probe.
-    """
-    before = _fingerprint(backbone)
-    was_training = backbone.training
-    backbone.eval()
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )
-
-    def features(images: Tensor) -> Tensor:
-        with torch.no_grad(), autocast:
-            return backbone(images.to(device, non_blocking=True)).float()
-
-    def batches(epoch: int):
-        for images, labels, _ in train_loader:
-            yield features(images), labels.to(device)
-
-    try:
-        fc = fit_linear(batches, width, num_classes, cfg, device, seed)
-        with torch.no_grad():
-            logits, labels = zip(*[(fc(features(images)), y.to(device)) for images, y, _ in test_loader])
-        result = topk_accuracy(torch.cat(logits), torch.cat(labels))
-    finally:
-        backbone.train(was_training)
-    if not _unchanged(backbone, before):
-        raise RuntimeError("the backbone changed during the linear probe")
-    return result
+def knn_monitor(model: nn.Module, train: Iterable, test: Iterable, num_train: int, num_test: int, num_classes: int,
+                k: int, temperature: float, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Weighted kNN top-1/top-5 (%) of the test split against the train split, both encoded by
+    ``model`` in eval mode (``train`` and ``test`` are this rank's shards of the two splits)."""
+    memory, memory_labels = encode_split(model, train, num_train, device, dtype)
+    query, query_labels = encode_split(model, test, num_test, device, dtype)
+    return knn_accuracy(query, query_labels, memory, memory_labels, num_classes, k, temperature)

@@ -7,8 +7,6 @@ dtype of the encoders, because 1/T (T as small as 0.07) amplifies bf16's roundin
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 
 import torch
@@ -85,6 +83,13 @@ def nce(logits: Tensor, num_items: int, log_z: Tensor) -> Tensor:
     log_not_h_neg = log_noise - log_denominator[:, 1:]
     log_not_h_neg = torch.where(torch.isinf(logits[:, 1:]), 0.0, log_not_h_neg)
     return -(log_h_pos + log_not_h_neg.sum(dim=1)).mean()
+
+
+def blend_log_z(log_z: Tensor, estimate: Tensor, momentum: float = 0.99) -> Tensor:
+    """NCE's normaliser after one more batch: the first estimate as is (``log_z`` NaN), then a
+    moving average of Z, log(m·Z + (1 − m)·Ẑ); all () tensors, no host sync."""
+    blended = torch.logaddexp(log_z + math.log(momentum), estimate + math.log(1 - momentum))
+    return torch.where(torch.isnan(log_z), estimate, blended)
 
 
 def estimate_log_z(logits: Tensor, num_items: int) -> Tensor:
@@ -194,27 +199,36 @@ def debiased_loss(
 
 
 def mochi_negatives(
-    q: Tensor, negatives: Tensor, hardest: int, mix: int, mix_query: int, generator: torch.Generator | None = None
+    q: Tensor, negatives: Tensor, hardest: int, mix: int, mix_query: int, generator: torch.Generator | None = None,
+    drop: Tensor | None = None,
 ) -> Tensor:
     """MoCHi's synthetic hard negatives (Kalantidis et al. 2020), per query, without gradients.
 
     From each query's ``hardest`` most similar negatives, ``mix`` points h = normalize(α n_i +
     (1 − α) n_j) (α ~ U(0, 1), i, j drawn among the hardest) and ``mix_query`` points
-    h' = normalize(β q + (1 − β) n_j) (β ~ U(0, 0.5)).
+    h' = normalize(β q + (1 − β) n_j) (β ~ U(0, 0.5)). Only negatives that count are mixed:
+    entries ``drop`` (B, K) marks (the query's own views, its bank item, its older key) are
+    never in its pool. The similarities that choose the pool are float32, as the logits are,
+    also under autocast.
 
     Returns:
         (B, mix + mix_query, D) unit vectors.
     """
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         q = _up(q)
         neg = _up(negatives).to(q.dtype)
         b, k = q.shape[0], neg.shape[0]
-        top = (q @ neg.t()).topk(min(hardest, k), dim=1).indices  # (B, H)
+        sim = q @ neg.t()  # (B, K)
+        if drop is not None:
+            sim = sim.masked_fill(drop, float("-inf"))
+        top_sim, top = sim.topk(min(hardest, k), dim=1)  # (B, H), the counted ones first
+        counted = torch.isfinite(top_sim).sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1)
         pool = neg[top]  # (B, H, D)
         device = q.device
 
-        def pick(count: int) -> Tensor:  # (B, count, D) random members of each query's pool
-            idx = torch.randint(0, pool.shape[1], (b, count), device=device, generator=generator)
+        def pick(count: int) -> Tensor:  # (B, count, D) random counted members of each query's pool
+            u = torch.rand(b, count, device=device, generator=generator)
+            idx = (u * counted).long().clamp(max=pool.shape[1] - 1)
             return pool.gather(1, idx[..., None].expand(-1, -1, pool.shape[2]))
 
         parts = []
@@ -234,7 +248,7 @@ def mochi_loss(
     """InfoNCE with MoCHi's synthetic hard negatives appended to each query's negatives; with
     no mixed points it is InfoNCE."""
     logits = info_nce_logits(q, p, negatives, temperature, drop)  # (B, 1 + K)
-    synthetic = mochi_negatives(q, negatives, mochi_hardest, mochi_mix, mochi_mix_query, generator)
+    synthetic = mochi_negatives(q, negatives, mochi_hardest, mochi_mix, mochi_mix_query, generator, drop)
     with torch.autocast(q.device.type, enabled=False):
         extra = torch.einsum("bd,bmd->bm", _up(q).to(logits.dtype), synthetic.to(logits.dtype)) / temperature  # (B, M)
     return info_nce(torch.cat([logits, extra], dim=1))
@@ -246,9 +260,9 @@ def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
     return (2 - 2 * F.cosine_similarity(_up(prediction), _up(target).detach(), dim=1)).mean()
 
 
-#: loss.name -> the objective. Each takes (q, p, negatives, drop) and keyword hyper-parameters
-#: named as the ``loss.*`` config keys; ``nce`` (Wu et al.'s, with the memory bank's normaliser)
-#: is computed by the trainer from the logits and is listed for completeness.
+#: loss.name -> the objective. Each takes (q, p, negatives, drop) and keyword hyper-parameters;
+#: ``objectives.build_objective`` binds them from ``cfg.loss`` by name, one by one. ``nce``
+#: (Wu et al.'s, with the memory bank's normaliser) takes logits and log Z instead.
 LOSSES = {
     "infonce": info_nce_loss,
     "nt_xent": info_nce_loss,
@@ -261,13 +275,3 @@ LOSSES = {
     "mochi": mochi_loss,
 }
 
-
-@functools.cache
-def _accepted(name: str) -> frozenset[str]:
-    return frozenset(inspect.signature(LOSSES[name]).parameters)
-
-
-def contrastive_objective(name: str, q: Tensor, p: Tensor, negatives: Tensor, drop: Tensor | None, **hyper) -> Tensor:
-    """``LOSSES[name]`` called with the hyper-parameters it takes (others in ``hyper`` ignored)."""
-    accepted = _accepted(name)
-    return LOSSES[name](q, p, negatives, drop, **{k: v for k, v in hyper.items() if k in accepted})

@@ -20,7 +20,6 @@ any DDP wrapper: every process updates it identically from the gathered keys.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -189,16 +188,9 @@ class MemoryBank(NegativeSource):
         self.register_buffer("bank", F.normalize(torch.randn(num_items, dim, generator=generator), dim=1))
         self.register_buffer("written", torch.zeros(num_items, dtype=torch.long))
         self.register_buffer("clock", torch.zeros((), dtype=torch.long))
-        # NCE's normalising constant (log Z): NaN until the first batch estimates it.
+        # NCE's normalising constant (log Z): NaN until the first batch estimates it; kept by
+        # objectives.NCEObjective after each optimizer step.
         self.register_buffer("log_z", torch.full((), float("nan")))
-
-    @torch.no_grad()
-    def track_log_z(self, estimate: Tensor, momentum: float = 0.99) -> Tensor:
-        """Keep log Z: the first estimate as is, then a moving average of Z; returns log Z ()."""
-        blended = torch.logaddexp(self.log_z + math.log(momentum), estimate + math.log(1 - momentum))
-        # torch.where, not an if: no host sync in the step.
-        self.log_z.copy_(torch.where(torch.isnan(self.log_z), estimate, blended))
-        return self.log_z.clone()
 
     def sample(self, device: torch.device) -> Tensor:
         """K item indices (K,), uniform over the N items."""

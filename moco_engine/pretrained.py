@@ -17,9 +17,12 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import Config, UserError, load_config
-from .data import EpochSampler, Indexed, build_splits, eval_transform, make_loader
+from .data import EpochSampler, Indexed, build_splits, make_loader
 from .encoders import Encoder, build_encoder
-from .evaluation import extract_features, knn_accuracy, linear_probe, linear_probe_cached
+from .evaluation import extract_features, knn_monitor
+from .precision import autocast_dtype, resolve_device
+from .probe import linear_probe, linear_probe_cached
+from .recipes import eval_transform, probe_transform
 
 
 def open_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Encoder, Path]:
@@ -109,42 +112,26 @@ def export(encoder: Encoder, out_stem: Path, formats: list[str]) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 # Evaluation of a checkpoint
 # ---------------------------------------------------------------------------------------------
-def _device(cfg: Config) -> torch.device:
-    from .engine import resolve_device
-
-    return resolve_device(cfg.train.device)
-
-
 def evaluate_knn(cfg: Config, encoder: Encoder) -> dict[str, float]:
-    """Weighted kNN (``eval.knn_k``, ``eval.knn_t``) of the test split against the train split."""
-    device = _device(cfg)
+    """Weighted kNN (``eval.knn_k``, ``eval.knn_t``) of the test split against the train split:
+    the monitor training runs (``evaluation.knn_monitor``), at the run's ``train.precision``."""
+    device = resolve_device(cfg.train.device)
     splits = build_splits(cfg.data, seed=cfg.train.seed)
     if splits.test is None:
         raise UserError("config key 'data.test_split' is empty: kNN needs a test split to classify")
     plain = eval_transform(cfg.data.augmentation, cfg.data.image_size)
     loader = lambda images: make_loader(Indexed(images, plain), cfg.eval.batch_size, cfg.data.num_workers)  # noqa: E731
     model = (encoder.backbone if cfg.eval.knn_features == "backbone" else encoder).to(device)
-    memory, memory_labels = extract_features(model, loader(splits.train), device)
-    query, query_labels = extract_features(model, loader(splits.test), device)
-    result = knn_accuracy(query, query_labels, memory, memory_labels, len(splits.train.classes), cfg.eval.knn_k, cfg.eval.knn_t)
+    result = knn_monitor(model, loader(splits.train), loader(splits.test), len(splits.train), len(splits.test),
+                         len(splits.train.classes), cfg.eval.knn_k, cfg.eval.knn_t, device,
+                         autocast_dtype(cfg.train.precision, device))
     return {**result, "knn_k": cfg.eval.knn_k, "knn_t": cfg.eval.knn_t, "features": cfg.eval.knn_features}
-
-
-def probe_transform(preset: str, size: int):
-    """The linear probe's training augmentation: MoCo's RandomResizedCrop and flip for large
-    images; for small ones (CIFAR) the usual 4-pixel-padded random crop and flip."""
-    from torchvision import transforms as T
-
-    from .data import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
-
-    mean, std = (CIFAR_MEAN, CIFAR_STD) if preset == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
-    crop = T.RandomCrop(size, padding=size // 8) if size <= 64 else T.RandomResizedCrop(size)
-    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
 def evaluate_linear(cfg: Config, encoder: Encoder) -> dict[str, Any]:
     """The linear probe of ``linear.*`` on the backbone (its output before the head)."""
-    device = _device(cfg)
+    device = resolve_device(cfg.train.device)
+    dtype = autocast_dtype(cfg.train.precision, device)
     splits = build_splits(cfg.data, seed=cfg.train.seed)
     if splits.test is None:
         raise UserError("config key 'data.test_split' is empty: the linear probe needs a test split")
@@ -155,15 +142,17 @@ def evaluate_linear(cfg: Config, encoder: Encoder) -> dict[str, Any]:
     test_loader = make_loader(Indexed(splits.test, plain), bs, workers)
     lin = cfg.linear
     if lin.cached:
-        train = extract_features(backbone, make_loader(Indexed(splits.train, plain), bs, workers), device, normalize=False)
-        test = extract_features(backbone, test_loader, device, normalize=False)
+        train = extract_features(backbone, make_loader(Indexed(splits.train, plain), bs, workers), device, normalize=False,
+                                 dtype=dtype)
+        test = extract_features(backbone, test_loader, device, normalize=False, dtype=dtype)
         result = linear_probe_cached(train, test, num_classes, lin, seed=cfg.train.seed)
     else:
         sampler = _ShuffledEpochs(len(splits.train), cfg.train.seed)
         augmented = Indexed(splits.train, probe_transform(cfg.data.augmentation, cfg.data.image_size), cfg.train.seed)
         train_loader = make_loader(augmented, bs, workers, sampler)
         width = next(m for m in encoder.head.modules() if isinstance(m, nn.Linear)).in_features
-        result = linear_probe(backbone, train_loader, test_loader, width, num_classes, lin, device, seed=cfg.train.seed)
+        result = linear_probe(backbone, train_loader, test_loader, width, num_classes, lin, device, seed=cfg.train.seed,
+                              dtype=dtype)
     return {**result, "variant": "cached" if lin.cached else "augmented", "epochs": lin.epochs, "lr": lin.lr}
 
 

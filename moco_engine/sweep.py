@@ -241,9 +241,9 @@ def _sweep(argv: list[str]) -> int:
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
     """``moco-sweep SWEEP.yaml [--out DIR] [--nproc N] [--count N] [--dry-run]``"""
-    from .cli import _guard
+    from .cli import run_guarded
 
-    return _guard(_sweep, argv)
+    return run_guarded(_sweep, argv)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,36 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+from torch import Tensor
 from tqdm import tqdm
 
+from . import distributed as dist
+
 METRICS_FILE = "metrics.jsonl"
+
+
+class DeviceMeans:
+    """Running sums of per-step metrics (0-d tensors) kept on the device, so the steps never
+    wait for the host; :meth:`means` fetches them in one host sync."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, Tensor]) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0) + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        """Per-step means, averaged over the ranks (a collective under torchrun: every rank
+        calls it at the same steps)."""
+        if not self.count:
+            return {}
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in self.sums.values()])
+        values = dist.all_reduce_mean(stacked).tolist()
+        return {name: value / self.count for name, value in zip(self.sums, values)}
 
 
 class Backend(Protocol):

@@ -24,12 +24,12 @@ from moco_engine.evaluation import extract_features, knn_accuracy  # noqa: E402
 
 
 def unsharded_knn(trainer: Trainer) -> dict[str, float]:
-    """The kNN accuracy of ``Trainer._knn``, every split encoded whole by this process alone."""
-    cfg = trainer.cfg.eval
+    """The kNN accuracy of ``Trainer.evaluate_knn``, every split encoded whole by this process alone."""
+    cfg, loaders = trainer.cfg.eval, trainer.loaders
     model = trainer.encoder_q.backbone if cfg.knn_features == "backbone" else trainer.encoder_q
-    memory = extract_features(model, trainer.plain_train_loader, trainer.device)
-    query = extract_features(model, trainer.test_loader, trainer.device)
-    return knn_accuracy(*query, *memory, trainer.num_classes, cfg.knn_k, cfg.knn_t)
+    memory = extract_features(model, loaders.plain_train, trainer.device)
+    query = extract_features(model, loaders.test, trainer.device)
+    return knn_accuracy(*query, *memory, loaders.num_classes, cfg.knn_k, cfg.knn_t)
 
 
 def main() -> int:
@@ -50,13 +50,13 @@ def main() -> int:
 
     def dumping_fit(self):
         result = original_fit(self)
-        encoder = self.encoder_q if self.negatives.end_to_end else self.encoder_k
-        full = extract_features(encoder, self.plain_train_loader, self.device, batch_stats=True)[0]
+        encoder = self.encoder_q if self.encoder_k is None else self.encoder_k
+        full = extract_features(encoder, self.loaders.plain_train, self.device, batch_stats=True)[0]
         torch.save({
             "negatives": {k: v.cpu() for k, v in self.negatives.state_dict().items()},
             "encoder_q": {k: v.cpu() for k, v in self.encoder_q.state_dict().items()},
             "seen": seen, "world": dist.world_size(), "step": self.step, "full_encoding": full.cpu(),
-            "shard_batches": [len(idx) for _, _, idx in self.plain_train_shard],
+            "shard_batches": [len(idx) for _, _, idx in self.loaders.plain_train_shard],
             # kNN as each rank computed it (sharded encoding), and on one process's whole splits.
             "knn": self.evaluate_knn(), "knn_unsharded": unsharded_knn(self),
         }, out / f"rank{dist.rank()}.pt")

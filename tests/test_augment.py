@@ -19,19 +19,12 @@ from moco_engine.augment import (
     jitter_params,
     plain_views,
     random_views,
-    view_spec,
     view_statistics,
 )
 from moco_engine.config import DataConfig
-from moco_engine.data import (
-    CIFAR_MEAN,
-    CIFAR_STD,
-    EpochSampler,
-    build_splits,
-    eval_transform,
-    view_transform,
-)
+from moco_engine.data import EpochSampler, build_splits
 from moco_engine.device_data import DevicePlain, DeviceTwoViews
+from moco_engine.recipes import CIFAR_MEAN, CIFAR_STD, eval_transform, view_spec, view_transform
 
 
 def gen(seed: int = 0) -> torch.Generator:

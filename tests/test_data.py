@@ -14,11 +14,10 @@ from moco_engine.data import (
     Indexed,
     TwoViews,
     build_splits,
-    eval_transform,
     read_archive,
     synthetic_images,
-    view_transform,
 )
+from moco_engine.recipes import eval_transform, view_transform
 
 
 def write_image_tree(root, split="train", classes=("a", "b"), per_class=3, size=12):

@@ -11,8 +11,8 @@ from moco_engine.encoders import (
     SplitBatchNorm,
     build_backbone,
     build_encoder,
-    momentum_at,
 )
+from moco_engine.schedules import momentum_at
 
 
 def small_net() -> nn.Module:

@@ -12,8 +12,8 @@ from torchvision import transforms as T
 
 from moco_engine.checkpoint import checkpoint_files, latest_checkpoint
 from moco_engine.config import UserError, load_config
-from moco_engine.data import TwoViews
-from moco_engine.engine import Trainer, lr_at
+from moco_engine.engine import Trainer
+from moco_engine.schedules import lr_at
 
 
 def tiny(tmp_path, *extra):
@@ -48,9 +48,8 @@ def test_a_short_run_of_each_kind_lowers_its_loss(tmp_path, kind):
                "queue.size=256", "train.epochs=6", "train.steps_per_epoch=0", "train.log_every=1", "optim.lr=0.05",
                "model.bn=shuffle", "model.bn_splits=2", "model.dim=32", f"negatives.kind={kind}",
                "memory_bank.init=encode", "memory_bank.positive=key", "eval.knn_every=0")
-    trainer = Trainer(cfg)
     mild = T.Compose([T.ToTensor(), T.Lambda(lambda x: x - 0.5 + 0.05 * torch.randn_like(x))])
-    trainer.loader.dataset.transform = TwoViews(mild)
+    trainer = Trainer(cfg, view=mild)
     trainer.fit()
     losses = [r["loss"] for r in records(tmp_path / "run", "step")]
     assert len(losses) == 60
@@ -67,7 +66,7 @@ def test_bank_refresh_equals_a_fresh_encoding_of_every_item(tmp_path):
     metrics = trainer.train_epoch()  # ends with the refresh
     assert metrics["refresh_s"] > 0 and 0 < metrics["refresh_pct"] < 100
     # Encode every item again, batch by batch as the refresh does (BN on batch statistics).
-    dataset = trainer.plain_train_loader.dataset
+    dataset = trainer.loaders.plain_train.dataset
     encoder = trainer.encoder_k.train()
     batch = cfg_batch = trainer.cfg.eval.batch_size
     with torch.no_grad():

@@ -34,7 +34,7 @@ def test_knn_accuracy_on_separable_features():
 
 def test_cached_linear_probe_separates_linearly_separable_features():
     from moco_engine.config import LinearConfig
-    from moco_engine.evaluation import linear_probe_cached
+    from moco_engine.probe import linear_probe_cached
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 4, generator=g)
@@ -52,7 +52,7 @@ def test_linear_probe_trains_only_the_fc_and_checks_the_backbone():
     from torch import nn
 
     from moco_engine.config import LinearConfig
-    from moco_engine.evaluation import linear_probe
+    from moco_engine.probe import linear_probe
 
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU())

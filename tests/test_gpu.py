@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import TINY
 
-from moco_engine.augment import random_views, view_spec
+from moco_engine.augment import random_views
 from moco_engine.config import load_config
 from moco_engine.encoders import SplitBatchNorm
 from moco_engine.engine import Trainer
+from moco_engine.recipes import view_spec
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

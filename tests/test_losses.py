@@ -66,7 +66,6 @@ import pytest as _pytest  # noqa: E402
 from moco_engine.losses import (  # noqa: E402
     LOSSES,
     byol_loss,
-    contrastive_objective,
     debiased_loss,
     info_nce_loss,
     lifted_structured_loss,
@@ -173,7 +172,12 @@ def test_byol_loss_by_hand():
 def test_gradients_match_finite_differences(name):
     q, p, n = _tiny(9, b=2, k=4, d=3)
     q = q.clone().requires_grad_()
-    fn = lambda x: contrastive_objective(name, x, p, n, None, temperature=0.5, tau_plus=0.1)  # noqa: E731
+    from moco_engine.config import LossConfig
+    from moco_engine.negatives import Negatives, Queue
+    from moco_engine.objectives import build_objective
+
+    objective = build_objective(LossConfig(name=name, temperature=0.5, tau_plus=0.1), Queue(4, 3))
+    fn = lambda x: objective(x, p, Negatives(n), info_nce_logits(x, p, n, 0.5))  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q,), eps=1e-6, atol=1e-5)
 
 

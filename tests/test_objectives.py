@@ -10,9 +10,9 @@ from conftest import TINY
 from torchvision import transforms as T
 
 from moco_engine.config import load_config
-from moco_engine.data import TwoViews
 from moco_engine.engine import Trainer
 from moco_engine.losses import LOSSES
+from moco_engine.objectives import build_objective
 
 
 @pytest.mark.parametrize("kind,names", [
@@ -23,11 +23,12 @@ from moco_engine.losses import LOSSES
 def test_objectives_train_a_step_over_each_negative_source(tmp_path, kind, names):
     trainer = Trainer(load_config([], [*TINY, f"train.out_dir={tmp_path / kind}", f"negatives.kind={kind}", "train.epochs=10",
                                        "loss.mochi_hardest=16", "loss.mochi_mix=8", "loss.mochi_mix_query=4"]))
-    trainer.sampler.set_epoch(0)
-    (x_q, x_k), _, idx = next(iter(trainer.loader))
+    trainer.loaders.sampler.set_epoch(0)
+    (x_q, x_k), _, idx = next(iter(trainer.loaders.train))
     last = [m for m in trainer.encoder_q.head.modules() if isinstance(m, torch.nn.Linear)][-1]
     for name in names:
         trainer.cfg.loss.name = name
+        trainer.parts.objective = build_objective(trainer.cfg.loss, trainer.negatives)  # bound once per run
         before = last.weight.detach().clone()
         metrics = trainer.train_step(x_q, x_k, idx)
         assert torch.isfinite(metrics["loss"]), (kind, name)
@@ -40,10 +41,9 @@ def test_a_short_byol_run_lowers_its_loss_without_collapse(tmp_path):
                            "optim.batch_size=32", "train.steps_per_epoch=0", "train.epochs=3", "train.log_every=1",
                            "model.momentum=0.99", "model.momentum_schedule=cosine", "loss.byol_hidden_dim=64",
                            "model.head=mlp_bn", "optim.lr=0.05", "eval.knn_every=0"])
-    trainer = Trainer(cfg)
-    assert trainer.predictor is not None and type(trainer.negatives).__name__ == "NoNegatives"
     mild = T.Compose([T.ToTensor(), T.Lambda(lambda x: x - 0.5 + 0.05 * torch.randn_like(x))])
-    trainer.loader.dataset.transform = TwoViews(mild)
+    trainer = Trainer(cfg, view=mild)
+    assert trainer.predictor is not None and type(trainer.negatives).__name__ == "NoNegatives"
     trainer.fit()
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if r["kind"] == "step"]

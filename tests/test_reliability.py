@@ -21,6 +21,7 @@ from moco_engine.checkpoint import checkpoint_files, latest_checkpoint, load_che
 from moco_engine.config import load_config
 from moco_engine.data import DataError, FolderImages, read_archive
 from moco_engine.engine import NonFiniteLoss, Trainer
+from moco_engine.objectives import Objective
 
 
 def trainer(tmp_path, *extra) -> Trainer:
@@ -29,13 +30,8 @@ def trainer(tmp_path, *extra) -> Trainer:
 
 def poison(t: Trainer, steps: set[int]) -> None:
     """Make the loss NaN at the given (0-based) steps."""
-    original = t.contrastive_loss
-
-    def contrastive_loss(*args):
-        loss, *rest = original(*args)
-        return (loss * float("nan") if t.step in steps else loss), *rest
-
-    t.contrastive_loss = contrastive_loss
+    original = t.parts.objective
+    t.parts.objective = Objective(lambda *args: original(*args) * (float("nan") if t.step in steps else 1.0))
 
 
 def test_nonfinite_steps_are_skipped_without_touching_the_state(tmp_path, capsys):
@@ -70,15 +66,15 @@ def test_more_nonfinite_steps_than_allowed_stop_the_run(tmp_path):
 
 def test_fp16_gradscaler_skips_an_overflowing_step_and_recovers(tmp_path):
     t = trainer(tmp_path, "train.precision=fp16", "train.device=cpu")
-    assert t.amp_dtype == torch.float16 and t.scaler.is_enabled()
+    assert t.amp_dtype == torch.float16 and t.parts.scaler.is_enabled()
     # A scale far too large, so the first steps' fp16 gradients overflow; each overflow divides it
     # by 256 (instead of GradScaler's default 2) to reach a workable scale in a few CPU steps.
-    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8)
+    t.parts.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8)
     weights = {k: v.clone() for k, v in t.encoder_q.state_dict().items() if "running" not in k and "num_batches" not in k}
-    t.sampler.set_epoch(0)
-    (x_q, x_k), _, idx = next(iter(t.loader))
+    t.loaders.sampler.set_epoch(0)
+    (x_q, x_k), _, idx = next(iter(t.loaders.train))
     t.train_step(x_q, x_k, idx)
-    assert t.scaler.get_scale() < 2.0**40  # overflow found: the scale went down...
+    assert t.parts.scaler.get_scale() < 2.0**40  # overflow found: the scale went down...
     assert all(torch.equal(t.encoder_q.state_dict()[k], v) for k, v in weights.items())  # ...and SGD was skipped
     for _ in range(10):  # the scale comes down to where fp16 gradients fit, then steps are taken
         metrics = t.train_step(x_q, x_k, idx)

@@ -11,7 +11,8 @@ from conftest import TINY
 
 from moco_engine.checkpoint import latest_checkpoint
 from moco_engine.config import load_config
-from moco_engine.engine import PREVIEW_FILE, Trainer
+from moco_engine.engine import Trainer
+from moco_engine.run import PREVIEW_FILE
 from moco_engine.tracking import wandb_mode
 
 STEP_METRICS = {

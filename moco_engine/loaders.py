@@ -1,0 +1,166 @@
+"""The batches a run reads: training pairs, and the plain splits the evaluations encode.
+
+:func:`build_loaders` builds either data path from ``cfg.data`` and hands back one
+:class:`Loaders`:
+
+- ``data.pipeline=cpu``: DataLoaders, PIL decoding and augmentation in ``data.num_workers``
+  processes (``data.Indexed`` seeds each item's views by (seed, epoch, index));
+- ``data.pipeline=device``: images decoded once into device memory and augmented there in
+  batches (``device_data``; each step's views seeded by (seed, epoch, step, rank)).
+
+Both yield ``((x_q, x_k), targets, indices)`` training batches in :class:`data.EpochSampler`'s
+order, and ``(x, targets, indices)`` plain batches in index order, so nothing downstream asks
+which path it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import Config, UserError
+from .data import EpochSampler, Indexed, Splits, TwoViews, build_splits, make_loader
+from .device_data import DevicePlain, DeviceTwoViews, step_generator, to_device_tensor
+from .recipes import ViewSpec, eval_transform, view_spec, view_transform
+
+
+@dataclass
+class Loaders:
+    """What :func:`build_loaders` makes for one rank.
+
+    Attributes:
+        train: this rank's training batches ``((x_q, x_k) (B, 3, S, S) each, targets (B,),
+            indices (B,))``, in ``sampler``'s order.
+        sampler: the epoch order (``set_epoch(epoch, skip)`` before iterating ``train``).
+        plain_train, test: the whole train and test splits, un-augmented, in index order
+            (``test`` is None when the data set has no test split).
+        plain_train_shard, test_shard: this rank's shards of them (:func:`shard_indices`);
+            the same objects as the whole splits on one process.
+        num_items, num_test, num_classes: N of the train split, of the test split, and C.
+        steps_per_epoch: optimizer steps per epoch (``train.steps_per_epoch`` caps it).
+        spec: the augmentation recipe the training views follow.
+    """
+
+    train: Iterable
+    sampler: EpochSampler
+    plain_train: Iterable
+    plain_train_shard: Iterable
+    test: Iterable | None
+    test_shard: Iterable | None
+    num_items: int
+    num_test: int
+    num_classes: int
+    steps_per_epoch: int
+    spec: ViewSpec
+
+
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """This rank's contiguous part of the indices 0 … n − 1 (sharded encoding of a split).
+
+    Every rank's part is ceil(n / world) long, the tail padded with the last item: the ranks
+    then run the same number of batches of the same sizes, which SyncBN's per-layer collectives
+    need (unequal parts could leave one rank waiting for a batch that never comes). The
+    gathered encodings are cut back to n.
+    """
+    size = -(-n // world)
+    return [min(i, n - 1) for i in range(rank * size, (rank + 1) * size)]
+
+
+def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
+                  view: Callable | None = None) -> Loaders:
+    """Open ``cfg.data`` and build this rank's loaders.
+
+    Args:
+        view: the CPU path's random view of a PIL image in place of the recipe's (tests use a
+            mild one to make a few steps learn); the device path takes only recipes.
+
+    Raises:
+        UserError: the data cannot be used (missing, or fewer images than one global batch).
+    """
+    splits = build_splits(cfg.data, seed=cfg.train.seed)
+    num_items = len(splits.train)
+    if num_items < cfg.optim.batch_size * world:
+        raise UserError(
+            f"config key 'optim.batch_size' = {cfg.optim.batch_size}: larger than the data set "
+            f"({num_items} images), so no full batch can be drawn"
+        )
+    sampler = EpochSampler(num_items, cfg.train.seed, True, rank, world)
+    spec = view_spec(cfg.data.augmentation, cfg.data.image_size)
+    if cfg.data.pipeline == "device":
+        train, plain = _device_loaders(cfg, splits, spec, sampler, device, rank, world)
+    else:
+        train, plain = _cpu_loaders(cfg, splits, sampler, device, rank, world, view)
+    steps = len(train)
+    if cfg.train.steps_per_epoch:
+        steps = min(steps, cfg.train.steps_per_epoch)
+    return Loaders(
+        train=train, sampler=sampler, plain_train=plain["train"], plain_train_shard=plain["train_shard"],
+        test=plain["test"], test_shard=plain["test_shard"], num_items=num_items,
+        num_test=len(splits.test) if splits.test is not None else 0, num_classes=len(splits.train.classes),
+        steps_per_epoch=steps, spec=spec,
+    )
+
+
+def _cpu_loaders(cfg: Config, splits: Splits, sampler: EpochSampler, device: torch.device, rank: int, world: int,
+                 view: Callable | None) -> tuple[Iterable, dict]:
+    pin = device.type == "cuda"
+    view = view or view_transform(cfg.data.augmentation, cfg.data.image_size)
+    train = make_loader(Indexed(splits.train, TwoViews(view), cfg.train.seed), cfg.optim.batch_size,
+                        cfg.data.num_workers, sampler, drop_last=cfg.data.drop_last, pin_memory=pin)
+    plain = eval_transform(cfg.data.augmentation, cfg.data.image_size)
+
+    def plain_loader(split, shard=None):
+        return make_loader(Indexed(split, plain), cfg.eval.batch_size, cfg.data.num_workers, sampler=shard,
+                           pin_memory=pin)
+
+    def whole_and_shard(split):
+        whole = plain_loader(split)
+        return whole, (plain_loader(split, shard_indices(len(split), rank, world)) if world > 1 else whole)
+
+    out = dict(zip(("train", "train_shard"), whole_and_shard(splits.train)))
+    out["test"], out["test_shard"] = whole_and_shard(splits.test) if splits.test is not None else (None, None)
+    return train, out
+
+
+def _device_loaders(cfg: Config, splits: Splits, spec: ViewSpec, sampler: EpochSampler, device: torch.device,
+                    rank: int, world: int) -> tuple[Iterable, dict]:
+    images = to_device_tensor(splits.train, device)
+    train = DeviceTwoViews(images, splits.train.targets, spec, cfg.optim.batch_size, sampler, cfg.train.seed,
+                           compile=cfg.train.compile, drop_last=cfg.data.drop_last)
+    size, bs = cfg.data.image_size, cfg.eval.batch_size
+
+    def whole_and_shard(split, pixels: Tensor):
+        whole = DevicePlain(pixels, split.targets, bs, size, spec.mean, spec.std)
+        if world == 1:
+            return whole, whole
+        shard = shard_indices(len(split), rank, world)
+        part = pixels[torch.tensor(shard, device=pixels.device)]
+        return whole, DevicePlain(part, [split.targets[i] for i in shard], bs, size, spec.mean, spec.std)
+
+    out = dict(zip(("train", "train_shard"), whole_and_shard(splits.train, images)))
+    out["test"], out["test_shard"] = (whole_and_shard(splits.test, to_device_tensor(splits.test, device))
+                                      if splits.test is not None else (None, None))
+    return train, out
+
+
+@torch.no_grad()
+def preview_pairs(loaders: Loaders, n: int, seed: int) -> Tensor:
+    """Query and key views of the first n training images, drawn as training draws them (the
+    CPU path: exactly epoch 0's views of those items), un-normalised to [0, 1]:
+    (2n, 3, S, S) as q0, k0, q1, k1, ..."""
+    spec = loaders.spec
+    n = min(n, loaders.num_items)
+    if isinstance(loaders.train, DeviceTwoViews):
+        images = loaders.train.images[:n]
+        generator = step_generator(images.device, seed, 0, 0)
+        views = loaders.train.apply_to(torch.cat([images, images]), generator)
+        pairs = torch.stack([views[:n], views[n:]], dim=1).flatten(0, 1)
+    else:
+        dataset = loaders.train.dataset  # Indexed(TwoViews): item (epoch, i) -> ((x_q, x_k), y, i)
+        pairs = torch.stack([view for i in range(n) for view in dataset[(0, i)][0]])
+    mean = torch.tensor(spec.mean, device=pairs.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=pairs.device).view(1, 3, 1, 1)
+    return (pairs * std + mean).clamp(0, 1).cpu()
