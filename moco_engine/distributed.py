@@ -6,8 +6,10 @@ training code runs under ``python``, ``moco-train`` and ``torchrun``.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,6 +84,49 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable; tensors on the CPU) in rank order, a collective;
+    ``[obj]`` on one process."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@contextlib.contextmanager
+def rank_mean_buffers(*modules: torch.nn.Module | None) -> Iterator[None]:
+    """Inside, every floating-point buffer of ``modules`` (BatchNorm's running statistics) holds
+    its mean over the ranks; on leaving, each rank's own values come back, so how often this
+    runs never changes training. One all-reduce; the identity on one process.
+
+    DDP's buffer broadcast is off, so each rank's statistics follow its own batches: the mean
+    is what evaluation uses and what checkpoints hold as the model's.
+    """
+    buffers = [b for m in modules if m is not None for b in m.buffers() if b.is_floating_point()]
+    if not is_distributed() or not buffers:
+        yield
+        return
+    own = [b.clone() for b in buffers]
+    flat = torch.cat([b.reshape(-1).float() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    with torch.no_grad():
+        for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(part.view_as(b))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(buffers, own)
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op on one process)."""
+    if is_distributed():
+        dist.barrier()
 
 
 def is_distributed() -> bool:

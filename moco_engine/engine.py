@@ -26,13 +26,26 @@ from . import run
 from .config import Config, to_dict
 from .evaluation import encode_split, knn_monitor
 from .loaders import build_loaders, preview_pairs
-from .precision import autocast_dtype, own_rng, peak_memory_gib, resolve_device
+from .precision import (
+    autocast_dtype,
+    own_rng,
+    peak_memory_gib,
+    resolve_device,
+    rng_state,
+    set_rng_state,
+)
 from .schedules import lr_at, momentum_at
-from .step import Skipped, build_parts, byol_step, moco_step
+from .step import (
+    MODEL_SECTIONS,
+    Skipped,
+    build_parts,
+    byol_step,
+    load_model_state,
+    moco_step,
+    model_state,
+    statistics,
+)
 from .tracking import DeviceMeans, Tracker
-
-# The parts of a state whose tensors must fit the freshly built run before a resume.
-MODEL_SECTIONS = ("encoder_q", "encoder_k", "negatives", "predictor")
 
 
 class NonFiniteLoss(Exception):
@@ -231,30 +244,33 @@ class Trainer:
         if loaders.test is None:
             return {}
         model = self.encoder_q.backbone if cfg.knn_features == "backbone" else self.encoder_q
-        with own_rng(self.device):
+        # Every rank encodes its shard with the same statistics: their mean, as checkpoints hold.
+        with own_rng(self.device), dist.rank_mean_buffers(self.encoder_q):
             return knn_monitor(model, loaders.plain_train_shard, loaders.test_shard, loaders.num_items, loaders.num_test,
                                loaders.num_classes, cfg.knn_k, cfg.knn_t, self.device, self.amp_dtype)
 
     # ======================================================================== state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly (tensors and plain containers only)."""
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        """Everything needed to continue the run exactly (tensors and plain containers only).
+
+        A collective under torchrun (every rank calls it): the model sections hold the BatchNorm
+        statistics' mean over the ranks (what ``moco-eval`` and exports read); ``ranks`` holds
+        each rank's own statistics and random states, which a resume on as many ranks restores.
+        """
         parts = self.parts
+        with dist.rank_mean_buffers(parts.encoder_q, parts.encoder_k, parts.predictor):
+            model = model_state(parts)
+        own = {"rng": rng_state(self.device), "buffers": {name: b.detach().cpu().clone() for name, b in statistics(parts)}}
         return {
-            "format": 1,
+            "format": 2,
             "config": to_dict(self.cfg),
             "epoch": self.epoch,
             "step": self.step,
             "step_in_epoch": self.step_in_epoch,
-            "encoder_q": parts.encoder_q.state_dict(),
-            "encoder_k": None if parts.encoder_k is None else parts.encoder_k.state_dict(),
-            "negatives": parts.negatives.state_dict(),
-            "predictor": None if parts.predictor is None else parts.predictor.state_dict(),
+            **model,
             "optimizer": parts.optimizer.state_dict(),
             "scaler": parts.scaler.state_dict(),
-            "rng": rng,
+            "ranks": dist.all_gather_objects(own),
             "last_eval": dict(self.last_eval),
             "wandb_run_id": self.wandb_run_id,
             "nonfinite_skips": self.nonfinite_skips,
@@ -263,35 +279,44 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         """Restore a :meth:`state_dict`. Refuses, naming the settings that differ, one whose
         tensors (every name and shape of the model and the negatives) do not fit this run."""
-        problems = ckpt.misfits(state, self.state_dict(), MODEL_SECTIONS)
+        problems = ckpt.misfits(state, model_state(self.parts), MODEL_SECTIONS)
         if problems:
             settings = ckpt.differing_settings(state["config"], to_dict(self.cfg))
             more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
             raise ckpt.CheckpointError(f"{source} is incompatible with this config: {'; '.join(settings) or 'the model differs'} "
                                        f"({problems[0]}{more})")
-        parts = self.parts
-        parts.encoder_q.load_state_dict(state["encoder_q"])
-        if parts.encoder_k is not None:
-            parts.encoder_k.load_state_dict(state["encoder_k"])
-        parts.negatives.load_state_dict(state["negatives"])
-        if parts.predictor is not None:
-            parts.predictor.load_state_dict(state["predictor"])
-        parts.optimizer.load_state_dict(state["optimizer"])
-        parts.scaler.load_state_dict(state["scaler"])
+        load_model_state(self.parts, state)
         self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
         self.last_eval = dict(state.get("last_eval", {}))
         self.wandb_run_id = state.get("wandb_run_id")
         self.nonfinite_skips = state.get("nonfinite_skips", 0)
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.restore_own(state.get("ranks") or [{"rng": state["rng"]}], source)  # format 1: one process's
+
+    def restore_own(self, ranks: list[dict[str, Any]], source: str) -> None:
+        """This rank's statistics and random streams from a checkpoint of ``len(ranks)`` ranks.
+        On another number of ranks the streams are reseeded and the statistics stay the mean."""
+        if len(ranks) == self.world:
+            mine = ranks[self.rank]
+            saved = mine.get("buffers", {})  # format 1 has none: the model sections' are its own
+            with torch.no_grad():
+                for name, b in statistics(self.parts):
+                    if name in saved:
+                        b.copy_(saved[name])
+            set_rng_state(mine["rng"], self.device)
+            return
+        torch.manual_seed(self.cfg.train.seed + 7919 * self.step + self.rank)
+        random.seed(self.cfg.train.seed + 7919 * self.step + self.rank)
+        if dist.is_main():
+            print(f"{source} was written by {len(ranks)} process(es), resumed on {self.world}: every rank starts "
+                  "its random streams anew from (train.seed, step, rank) and the BatchNorm statistics from their "
+                  "saved mean; the run goes on, not bit-identical to an uninterrupted one", flush=True)
 
     def save(self) -> Path | None:
-        """Write a checkpoint (rank 0; the others return None)."""
+        """Write a checkpoint (rank 0; the others take part in gathering it and return None)."""
+        state = self.state_dict()
         if not dist.is_main():
             return None
-        path = ckpt.save_checkpoint(self.state_dict(), self.run_dir, self.step, self.cfg.train.keep_checkpoints)
+        path = ckpt.save_checkpoint(state, self.run_dir, self.step, self.cfg.train.keep_checkpoints)
         self.tracker.log_artifact(path)
         return path
 
@@ -336,6 +361,9 @@ class Trainer:
                     epoch_metrics = self.train_epoch()
                 if epoch_metrics is None:
                     path = self.save()
+                    # No rank exits before rank 0's checkpoint is on disk (torchrun ends the
+                    # others as soon as one worker exits with an error code).
+                    dist.barrier()
                     self.tracker.log("stopped", {"signal": self.signals.signum}, self.epoch, self.step)
                     raise run.StopRequested(self.signals.signum, self.step, path)
                 done = self.epoch  # epochs completed

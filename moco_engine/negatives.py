@@ -272,7 +272,7 @@ class InBatch(NegativeSource):
         (its positive) and its own query are dropped."""
         all_keys = dist.all_gather_with_grad(keys)
         all_queries = dist.all_gather_with_grad(queries)
-        all_indices = dist.all_gather_cat(indices)
+        all_indices = dist.all_gather_cat(indices, same_size=True)  # equal batches on every rank (EpochSampler)
         own = all_indices[None, :] == indices[:, None]  # (B, G)
         return Negatives(torch.cat([all_keys, all_queries]), torch.cat([own, own], dim=1))
 

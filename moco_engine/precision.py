@@ -8,7 +8,9 @@ and a bf16 run is bf16 everywhere (logits are formed in float32 regardless: ``lo
 from __future__ import annotations
 
 import contextlib
+import random
 import resource
+from typing import Any
 
 import torch
 
@@ -53,6 +55,22 @@ def own_rng(device: torch.device) -> contextlib.AbstractContextManager:
     """A side stream of random numbers: what runs inside (evaluation, encoding passes) leaves
     the training's RNG as it found it, so how often it runs never changes the training run."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random states (torch CPU, Python, and ``device``'s CUDA generator)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore :func:`rng_state`'s output."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def peak_memory_gib(device: torch.device) -> float:

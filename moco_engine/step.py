@@ -23,9 +23,9 @@ module's ``forward``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +153,41 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
         device=device, amp_dtype=amp_dtype, temperature=cfg.loss.temperature, symmetric=cfg.loss.symmetric,
         check_finite=cfg.train.max_nonfinite_skips > 0,
     )
+
+
+# =============================================================================== their state
+#: The parts that hold tensors of the model and the negatives, as checkpoint sections.
+MODEL_SECTIONS = ("encoder_q", "encoder_k", "negatives", "predictor")
+
+
+def modules_of(parts: StepParts) -> dict[str, nn.Module | None]:
+    return {"encoder_q": parts.encoder_q, "encoder_k": parts.encoder_k, "negatives": parts.negatives,
+            "predictor": parts.predictor}
+
+
+def model_state(parts: StepParts) -> dict[str, Any]:
+    """Copies of the state of each of :data:`MODEL_SECTIONS` (None for a part the run lacks)."""
+    return {name: None if m is None else {k: v.clone() for k, v in m.state_dict().items()}
+            for name, m in modules_of(parts).items()}
+
+
+def load_model_state(parts: StepParts, state: dict[str, Any]) -> None:
+    """Load :func:`model_state`'s sections, the optimizer's and the scaler's state."""
+    for name, module in modules_of(parts).items():
+        if module is not None:
+            module.load_state_dict(state[name])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scaler.load_state_dict(state["scaler"])
+
+
+def statistics(parts: StepParts) -> Iterator[tuple[str, Tensor]]:
+    """(``section.name``, buffer) of every floating-point buffer of f_q, f_k and the predictor:
+    BatchNorm's running statistics, which each rank keeps for itself under torchrun."""
+    for section in ("encoder_q", "encoder_k", "predictor"):
+        module = modules_of(parts)[section]
+        for name, b in module.named_buffers() if module is not None else ():
+            if b.is_floating_point():
+                yield f"{section}.{name}", b
 
 
 # =============================================================================== the steps

@@ -3,13 +3,17 @@ holds, so the test can compare ranks (and a one-process run).
 
     python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker.py OUT_DIR key=value ...
 
-With ``--crash-at-step N`` rank 1 raises at step N in the first attempt (a simulated crash for
-``--max-restarts``); the run goes through ``moco_engine.cli.train_main`` as a user's would.
+With ``--crash-at-step N`` rank 1 kills itself (SIGKILL) at step N in the first attempt (a crash
+for ``--max-restarts``); with ``--stop-at-step N`` rank 1 takes a SIGTERM during step N (the
+ranks agree to stop at the next log point, save and exit 143). The run goes through
+``moco_engine.cli.train_main`` as a user's would.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import signal
 import sys
 from pathlib import Path
 
@@ -34,9 +38,19 @@ def unsharded_knn(trainer: Trainer) -> dict[str, float]:
 
 def main() -> int:
     args = sys.argv[1:]
-    crash_at = None
+    crash_at = stop_at = None
     if args and args[0] == "--crash-at-step":
         crash_at, args = int(args[1]), args[2:]
+    if args and args[0] == "--stop-at-step":
+        stop_at, args = int(args[1]), args[2:]
+    size_exchanges = []
+    original_sizes = dist.gather_sizes
+
+    def counting_sizes(n, device):  # a host sync every step would show up here
+        size_exchanges.append(n)
+        return original_sizes(n, device)
+
+    dist.gather_sizes = counting_sizes
     out = Path(args[0])
     seen: list[list[int]] = []
     original_step = Trainer.train_step
@@ -44,12 +58,22 @@ def main() -> int:
 
     def recording_step(self, x_q, x_k, indices):
         if crash_at is not None and self.step + 1 == crash_at and dist.rank() == 1 and not dist.restarted():
-            raise RuntimeError(f"simulated crash of rank 1 at step {crash_at}")
+            print(f"simulated crash of rank 1 at step {crash_at}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if stop_at is not None and self.step + 1 == stop_at and dist.rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's handler: a clean stop
         seen.append(indices.tolist())
         return original_step(self, x_q, x_k, indices)
 
     def dumping_fit(self):
         result = original_fit(self)
+        # What this rank holds at the end, before the extra encodings below touch f_k's statistics.
+        held = {
+            "encoder_k": None if self.encoder_k is None else {k: v.clone() for k, v in self.encoder_k.state_dict().items()},
+            "momentum_buffers": [s["momentum_buffer"].clone() for s in self.optimizer.state_dict()["state"].values()],
+            "torch_rng": torch.get_rng_state(), "python_draw": random.random(),
+            "size_exchanges": len(size_exchanges),
+        }
         encoder = self.encoder_q if self.encoder_k is None else self.encoder_k
         full = extract_features(encoder, self.loaders.plain_train, self.device, batch_stats=True)[0]
         torch.save({
@@ -58,7 +82,7 @@ def main() -> int:
             "seen": seen, "world": dist.world_size(), "step": self.step, "full_encoding": full.cpu(),
             "shard_batches": [len(idx) for _, _, idx in self.loaders.plain_train_shard],
             # kNN as each rank computed it (sharded encoding), and on one process's whole splits.
-            "knn": self.evaluate_knn(), "knn_unsharded": unsharded_knn(self),
+            "knn": self.evaluate_knn(), "knn_unsharded": unsharded_knn(self), **held,
         }, out / f"rank{dist.rank()}.pt")
         return result
 

@@ -201,3 +201,18 @@ def test_device_batches_follow_the_sampler_and_resume_mid_epoch():
     plain = list(DevicePlain(data, targets, 16, 16, spec.mean, spec.std))
     assert [len(b[2]) for b in plain] == [16, 16, 8]
     assert np.array_equal(torch.cat([b[2] for b in plain]).numpy(), np.arange(n))
+
+
+def test_device_views_differ_between_ranks_and_a_resumed_epoch_draws_the_same_ones():
+    same = torch.full((8, 3, 16, 16), 128, dtype=torch.uint8)
+    same[:, 0, :, :8] = 255  # one image eight times: any difference between ranks is the views'
+    spec = view_spec("cifar", 16)
+
+    def first_views(rank, skip=0, epoch=0):
+        sampler = EpochSampler(len(same), seed=3, rank=rank, world=2)
+        sampler.set_epoch(epoch, skip=skip)
+        return [x_q for (x_q, _), _, _ in DeviceTwoViews(same, [0] * 8, spec, 2, sampler, seed=3)]
+
+    rank0, rank1 = first_views(0), first_views(1)
+    assert not torch.equal(rank0[0], rank1[0])  # the same image gets other crops on another rank
+    assert torch.equal(first_views(1, skip=2)[0], rank1[1])  # resumed after a step: the same draws

@@ -4,7 +4,9 @@ rank restarted by torchrun; a ragged last batch."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,15 +18,96 @@ pytestmark = pytest.mark.distributed
 WORKER = str(ROOT / "tests" / "dist_worker.py")
 
 
-def torchrun(out, *overrides, nproc=2, extra=(), crash_at=None, wandb="disabled"):
+def torchrun(out, *overrides, nproc=2, extra=(), crash_at=None, stop_at=None, wandb="disabled", rc=0):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra, WORKER]
     if crash_at is not None:
         cmd += ["--crash-at-step", str(crash_at)]
+    if stop_at is not None:
+        cmd += ["--stop-at-step", str(stop_at)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": wandb, "WANDB_SILENT": "true"}
     r = subprocess.run([*cmd, str(out), *TINY, "train.device=cpu", *overrides, "train.overwrite=true"],
                        capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == rc if rc is not None else r.returncode != 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if rc != 0:
+        return None, r
     return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(nproc)], r
+
+
+# BatchNorm with 2 split-BN slices, shuffle-BN across the ranks (TINY's model), 2 epochs of 3 steps.
+EXACT = ["model.bn=shuffle", "model.norm=batch", "model.bn_splits=2"]
+
+
+@pytest.fixture(scope="module")
+def straight_cpu(tmp_path_factory):
+    """A 2-rank run left alone (the CPU data path): the reference of the exactness tests."""
+    out = tmp_path_factory.mktemp("straight")
+    ranks, _ = torchrun(out, *EXACT)
+    return out, ranks
+
+
+def assert_same_ranks(a, b):
+    """Two runs' dumps hold bit-identical state on every rank: encoders with each rank's own
+    BatchNorm statistics, the negatives, the optimizer, and every rank's random streams."""
+    for ra, rb in zip(a, b):
+        for section in ("encoder_q", "encoder_k", "negatives"):
+            for name, t in ra[section].items():
+                assert torch.equal(t, rb[section][name]), f"{section}.{name}"
+        assert all(torch.equal(x, y) for x, y in zip(ra["momentum_buffers"], rb["momentum_buffers"]))
+        assert torch.equal(ra["torch_rng"], rb["torch_rng"]) and ra["python_draw"] == rb["python_draw"]
+
+
+def stopped_and_resumed(out, *overrides):
+    """The run of ``straight_cpu``, SIGTERM'd on rank 1 in step 4 and resumed from its checkpoint."""
+    _, r = torchrun(out, *EXACT, *overrides, stop_at=4, rc=None)  # the workers exit 143, torchrun 1
+    assert "stopped by SIGTERM after step 4" in r.stderr
+    from moco_engine.checkpoint import latest_checkpoint
+
+    state = latest_checkpoint(out / "run")[1]
+    assert state["step"] == 4 and state["step_in_epoch"] == 1 and len(state["ranks"]) == 2  # mid-epoch, both ranks'
+    resumed, _ = torchrun(out, *EXACT, *overrides, "train.resume=auto")
+    return resumed
+
+
+def test_a_two_rank_run_stopped_mid_epoch_and_resumed_is_bit_identical(tmp_path, straight_cpu):
+    assert_same_ranks(straight_cpu[1], stopped_and_resumed(tmp_path))
+    assert not torch.equal(straight_cpu[1][0]["torch_rng"], straight_cpu[1][1]["torch_rng"])  # each rank its own
+
+
+@pytest.mark.slow  # three more launches
+def test_the_device_pipeline_stopped_and_resumed_under_torchrun_is_bit_identical(tmp_path):
+    straight, _ = torchrun(tmp_path / "straight", *EXACT, "data.pipeline=device")
+    assert_same_ranks(straight, stopped_and_resumed(tmp_path / "stopped", "data.pipeline=device"))
+
+
+# torchrun's agent keeps one store across rounds: before distributed.setup named each round's key
+# space, the restarted rank 0 often read the crashed rank 1's gloo address and was refused or hung.
+def test_a_rank_killed_by_sigkill_is_restarted_and_ends_bit_identical(tmp_path, straight_cpu):
+    ranks, r = torchrun(tmp_path, *EXACT, crash_at=5, extra=["--max-restarts=1"])
+    assert "simulated crash of rank 1 at step 5" in r.stderr + r.stdout
+    assert "resumed from" in r.stdout and ranks[0]["step"] == 6
+    assert_same_ranks(straight_cpu[1], ranks)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"kind": "final"') == 1
+
+
+def test_under_batchnorm_the_monitors_knn_is_what_moco_eval_gets_from_the_checkpoint(straight_cpu, tmp_path):
+    out, (r0, r1) = straight_cpu
+    assert r0["knn"] == r1["knn"]  # every shard encoded with the same (mean) statistics
+    run = tmp_path / "run"
+    shutil.copytree(out / "run", run)
+    r = subprocess.run([sys.executable, "-c", "import sys; from moco_engine.cli import eval_main; sys.exit(eval_main(sys.argv[1:]))",
+                        "knn", str(run), "train.device=cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(next(run.glob("checkpoints/*.knn.json")).read_text())
+    assert result["knn_top1"] == r0["knn"]["knn_top1"] and result["knn_top5"] == r0["knn"]["knn_top5"]
+
+
+def test_resuming_on_another_number_of_processes_says_what_it_does(straight_cpu, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight_cpu[0] / "run", run)
+    r = subprocess.run([sys.executable, "-m", "moco_engine", *TINY, "train.device=cpu", f"train.out_dir={run}",
+                        "train.resume=auto", "train.epochs=3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "written by 2 process(es), resumed on 1" in r.stdout and "not bit-identical" in r.stdout
 
 
 def ring(size: int, batches: list[list[int]]) -> list[int]:
@@ -82,6 +165,7 @@ def test_a_ragged_last_batch_with_drop_last_off_and_only_rank_0_logs(tmp_path):
     (r0, r1), _ = torchrun(tmp_path, "data.synthetic_size=100", "data.drop_last=false", "train.steps_per_epoch=0",
                            "train.epochs=1", "queue.size=40", "train.log_every=1", wandb="offline")
     assert [len(b) for b in r0["seen"]] == [16, 16, 16, 2] == [len(b) for b in r1["seen"]]
+    assert r0["size_exchanges"] == r1["size_exchanges"] == 0  # equal shares: no per-step host sync
     assert torch.equal(r0["negatives"]["keys"], r1["negatives"]["keys"])
     assert sorted(sum(r0["seen"], []) + sum(r1["seen"], [])) == list(range(100))
     # One writer: each step logged once (averaged over the ranks), one W&B run.
@@ -91,15 +175,6 @@ def test_a_ragged_last_batch_with_drop_last_off_and_only_rank_0_logs(tmp_path):
              if json.loads(line)["kind"] == "step"]
     assert steps == [1, 2, 3, 4]
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
-
-
-# torchrun's agent keeps one store across rounds: before distributed.setup named each round's key
-# space, the restarted rank 0 often read the crashed rank 1's gloo address and was refused or hung.
-def test_a_crashed_rank_is_restarted_and_the_run_resumes_from_its_checkpoint(tmp_path):
-    (r0, _), r = torchrun(tmp_path, crash_at=5, extra=["--max-restarts=1"])
-    assert "simulated crash of rank 1 at step 5" in r.stderr + r.stdout
-    assert "resumed from" in r.stdout and r0["step"] == 6
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"kind": "final"') == 1
 
 
 @pytest.mark.slow  # about a minute: two torchrun launches

@@ -177,6 +177,25 @@ def test_incompatible_checkpoint_is_refused_in_one_line(tmp_path):
                         "train.resume=auto", "queue.size=64"], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "queue.size 50 (checkpoint) vs 64 (config)" in r.stderr
+    # Any setting that changes a tensor's name or shape, not only a listed few.
+    r = subprocess.run([sys.executable, "-m", "moco_engine", *TINY, f"train.out_dir={tmp_path / 'run'}",
+                        "train.resume=auto", "model.norm=group"], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "model.norm 'batch' (checkpoint) vs 'group' (config)" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_evaluation_runs_at_the_runs_precision(tmp_path, monkeypatch, precision, dtype):
+    seen = []
+    monkeypatch.setattr("moco_engine.engine.knn_monitor", lambda *args: seen.append(args[-1]) or {})
+    trainer = Trainer(tiny(tmp_path, f"train.precision={precision}", "train.device=cpu"))
+    trainer.evaluate_knn()
+    assert seen == [dtype]
+
+
+def test_in_batch_negatives_build_no_key_encoder(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "negatives.kind=in_batch"))
+    assert trainer.encoder_k is None and trainer.state_dict()["encoder_k"] is None
 
 
 def test_missing_data_folder_exits_2_naming_the_path(tmp_path):

@@ -186,3 +186,19 @@ def test_the_registry_names_every_objective():
     from moco_engine.config import CHOICES
 
     assert set(CHOICES["loss.name"]) == set(LOSSES)
+
+
+def test_mochi_never_mixes_a_dropped_negative_and_picks_its_pool_in_float32_under_bf16():
+    q, _, n = _tiny(11, b=4, k=32, d=8)
+    negatives = torch.cat([q, n])  # each query's own vector: by far its most similar "negative"
+    drop = torch.zeros(4, 36, dtype=torch.bool)
+    drop[torch.arange(4), torch.arange(4)] = True  # ... but dropped, as in-batch drops a query's own views
+    # From a pool of one (the hardest counted negative), every mix is that negative itself.
+    mixed = mochi_negatives(q, negatives, hardest=1, mix=3, mix_query=0, generator=torch.Generator().manual_seed(0),
+                            drop=drop)
+    best = (q @ negatives.t()).masked_fill(drop, float("-inf")).argmax(1)
+    torch.testing.assert_close(mixed, negatives[best][:, None].expand(-1, 3, -1).to(mixed.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_bf16 = mochi_negatives(q, negatives, hardest=1, mix=3, mix_query=0,
+                                     generator=torch.Generator().manual_seed(0), drop=drop)
+    torch.testing.assert_close(under_bf16, mixed)

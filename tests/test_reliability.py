@@ -158,3 +158,29 @@ def test_kill_9_during_saves_never_loses_the_previous_checkpoint(tmp_path, delay
     assert state["step"] >= max(int(p.stem.split("_")[1]) for p in files) - 1
     leftovers = [p for p in (run / "checkpoints").iterdir() if p.suffix not in (".pt", ".sha256") and p.name != "latest"]
     assert all(p.name.startswith(".") or p.name.endswith(".tmp") for p in leftovers)  # only temp files
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from moco_engine.run import RunLock
+with RunLock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_one_live_run_per_folder_and_a_dead_holder_blocks_nothing(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert holder.stdout.readline().strip() == "held"
+    cmd = [sys.executable, "-m", "moco_engine", *TINY, f"train.out_dir={run}", "train.epochs=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and f"pid {holder.pid}" in lines[0] and "in use" in lines[0]
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()  # nothing touched
+    holder.kill()  # kill -9: the OS releases the lock with the process
+    holder.wait()
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
