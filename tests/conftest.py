@@ -32,6 +32,17 @@ TINY = [
 
 
 @pytest.fixture(autouse=True)
+def _no_wandb_from_the_shell(monkeypatch):
+    # Hermetic against the shell: a WANDB_MODE=offline (or any WANDB_*) exported by the user
+    # would turn W&B on in every run a test starts, in-process and in subprocesses (which
+    # inherit os.environ). A test that wants W&B sets its variables itself.
+    import os
+
+    for name in [n for n in os.environ if n.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
 def _few_threads():
     # Two cores here and in CI: more threads than cores only adds contention.
     torch.set_num_threads(2)
