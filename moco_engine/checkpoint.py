@@ -152,18 +152,20 @@ def differing_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     value differs (keys a checkpoint predates are left out)."""
     from .config import valid_keys
 
+    missing = object()
+
     def get(d: Any, key: str) -> Any:
         for part in key.split("."):
             if not isinstance(d, dict) or part not in d:
-                return KeyError
+                return missing
             d = d[part]
         return d
 
     out = []
     for key in valid_keys():
-        if key.startswith(SHAPING_GROUPS) or key in SHAPING_GROUPS:
+        if key.startswith(SHAPING_GROUPS):
             a, b = get(saved, key), get(now, key)
-            if a is not KeyError and a != b:
+            if a is not missing and a != b:
                 out.append(f"{key} {a!r} (checkpoint) vs {b!r} (config)")
     return out
 

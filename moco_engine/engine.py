@@ -28,6 +28,7 @@ from .evaluation import encode_split, knn_monitor
 from .loaders import build_loaders, preview_pairs
 from .precision import (
     autocast_dtype,
+    memory_format,
     own_rng,
     peak_memory_gib,
     resolve_device,
@@ -65,7 +66,7 @@ class Trainer:
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(cfg.train.channels_last)  # of the inputs, as of the encoders
         self.run_dir = Path(cfg.train.out_dir).expanduser()
         self.rank, self.world = dist.rank(), dist.world_size()
         torch.manual_seed(cfg.train.seed + self.rank)
@@ -304,8 +305,11 @@ class Trainer:
                         b.copy_(saved[name])
             set_rng_state(mine["rng"], self.device)
             return
-        torch.manual_seed(self.cfg.train.seed + 7919 * self.step + self.rank)
-        random.seed(self.cfg.train.seed + 7919 * self.step + self.rank)
+        # One seed per (step, rank) pair for any world under 7919 (a prime), so no two ranks and
+        # no two resumes share a stream.
+        reseed = self.cfg.train.seed + 7919 * self.step + self.rank
+        torch.manual_seed(reseed)
+        random.seed(reseed)
         if dist.is_main():
             print(f"{source} was written by {len(ranks)} process(es), resumed on {self.world}: every rank starts "
                   "its random streams anew from (train.seed, step, rank) and the BatchNorm statistics from their "

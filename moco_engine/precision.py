@@ -51,6 +51,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """``train.channels_last`` as the memory format of the encoders and their inputs."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def own_rng(device: torch.device) -> contextlib.AbstractContextManager:
     """A side stream of random numbers: what runs inside (evaluation, encoding passes) leaves
     the training's RNG as it found it, so how often it runs never changes the training run."""

@@ -37,7 +37,7 @@ from .encoders import Encoder, MomentumEncoder, OnlineNetwork, build_encoder, bu
 from .losses import byol_loss, info_nce_logits, instance_accuracy
 from .negatives import NegativeSource, build_source
 from .objectives import Objective, build_objective
-from .precision import autocast
+from .precision import autocast, memory_format
 
 
 class Skipped(NamedTuple):
@@ -110,8 +110,7 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
     """
     if cfg.model.bn == "sync" and device.type != "cuda":
         raise UserError("config key 'model.bn' = 'sync': SyncBatchNorm needs CUDA; use shuffle or plain on CPU")
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    encoder_q = build_encoder(cfg.model).to(device, memory_format=memory_format)
+    encoder_q = build_encoder(cfg.model).to(device, memory_format=memory_format(cfg.train.channels_last))
     negatives = build_source(cfg, num_items).to(device)
     # End-to-end negatives take their keys from f_q: no momentum copy is built.
     encoder_k = None if negatives.end_to_end else MomentumEncoder(encoder_q)
@@ -161,8 +160,8 @@ MODEL_SECTIONS = ("encoder_q", "encoder_k", "negatives", "predictor")
 
 
 def modules_of(parts: StepParts) -> dict[str, nn.Module | None]:
-    return {"encoder_q": parts.encoder_q, "encoder_k": parts.encoder_k, "negatives": parts.negatives,
-            "predictor": parts.predictor}
+    """Each of :data:`MODEL_SECTIONS` and its module (None for a part the run lacks)."""
+    return {name: getattr(parts, name) for name in MODEL_SECTIONS}
 
 
 def model_state(parts: StepParts) -> dict[str, Any]:
@@ -183,8 +182,9 @@ def load_model_state(parts: StepParts, state: dict[str, Any]) -> None:
 def statistics(parts: StepParts) -> Iterator[tuple[str, Tensor]]:
     """(``section.name``, buffer) of every floating-point buffer of f_q, f_k and the predictor:
     BatchNorm's running statistics, which each rank keeps for itself under torchrun."""
-    for section in ("encoder_q", "encoder_k", "predictor"):
-        module = modules_of(parts)[section]
+    for section, module in modules_of(parts).items():
+        if section == "negatives":  # the source's buffers are identical on every rank
+            continue
         for name, b in module.named_buffers() if module is not None else ():
             if b.is_floating_point():
                 yield f"{section}.{name}", b
