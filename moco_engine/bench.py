@@ -28,11 +28,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .config import UserError, load_config
+from .cli import with_version
+from .config import CHOICES, DEVICE, UserError, load_config
 from .encoders import SplitBatchNorm, build_backbone
 from .precision import autocast
 
@@ -303,8 +305,33 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, in one line naming the option, what argparse's types let through.
+
+    Raises:
+        UserError: a count out of range, an unknown pipeline or precision, a --json path
+            whose folder does not exist (found before minutes of timing, not after).
+    """
+    rules = [
+        (args.repeats >= 1, "--repeats", args.repeats, "must be >= 1 (the median of that many timed calls)"),
+        (args.warmup >= 0, "--warmup", args.warmup, "must be >= 0"),
+        (args.workers >= 0, "--workers", args.workers, "must be >= 0"),
+        (args.bn_splits >= 0, "--bn-splits", args.bn_splits, "must be >= 0 (0 = the case's own)"),
+        (args.pipeline in ("cpu", "device"), "--pipeline", args.pipeline, "must be cpu or device"),
+        (args.precision in CHOICES["train.precision"], "--precision", args.precision,
+         f"must be one of {', '.join(CHOICES['train.precision'])}"),
+        (DEVICE.match(args.device) is not None, "--device", args.device, "not a device (auto, cpu, cuda or cuda:N)"),
+        (not args.json or Path(args.json).expanduser().resolve().parent.is_dir(), "--json", args.json,
+         "its folder does not exist"),
+    ]
+    for ok, option, value, rule in rules:
+        if not ok:
+            raise UserError(f"moco-bench {option} {value}: {rule}")
+
+
 def _bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="moco-bench", description=__doc__.splitlines()[0])
+    with_version(parser)
     parser.add_argument("cases", nargs="*", default=["r18-cifar"], help=f"one or more of: {', '.join(CASES)}")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
@@ -327,6 +354,7 @@ def _bench(argv: list[str]) -> int:
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         raise UserError(f"unknown benchmark case {unknown[0]!r}; choose from {', '.join(CASES)}")
+    check_arguments(args)
     results = []
     for name in args.cases:
         results.append(run_case(name, args))

@@ -7,9 +7,12 @@ checkpoint) become one line on stderr and exit code 2, with no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,14 +23,40 @@ EXIT_DIVERGED = 3  # the loss became NaN or infinite
 
 
 def run_guarded(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
-    """Run a command's ``main(args)``; a :class:`UserError` becomes one line on stderr (rank 0
-    only under torchrun) and exit code 2. Every console entry point goes through it."""
+    """Run a command's ``main(args)``; a :class:`UserError` or an ``OSError`` (the disk, the
+    file system) becomes one line on stderr (rank 0 only under torchrun) and exit code 2, a
+    Ctrl-C exit code 130. Every console entry point goes through it."""
+    # A warning is one line too ("warning: ..."), not Python's file:line and source excerpt.
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         return main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # Ctrl-C where no handler saves anything (moco-eval, moco-bench)
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        message = str(e)
+    except OSError as e:  # the environment's fault (disk full, a read-only folder): name the file
+        message = f"{e.filename or 'I/O'}: {e.strerror or e}" if e.filename or e.strerror else str(e)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+        print(f"error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def with_version(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--version`` (the package's version) to a command's parser."""
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def config_groups_help() -> str:
+    """The epilog of commands that take settings: the groups, and where every key is listed."""
+    from .config import Config
+
+    groups = ", ".join(f.name for f in dataclasses.fields(Config))
+    return (f"settings are key=value over the groups {groups}; configs/base.yaml lists every key with its "
+            "default and a comment, and README.md's 'The settings that matter' the important ones")
 
 
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -41,23 +70,32 @@ def _train(args: list[str]) -> int:
         prog="moco-train",
         description="MoCo pretraining. With no arguments: a short run on the CIFAR-10 sample shipped "
         "inside the package. Example: moco-train configs/experiment/cifar10_demo.yaml queue.size=8192",
+        epilog=config_groups_help(),
     )
+    with_version(parser)
     parser.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
                         help="YAML config files (merged in order), then key=value overrides")
     files, overrides = split_args(parser.parse_args(args).items)
     cfg = load_config(files, overrides)
 
     from . import distributed as dist  # torch loads only once the config is valid
-    from .engine import NonFiniteLoss, train
+    from .engine import NonFiniteLoss, Trainer
     from .precision import resolve_device
-    from .run import StopRequested
+    from .run import StopNow, StopRequested, StopSignals
 
     if dist.restarted() and not cfg.train.resume:
         cfg.train.resume = "auto"  # torchrun --max-restarts restarted us: go on from the checkpoint
     dist.setup(resolve_device(cfg.train.device).type)
     main_process = dist.is_main()  # asked now: after teardown every process looks like rank 0
+    signals = StopSignals()  # from start-up (decoding the data set can take minutes) to the end
     try:
-        final = train(cfg)
+        with signals.catching():
+            try:
+                with signals.interruptible():
+                    trainer = Trainer(cfg, signals=signals)
+            except StopNow:
+                raise StopRequested(signals.signum, 0, None) from None
+            final = trainer.fit()
     except StopRequested as stop:
         if main_process:
             print(stop, file=sys.stderr)
@@ -83,7 +121,9 @@ def _eval(args: list[str]) -> int:
         prog="moco-eval",
         description="Evaluate a checkpoint's backbone: weighted kNN or MoCo's linear probe. The results go to "
         "<checkpoint>.<mode>.json beside the checkpoint (-1, -2, ... when that exists). Example: moco-eval linear runs/cifar10_demo linear.cached=true",
+        epilog=config_groups_help(),
     )
+    with_version(parser)
     parser.add_argument("mode", choices=["knn", "linear"])
     parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its latest checkpoint)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -115,6 +155,7 @@ def _export(args: list[str]) -> int:
         description="Export a checkpoint's query backbone as a torchvision ResNet state_dict (.pth) and/or a "
         "detectron2 pretrained model (.pkl).",
     )
+    with_version(parser)
     parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its latest checkpoint)")
     parser.add_argument("--format", choices=["torchvision", "detectron2", "both"], default="both")
     parser.add_argument("--out", default="", help="output path without suffix (default: beside the checkpoint)")

@@ -17,12 +17,19 @@ the package, sized to finish in minutes on 2 CPU cores. Recipes set every key th
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigKeyError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 
 class UserError(Exception):
@@ -246,8 +253,33 @@ def _unknown_key_message(full_key: str, source: str) -> str:
     return f"unknown config key '{full_key}' in {source}{hint}"
 
 
+def _groups() -> dict[str, list[str]]:
+    """Each group of settings (``optim``, ``track.wandb``, ...) and its keys."""
+    out: dict[str, list[str]] = {}
+    for key in valid_keys():
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            out.setdefault(".".join(parts[:i]), []).append(key)
+    return out
+
+
+def _check_groups(layer: Any, source: str, prefix: str = "") -> None:
+    """A group given a plain value (``optim=5``) is named with its keys (OmegaConf would say
+    "config key 'None'")."""
+    groups = _groups()
+    for key, value in (layer.items_ex(resolve=False) if isinstance(layer, DictConfig) else []):
+        full = f"{prefix}{key}"
+        if full in groups and not isinstance(value, DictConfig):
+            keys = groups[full]
+            raise ConfigError(f"config key '{full}' in {source} is a group of settings, not a value: set one of its "
+                              f"keys ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+        if isinstance(value, DictConfig):
+            _check_groups(value, source, full + ".")
+
+
 def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
     """Merge one layer into the structured config, turning OmegaConf's errors into one line."""
+    _check_groups(layer, source)
     try:
         return OmegaConf.merge(base, layer)
     except ConfigKeyError as e:
@@ -269,12 +301,20 @@ def _read_yaml(path: str) -> DictConfig:
         raise ConfigError(f"config file not found: {path}")
     try:
         layer = OmegaConf.load(p)
-    except Exception as e:  # yaml.YAMLError and friends: report the file and the first line
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"cannot parse config file {path}: {first}") from None
+    except Exception as e:  # yaml.YAMLError and friends: report the file, the line and the problem
+        raise ConfigError(f"cannot parse config file {yaml_problem(e, path)}") from None
     if not isinstance(layer, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not a list")
     return layer
+
+
+def yaml_problem(e: BaseException, path: str | Path) -> str:
+    """``<file>, line N: <problem>`` of a YAML error (a duplicate key, bad indentation, ...)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is not None and problem:
+        return f"{path}, line {mark.line + 1}: {problem}"
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"{path}: {first}"
 
 
 def _parse_dotlist(overrides: list[str]) -> DictConfig:
@@ -295,10 +335,24 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}' = {value!r}: {rule}")
 
+    # No setting takes NaN or ±inf: none is meaningful there, and each would poison the run.
+    for key in valid_keys():
+        value = _get(cfg, key)
+        if isinstance(value, float):
+            need(math.isfinite(value), key, value, "must be a finite number")
+    need(DEVICE.match(cfg.train.device) is not None, "train.device", cfg.train.device, "not a device (auto, cpu, cuda or cuda:N)")
+    need(cfg.train.seed >= 0, "train.seed", cfg.train.seed, "must be >= 0")
+    for group in ("optim", "linear"):
+        opt = getattr(cfg, group)
+        need(0 <= opt.momentum <= 1, f"{group}.momentum", opt.momentum, "SGD momentum must lie in [0, 1]")
+        need(opt.weight_decay >= 0, f"{group}.weight_decay", opt.weight_decay, "must be >= 0")
+        need(opt.gamma > 0, f"{group}.gamma", opt.gamma, "must be > 0")
+        need(all(m >= 0 for m in opt.milestones), f"{group}.milestones", opt.milestones, "epochs must be >= 0")
+    need(cfg.track.collapse_threshold >= 0, "track.collapse_threshold", cfg.track.collapse_threshold, "must be >= 0")
+    for key in ("pair_margin", "triplet_margin", "lifted_margin"):
+        need(getattr(cfg.loss, key) >= 0, f"loss.{key}", getattr(cfg.loss, key), "must be >= 0")
     for key, choices in CHOICES.items():
-        value: Any = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = _get(cfg, key)
         need(value in choices, key, value, f"must be one of {', '.join(choices)}")
     need(
         cfg.loss.name != "nce" or cfg.negatives.kind == "memory_bank",
@@ -355,6 +409,33 @@ def validate(cfg: Config) -> None:
     need(cfg.linear.batch_size >= 1, "linear.batch_size", cfg.linear.batch_size, "must be >= 1")
 
 
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def ignored_settings(cfg: Config) -> list[str]:
+    """Settings changed from their defaults that this config's method or negatives ignore,
+    as ``key=value`` (a warning, not an error: a sweep may share them across methods)."""
+    defaults = Config()
+    ignored: list[str] = []
+    if cfg.method == "byol":
+        groups = ("negatives", "queue", "memory_bank")
+        ignored += [f"{k}={_get(cfg, k)}" for k in valid_keys() if k.startswith(groups) and _get(cfg, k) != _get(defaults, k)]
+        if cfg.loss.name != defaults.loss.name:
+            ignored.append(f"loss.name={cfg.loss.name}")
+    elif cfg.negatives.kind == "in_batch":
+        ignored += [f"{k}={_get(cfg, k)}" for k in valid_keys() if k.startswith(("queue", "memory_bank"))
+                    and _get(cfg, k) != _get(defaults, k)]
+    elif cfg.negatives.kind == "queue":
+        ignored += [f"{k}={_get(cfg, k)}" for k in valid_keys() if k.startswith("memory_bank") and _get(cfg, k) != _get(defaults, k)]
+    return ignored
+
+
 def load_config(
     yaml_files: list[str] | tuple[str, ...] = (),
     overrides: list[str] | tuple[str, ...] = (),
@@ -373,7 +454,15 @@ def load_config(
         merged = _merge(merged, _read_yaml(path), path)
     if overrides:
         merged = _merge(merged, _parse_dotlist(list(overrides)), "the command-line overrides")
-    cfg = OmegaConf.to_object(merged)
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except InterpolationResolutionError as e:
+        cause = str(e).splitlines()[0]
+        env = re.search(r"Environment variable '([^']+)' not found", cause)
+        what = f"environment variable {env[1]} is not set" if env else cause
+        raise ConfigError(f"config key '{e.full_key}': {what}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config: {str(e).splitlines()[0]}") from None
     assert isinstance(cfg, Config)
     validate(cfg)
     return cfg

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
 import sys
 import tarfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,26 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".
 
 class DataError(UserError):
     """A data path or data set the run cannot use."""
+
+    def __init__(self, message: str):
+        # A DataLoader worker's exception is raised again in the main process as the same type,
+        # with the worker's whole traceback as its message; the last line is the original one.
+        if message.startswith("Caught DataError in DataLoader worker"):
+            message = message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
+        super().__init__(message)
+
+
+# A decompression bomb (more pixels than PIL.Image.MAX_IMAGE_PIXELS: PIL warns, past twice that
+# it raises) is a bad image like an unreadable one.
+BAD_IMAGE = (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def decode(source) -> Image.Image:
+    """An RGB image from a path or a file object; raises one of :data:`BAD_IMAGE` if bad."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(source) as img:
+            return img.convert("RGB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,16 +112,12 @@ class FolderImages(ImageSet):
         if not self.paths:
             raise DataError(f"no images found in {folder} (expected <class>/<image> sub-folders)")
 
-    def _read(self, path: Path) -> Image.Image:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-
     def load(self, i: int) -> Image.Image:
         for offset in range(min(len(self.paths), 100)):
             path = self.paths[(i + offset) % len(self.paths)]
             try:
-                return self._read(path)
-            except OSError as e:
+                return decode(path)
+            except BAD_IMAGE as e:
                 if self.on_bad == "fail":
                     raise DataError(f"cannot read image {path}: {e} (data.on_bad_image=skip leaves such files out)") from None
                 if path not in self.bad:
@@ -126,9 +145,8 @@ def read_archive(path: Path, split: str, on_bad: str = "fail") -> ArrayImages:
                     continue
                 raw = tar.extractfile(member).read()
                 try:
-                    with Image.open(io.BytesIO(raw)) as img:
-                        array = np.asarray(img.convert("RGB"))
-                except OSError as e:
+                    array = np.asarray(decode(io.BytesIO(raw)))
+                except BAD_IMAGE as e:
                     if on_bad == "skip":
                         skipped.append(member.name)
                         continue
@@ -237,7 +255,25 @@ def build_splits(cfg: DataConfig, seed: int = 0) -> Splits:
     # imagefolder
     train = _imagefolder_split(cfg.root, cfg.train_split, cfg.on_bad_image)
     test = _imagefolder_split(cfg.test_root or cfg.root, cfg.test_split, cfg.on_bad_image) if cfg.test_split else None
+    if test is not None:
+        match_classes(train, test)
     return Splits(train, test)
+
+
+def match_classes(train: ImageSet, test: ImageSet) -> None:
+    """Give the test split train's class indices, matched by class name: a test split that
+    lacks some of train's classes would otherwise shift every label after the gap.
+
+    Raises:
+        DataError: a test class that train does not have (kNN could never predict it).
+    """
+    index = {name: i for i, name in enumerate(train.classes)}
+    foreign = [name for name in test.classes if name not in index]
+    if foreign:
+        raise DataError(f"the test split has class(es) the train split lacks: {', '.join(foreign[:5])}"
+                        f"{' ...' if len(foreign) > 5 else ''} (train has {len(train.classes)} classes)")
+    test.targets = [index[test.classes[t]] for t in test.targets]
+    test.classes = list(train.classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,4 +388,24 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=quiet_worker_signals,
     )
+
+
+WORKER_GRACE_S = 10  # how long a loader worker serves on after SIGTERM (the main process's stop)
+
+
+def quiet_worker_signals(worker_id: int = 0) -> None:
+    """A loader worker's ``worker_init_fn``. SIGTERM/SIGINT sent to the whole process group
+    (Ctrl-C, a scheduler) must not kill a worker outright: torch would then raise in the main
+    process wherever it is, mid-step too. A worker ignores SIGINT (the main process decides),
+    and on SIGTERM serves on for :data:`WORKER_GRACE_S` seconds (the main process finishes its
+    step with the batches under way, saves, and ends the workers) before it leaves with exit
+    code 0, which torch does not count as a failure."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _leave_after_grace)
+
+
+def _leave_after_grace(signum: int, frame) -> None:
+    signal.signal(signal.SIGALRM, lambda *_: os._exit(0))
+    signal.alarm(WORKER_GRACE_S)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,8 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from . import run
-from .config import Config, to_dict
+from . import run, snapshot
+from .config import Config, ignored_settings
 from .evaluation import encode_split, knn_monitor
 from .loaders import build_loaders, preview_pairs
 from .precision import (
@@ -32,25 +34,19 @@ from .precision import (
     own_rng,
     peak_memory_gib,
     resolve_device,
-    rng_state,
-    set_rng_state,
 )
 from .schedules import lr_at, momentum_at
 from .step import (
-    MODEL_SECTIONS,
     Skipped,
     build_parts,
     byol_step,
-    load_model_state,
     moco_step,
-    model_state,
-    statistics,
 )
 from .tracking import DeviceMeans, Tracker
 
 
 class NonFiniteLoss(Exception):
-    """The loss became NaN or infinite; nothing from that point on was saved."""
+    """The loss or the weights became NaN or infinite; nothing from that point on was saved."""
 
 
 class Trainer:
@@ -62,13 +58,17 @@ class Trainer:
         view: the CPU path's random view of a PIL image in place of the recipe's (tests).
     """
 
-    def __init__(self, cfg: Config, view: Callable | None = None):
+    def __init__(self, cfg: Config, view: Callable | None = None, signals: run.StopSignals | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         self.memory_format = memory_format(cfg.train.channels_last)  # of the inputs, as of the encoders
         self.run_dir = Path(cfg.train.out_dir).expanduser()
         self.rank, self.world = dist.rank(), dist.world_size()
+        ignored = ignored_settings(cfg)
+        if ignored and dist.is_main():
+            what = "method=byol" if cfg.method == "byol" else f"negatives.kind={cfg.negatives.kind}"
+            print(f"warning: {what} ignores {', '.join(ignored)}", file=sys.stderr, flush=True)
         torch.manual_seed(cfg.train.seed + self.rank)
         random.seed(cfg.train.seed + self.rank)
         self.loaders = build_loaders(cfg, self.device, self.rank, self.world, view)
@@ -83,10 +83,13 @@ class Trainer:
         self.step_in_epoch = 0
         self.last_eval: dict[str, float] = {}
         self.tracker = Tracker(None, enabled=False)
-        self.signals = run.StopSignals()  # SIGTERM/SIGINT: finish the step, save, exit
+        self.signals = signals or run.StopSignals()  # SIGTERM/SIGINT: save the completed state, exit
         self.wandb_run_id: str | None = None  # kept in checkpoints: a resumed run continues its W&B run
         self.collapse_warned = -1  # the epoch of the last collapse warning
         self.nonfinite_skips = 0  # steps skipped for a NaN/inf loss (train.max_nonfinite_skips)
+        self.eval_pending = False  # an epoch's kNN was due and not finished (a resume runs it first)
+        self.saved: Path | None = None  # the checkpoint holding the current state (saved or resumed from)
+        self.unsaved = False  # steps were taken since the last save
 
     # The parts most often asked for, by their paper names.
     @property
@@ -121,7 +124,8 @@ class Trainer:
         lr = lr_at(cfg, self.step, self.loaders.steps_per_epoch, self.world)
         momentum = momentum_at(cfg.model.momentum, cfg.model.momentum_schedule, self.step, self.total_steps)
         out = self.step_fn(self.parts, x_q, x_k, indices, lr, momentum)
-        self.step += 1  # a skipped step's batch is used up too: the schedules move on
+        self.step += 1
+        self.unsaved = True  # a skipped step's batch is used up too: the schedules move on
         if isinstance(out, Skipped):
             self.count_skip(out.loss)
             return None
@@ -138,8 +142,14 @@ class Trainer:
         self.tracker.warn(f"non-finite loss ({loss.item()}) at step {self.step}: step skipped ({self.nonfinite_skips} of at most {limit})")
 
     def divergence_message(self, what: str) -> str:
-        saved = ckpt.checkpoint_files(self.run_dir)
-        return f"{what}; " + (f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet")
+        """``what`` and the newest checkpoint that verifies and holds finite numbers."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the files passed over are not news here
+            try:
+                good = ckpt.latest_checkpoint(self.run_dir, accept=snapshot.unusable)
+            except ckpt.CheckpointError:
+                good = None
+        return f"{what}; " + (f"the last good checkpoint is {good[0]}" if good else "no good checkpoint was written")
 
     # ======================================================================== epochs
     def train_epoch(self) -> dict[str, float] | None:
@@ -156,7 +166,15 @@ class Trainer:
         epoch_start = time.perf_counter()
         batches = iter(loaders.train)
         while self.step_in_epoch < loaders.steps_per_epoch:
-            (x_q, x_k), _, idx = next(batches)
+            try:
+                (x_q, x_k), _, idx = next(batches)
+            except RuntimeError:
+                if self.signals.signum is None or dist.is_distributed():
+                    raise
+                # The loader workers got the stop signal too and have left: no step is under
+                # way, so this is a clean place to stop.
+                self.tracker.end_epoch()
+                return None
             x_q = x_q.to(self.device, memory_format=self.memory_format, non_blocking=True)
             x_k = x_k.to(self.device, memory_format=self.memory_format, non_blocking=True)
             metrics = self.train_step(x_q, x_k, idx.to(self.device, non_blocking=True))
@@ -177,7 +195,7 @@ class Trainer:
         self.tracker.end_epoch()
         epoch_time = time.perf_counter() - epoch_start
         hook_start = time.perf_counter()
-        self.negatives.on_epoch_end(self.epoch, self.encode_train_set)
+        self.negatives.on_epoch_end(self.epoch, self.encode_interruptibly)
         hook_time = time.perf_counter() - hook_start
         self.epoch += 1
         self.step_in_epoch = 0
@@ -228,6 +246,12 @@ class Trainer:
             )
 
     # ======================================================================== evaluation
+    def encode_interruptibly(self) -> Tensor:
+        """:meth:`encode_train_set` as a stop signal may cut short (it changes no state; the
+        memory bank is refreshed from its result in one step after it)."""
+        with self.signals.interruptible():
+            return self.encode_train_set()
+
     @torch.no_grad()
     def encode_train_set(self) -> Tensor:
         """Every training item's embedding (N, D) in index order, made as keys are: by the key
@@ -252,138 +276,125 @@ class Trainer:
 
     # ======================================================================== state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly (tensors and plain containers only).
-
-        A collective under torchrun (every rank calls it): the model sections hold the BatchNorm
-        statistics' mean over the ranks (what ``moco-eval`` and exports read); ``ranks`` holds
-        each rank's own statistics and random states, which a resume on as many ranks restores.
-        """
-        parts = self.parts
-        with dist.rank_mean_buffers(parts.encoder_q, parts.encoder_k, parts.predictor):
-            model = model_state(parts)
-        own = {"rng": rng_state(self.device), "buffers": {name: b.detach().cpu().clone() for name, b in statistics(parts)}}
-        return {
-            "format": 2,
-            "config": to_dict(self.cfg),
-            "epoch": self.epoch,
-            "step": self.step,
-            "step_in_epoch": self.step_in_epoch,
-            **model,
-            "optimizer": parts.optimizer.state_dict(),
-            "scaler": parts.scaler.state_dict(),
-            "ranks": dist.all_gather_objects(own),
-            "last_eval": dict(self.last_eval),
-            "wandb_run_id": self.wandb_run_id,
-            "nonfinite_skips": self.nonfinite_skips,
-        }
+        """The run's snapshot (``snapshot.py``): a collective under torchrun."""
+        return snapshot.take(self.parts, self.cfg, self.device, {name: getattr(self, name) for name in snapshot.COUNTERS})
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
-        """Restore a :meth:`state_dict`. Refuses, naming the settings that differ, one whose
-        tensors (every name and shape of the model and the negatives) do not fit this run."""
-        problems = ckpt.misfits(state, model_state(self.parts), MODEL_SECTIONS)
-        if problems:
-            settings = ckpt.differing_settings(state["config"], to_dict(self.cfg))
-            more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
-            raise ckpt.CheckpointError(f"{source} is incompatible with this config: {'; '.join(settings) or 'the model differs'} "
-                                       f"({problems[0]}{more})")
-        load_model_state(self.parts, state)
-        self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        self.last_eval = dict(state.get("last_eval", {}))
-        self.wandb_run_id = state.get("wandb_run_id")
-        self.nonfinite_skips = state.get("nonfinite_skips", 0)
-        self.restore_own(state.get("ranks") or [{"rng": state["rng"]}], source)  # format 1: one process's
-
-    def restore_own(self, ranks: list[dict[str, Any]], source: str) -> None:
-        """This rank's statistics and random streams from a checkpoint of ``len(ranks)`` ranks.
-        On another number of ranks the streams are reseeded and the statistics stay the mean."""
-        if len(ranks) == self.world:
-            mine = ranks[self.rank]
-            saved = mine.get("buffers", {})  # format 1 has none: the model sections' are its own
-            with torch.no_grad():
-                for name, b in statistics(self.parts):
-                    if name in saved:
-                        b.copy_(saved[name])
-            set_rng_state(mine["rng"], self.device)
-            return
-        # One seed per (step, rank) pair for any world under 7919 (a prime), so no two ranks and
-        # no two resumes share a stream.
-        reseed = self.cfg.train.seed + 7919 * self.step + self.rank
-        torch.manual_seed(reseed)
-        random.seed(reseed)
-        if dist.is_main():
-            print(f"{source} was written by {len(ranks)} process(es), resumed on {self.world}: every rank starts "
-                  "its random streams anew from (train.seed, step, rank) and the BatchNorm statistics from their "
-                  "saved mean; the run goes on, not bit-identical to an uninterrupted one", flush=True)
+        """Restore a :meth:`state_dict` (refused, naming the settings that differ, if it does not fit)."""
+        for name, value in snapshot.restore(self.parts, state, self.cfg, self.device, source).items():
+            setattr(self, name, value)  # the counters: epoch, step, ... (snapshot.COUNTERS)
 
     def save(self) -> Path | None:
-        """Write a checkpoint (rank 0; the others take part in gathering it and return None)."""
+        """Write a checkpoint (rank 0; the others take part in gathering it and return None).
+
+        Raises:
+            NonFiniteLoss: the state holds NaN or ±inf (checked on the device, one sync): it is
+                not written, and the message names the last good checkpoint.
+        """
         state = self.state_dict()
+        reason = snapshot.unusable(state)  # the same state on every rank: all of them stop alike
+        if reason is not None:
+            raise NonFiniteLoss(self.divergence_message(f"at step {self.step} the state {reason}; it was not saved"))
+        self.unsaved = False
         if not dist.is_main():
             return None
-        path = ckpt.save_checkpoint(state, self.run_dir, self.step, self.cfg.train.keep_checkpoints)
-        self.tracker.log_artifact(path)
-        return path
+        self.saved = ckpt.save_checkpoint(state, self.run_dir, self.step, self.cfg.train.keep_checkpoints)
+        self.tracker.log_artifact(self.saved)
+        return self.saved
+
+    def stop(self) -> None:
+        """Save the completed state if steps were taken since the last save, and raise
+        :class:`~moco_engine.run.StopRequested` (exit 128+N in ``moco-train``)."""
+        new = self.unsaved
+        path = self.save() if new else self.saved
+        # No rank exits before rank 0's checkpoint is on disk (torchrun ends the others as
+        # soon as one worker exits with an error code).
+        dist.barrier()
+        self.tracker.log("stopped", {"signal": self.signals.signum}, self.epoch, self.step)
+        raise run.StopRequested(self.signals.signum or signal.SIGTERM, self.step, path, new)
+
+    def stop_if_signalled(self) -> None:
+        """Stop (see :meth:`stop`) when any rank caught a signal; a collective under torchrun."""
+        if self.stop_agreed(True):
+            self.stop()
 
     # ======================================================================== the run
     def prepare_run_dir(self) -> None:
         """Create the run folder; resume from it, or refuse to clobber a run already in it."""
         run.make_folder(self.run_dir)
-        resumed = run.choose_resume(self.cfg.train, self.run_dir)
+        resumed = run.choose_resume(self.cfg.train, self.run_dir, snapshot.unusable)
         if resumed is not None:
             path, state = resumed
             self.load_state_dict(state, source=f"checkpoint {path}")
+            self.saved = path
             if dist.is_main():
                 print(f"resumed from {path} at epoch {self.epoch}, step {self.step}", flush=True)
         elif self.cfg.negatives.kind == "memory_bank" and self.cfg.memory_bank.init == "encode":
-            self.negatives.refresh(self.encode_train_set())
+            self.negatives.refresh(self.encode_interruptibly())
         run.write_config(self.run_dir, self.cfg)
 
     def fit(self) -> dict[str, float]:
         """Pretrain for ``train.epochs`` epochs (continuing a resumed run) and return the final
-        metrics, including the last kNN top-1 when the data set has a test split."""
+        metrics, including the last kNN top-1 when the data set has a test split.
+
+        A stop signal at any moment (a step, evaluation, the memory bank's refresh, a save,
+        start-up) ends it with the completed state saved: :class:`~moco_engine.run.StopRequested`.
+        """
         run.make_folder(self.run_dir)
-        if not dist.is_main():
-            return self.fit_locked()
-        with run.RunLock(self.run_dir):
-            return self.fit_locked()
+        with self.signals.catching():
+            if not dist.is_main():
+                return self.fit_locked()
+            with run.RunLock(self.run_dir):
+                return self.fit_locked()
 
     def fit_locked(self) -> dict[str, float]:
         cfg = self.cfg
-        self.prepare_run_dir()
-        self.tracker = Tracker(self.run_dir, progress=cfg.track.progress, enabled=dist.is_main())
-        self.wandb_run_id = run.start_wandb(cfg, self.run_dir, self.wandb_run_id, self.tracker)
         try:
-            if cfg.track.preview and self.step == 0 and dist.is_main():
-                pairs = preview_pairs(self.loaders, cfg.track.preview, cfg.train.seed)
-                self.tracker.log_image("augmentations", run.save_preview(pairs, self.run_dir), 0)
+            with self.signals.interruptible():  # start-up: nothing new to save yet
+                self.prepare_run_dir()
+                self.tracker = Tracker(self.run_dir, progress=cfg.track.progress, enabled=dist.is_main())
+                self.wandb_run_id = run.start_wandb(cfg, self.run_dir, self.wandb_run_id, self.tracker)
+                if cfg.track.preview and self.step == 0 and dist.is_main():
+                    pairs = preview_pairs(self.loaders, cfg.track.preview, cfg.train.seed)
+                    self.tracker.log_image("augmentations", run.save_preview(pairs, self.run_dir), 0)
+            self.stop_if_signalled()
             if cfg.eval.at_start and self.step == 0:
-                self.last_eval = self.evaluate_knn()
-                if self.last_eval:
-                    self.tracker.log("eval", self.last_eval, -1, 0)
+                self.run_knn(-1)
+            if self.eval_pending:  # a stop cut the last run's evaluation short
+                self.run_knn(self.epoch - 1)
             while self.epoch < cfg.train.epochs:
-                with self.signals.catching():
-                    epoch_metrics = self.train_epoch()
+                epoch_metrics = self.train_epoch()
                 if epoch_metrics is None:
-                    path = self.save()
-                    # No rank exits before rank 0's checkpoint is on disk (torchrun ends the
-                    # others as soon as one worker exits with an error code).
-                    dist.barrier()
-                    self.tracker.log("stopped", {"signal": self.signals.signum}, self.epoch, self.step)
-                    raise run.StopRequested(self.signals.signum, self.step, path)
+                    self.stop()
                 done = self.epoch  # epochs completed
                 self.tracker.log("epoch", epoch_metrics, done - 1, self.step)
                 last = done == cfg.train.epochs
-                if last or (cfg.eval.knn_every and done % cfg.eval.knn_every == 0):
-                    self.last_eval = self.evaluate_knn()
-                    if self.last_eval:
-                        self.tracker.log("eval", self.last_eval, done - 1, self.step)
+                self.eval_pending = bool(self.loaders.test is not None
+                                         and (last or (cfg.eval.knn_every and done % cfg.eval.knn_every == 0)))
+                self.stop_if_signalled()  # e.g. during the memory bank's refresh
+                if self.eval_pending:
+                    self.run_knn(done - 1)
                 if last or done % cfg.train.save_every == 0:
                     self.save()
+                self.stop_if_signalled()
             final = {"epochs": self.epoch, "steps": self.step, **self.last_eval}
             self.tracker.log("final", final, self.epoch - 1, self.step)
             return final
+        except run.StopNow:
+            self.stop()
         finally:
+            self.loaders.close()
             self.tracker.close()
+
+    def run_knn(self, epoch: int) -> None:
+        """The kNN monitor, logged under ``epoch`` (-1: before training); a stop signal cuts it
+        short (then the resumed run evaluates first)."""
+        with self.signals.interruptible():
+            result = self.evaluate_knn()
+        self.stop_if_signalled()
+        self.last_eval, self.eval_pending = result, False
+        if result:
+            self.tracker.log("eval", result, epoch, self.step)
 
 
 def train(cfg: Config) -> dict[str, float]:

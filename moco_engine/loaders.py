@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from .config import Config, UserError
 from .data import EpochSampler, Indexed, Splits, TwoViews, build_splits, make_loader
@@ -55,6 +56,14 @@ class Loaders:
     num_classes: int
     steps_per_epoch: int
     spec: ViewSpec
+
+    def close(self) -> None:
+        """End the persistent loader workers now, cleanly, rather than at interpreter exit
+        (where multiprocessing would SIGTERM them, and a worker leaves only after its grace
+        period: data.quiet_worker_signals)."""
+        for loader in (self.train, self.plain_train, self.plain_train_shard, self.test, self.test_shard):
+            if isinstance(loader, DataLoader) and getattr(loader, "_iterator", None) is not None:
+                loader._iterator = None  # torch shuts a persistent iterator's workers down when it is dropped
 
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:

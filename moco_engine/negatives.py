@@ -284,6 +284,18 @@ class NoNegatives(NegativeSource):
         raise RuntimeError("method=byol uses no negatives")
 
 
+def planned_bytes(cfg: Config, num_items: int) -> tuple[str, str, int]:
+    """(setting, what, bytes) of the source ``cfg`` would build: the key that sizes its buffers,
+    their description, and the bytes they take while being built (the float32 draw included)."""
+    k, d = cfg.queue.size, cfg.model.dim
+    if cfg.method == "byol" or cfg.negatives.kind == "in_batch":
+        return "negatives.kind", "no stored negatives", 0
+    if cfg.negatives.kind == "queue":
+        storage = STORAGE_DTYPES[cfg.queue.dtype].itemsize
+        return "queue.size", f"the queue of K={k} keys of D={d}", k * d * (4 + storage) + k * 8
+    return "negatives.kind", f"the memory bank of N={num_items} items of D={d}", 2 * num_items * d * 4 + num_items * 8
+
+
 def build_source(cfg: Config, num_items: int) -> NegativeSource:
     """The negative source ``negatives.kind`` names, for a data set of ``num_items`` items.
 

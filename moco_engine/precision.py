@@ -8,6 +8,7 @@ and a bf16 run is bf16 everywhere (logits are formed in float32 regardless: ``lo
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import resource
 from typing import Any
@@ -83,3 +84,17 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, or the OS's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -97,9 +97,12 @@ def export(encoder: Encoder, out_stem: Path, formats: list[str]) -> list[Path]:
     for target in chosen:
         if target.exists():
             raise UserError(f"{target} exists; remove it or pass --out elsewhere")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {out_stem}: cannot make the folder {target.parent}: {e.strerror}") from None
     written = []
     for fmt, target in zip(formats, chosen):
-        target.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "torchvision":
             torch.save(torchvision_state_dict(encoder), target)
         else:

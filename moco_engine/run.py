@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,25 @@ LOCK_FILE = ".lock"
 
 
 class StopRequested(Exception):
-    """Training stopped on SIGTERM or SIGINT after saving a checkpoint; ``signum`` says which."""
+    """Training stopped on SIGTERM or SIGINT with its completed state saved; ``signum`` says
+    which, ``path`` is the checkpoint that holds the state (None: nothing was saved yet)."""
 
-    def __init__(self, signum: int, step: int, path: Path | None):
+    def __init__(self, signum: int, step: int, path: Path | None, new: bool = True):
         self.signum, self.step, self.path = signum, step, path
         name = signal.Signals(signum).name
-        where = f"checkpoint {path}" if path else "the checkpoint of rank 0"
-        super().__init__(f"stopped by {name} after step {step}; {where}; continue with train.resume=auto")
+        if path is None:
+            text = f"stopped by {name} during start-up, before any step: nothing to save"
+        elif new:
+            text = f"stopped by {name} after step {step}; saved checkpoint {path}; continue with train.resume=auto"
+        else:
+            text = f"stopped by {name} at step {step}, before any new step; checkpoint {path} holds the run"
+        super().__init__(text)
+
+
+class StopNow(BaseException):
+    """Raised by a stop signal inside :meth:`StopSignals.interruptible` (evaluation, the memory
+    bank's encoding, start-up): the work under way is dropped, the completed state is saved.
+    A BaseException, so that no ``except Exception`` on the way swallows it."""
 
 
 def make_folder(run_dir: Path) -> None:
@@ -83,6 +96,7 @@ class RunLock:
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         self.file.flush()
+        ckpt.remove_temporaries(self.path.parent)  # writes of a holder that died mid-save
         return self
 
     def __exit__(self, *exc) -> None:
@@ -91,19 +105,26 @@ class RunLock:
             self.file = None
 
 
-def choose_resume(cfg: TrainConfig, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+def choose_resume(cfg: TrainConfig, run_dir: Path, accept: Callable[[dict[str, Any]], str | None]
+                  ) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to continue from (``train.resume``), or None to start fresh; starting
     fresh in a folder with checkpoints needs ``train.overwrite`` (which deletes them).
+    ``accept(state)`` says why a loaded state cannot be resumed (e.g. non-finite weights), or None.
 
     Raises:
         UserError: the folder holds a run and neither resume nor overwrite was asked for.
-        CheckpointError: the named checkpoint cannot be read.
+        CheckpointError: the named checkpoint cannot be used, or ``auto`` found files named
+            like checkpoints of which none is usable (never a silent restart over them).
     """
     if cfg.resume == "auto":
-        return ckpt.latest_checkpoint(run_dir)
+        return ckpt.latest_checkpoint(run_dir, accept=accept)
     if cfg.resume:
         path = Path(cfg.resume).expanduser()
-        return path, ckpt.load_checkpoint(path)
+        state = ckpt.load_checkpoint(path)
+        reason = accept(state)
+        if reason is not None:
+            raise ckpt.CheckpointError(f"config key 'train.resume': checkpoint {path} {reason}")
+        return path, state
     if ckpt.checkpoint_files(run_dir):
         if not cfg.overwrite:
             raise UserError(
@@ -149,28 +170,59 @@ def save_preview(pairs: Tensor, run_dir: Path) -> Path:
 
 
 class StopSignals:
-    """While active, the first SIGTERM/SIGINT only sets :attr:`signum` (the loop finishes its
-    step, saves and stops); a second one aborts at once (saved checkpoints are intact)."""
+    """SIGTERM and SIGINT, caught so that the completed state is saved before the process ends.
+
+    By default the first signal only sets :attr:`signum`: the step or the checkpoint write
+    under way finishes, then the run saves and stops. Inside :meth:`interruptible` (work that
+    changes no state: evaluation, encoding, start-up) the handler raises :class:`StopNow` at
+    once in a single process; under torchrun it only records the signal, and the ranks agree
+    to stop after the region (raising mid-collective would leave the others waiting). A second
+    signal ends the process at once (exit 128+N); checkpoints already saved are intact.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.depth = 0  # nesting of interruptible regions
+        self.installed = 0  # nesting of catching()
 
     def handler(self, signum: int, frame) -> None:
         if self.signum is not None:
             os._exit(128 + signum)
         self.signum = signum
         if dist.is_main():
-            print(f"\n{signal.Signals(signum).name}: finishing the step and saving a checkpoint "
+            print(f"\n{signal.Signals(signum).name}: stopping and saving the completed state "
                   "(send it again to abort at once)", flush=True)
+        if self.depth and not dist.is_distributed():
+            raise StopNow()
 
     @contextlib.contextmanager
     def catching(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be installed from the main thread
+        """Install the handler (re-entrant; a no-op outside the main thread, where Python
+        cannot install signal handlers)."""
+        if self.installed or threading.current_thread() is not threading.main_thread():
+            self.installed += 1
+            try:
+                yield
+            finally:
+                self.installed -= 1
             return
         previous = {s: signal.signal(s, self.handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.installed += 1
         try:
             yield
         finally:
+            self.installed -= 1
             for s, h in previous.items():
                 signal.signal(s, h)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A region a stop signal may cut short (see the class): it must change no state that a
+        checkpoint holds, or change it in one step at its end."""
+        if self.signum is not None and not dist.is_distributed():
+            raise StopNow()
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1

@@ -35,9 +35,9 @@ from . import distributed as dist
 from .config import Config, UserError
 from .encoders import Encoder, MomentumEncoder, OnlineNetwork, build_encoder, build_predictor
 from .losses import byol_loss, info_nce_logits, instance_accuracy
-from .negatives import NegativeSource, build_source
+from .negatives import NegativeSource, build_source, planned_bytes
 from .objectives import Objective, build_objective
-from .precision import autocast, memory_format
+from .precision import autocast, available_memory, memory_format
 
 
 class Skipped(NamedTuple):
@@ -106,10 +106,16 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
     rank first (DDP would broadcast f_q, but f_k and the queue are built here).
 
     Raises:
-        UserError: SyncBatchNorm asked for without CUDA.
+        UserError: SyncBatchNorm asked for without CUDA; stored negatives that do not fit in the
+            device's available memory.
     """
     if cfg.model.bn == "sync" and device.type != "cuda":
         raise UserError("config key 'model.bn' = 'sync': SyncBatchNorm needs CUDA; use shuffle or plain on CPU")
+    key, what, needed = planned_bytes(cfg, num_items)
+    free = available_memory(device)
+    if needed > free:  # refused before allocating: the OS would kill the run, or CUDA raise mid-build
+        raise UserError(f"config key '{key}': {what} needs {needed / 2**30:.1f} GiB, and {device} has "
+                        f"{free / 2**30:.1f} GiB available")
     encoder_q = build_encoder(cfg.model).to(device, memory_format=memory_format(cfg.train.channels_last))
     negatives = build_source(cfg, num_items).to(device)
     # End-to-end negatives take their keys from f_q: no momentum copy is built.

@@ -23,12 +23,14 @@ parameter, one line per value of the others; a log x axis when the values span 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -38,7 +40,8 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, UserError, load_config
+from .cli import with_version
+from .config import ConfigError, UserError, load_config, yaml_problem
 from .plot import line_plot
 from .tracking import METRICS_FILE
 
@@ -63,8 +66,30 @@ class Sweep:
     runs: list[SweepRun]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (plain
+    PyYAML keeps the last one silently: a sweep would run other values than the file shows)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# The parts of a W&B sweep command that moco-sweep stands in for itself; anything else in it
+# (an option, a script) would be dropped silently, so it is refused.
+LAUNCH_TOKENS = {"${env}", "${interpreter}", "${program}", "${args}", "${args_no_hyphens}", "${args_no_boolean_flags}",
+                 "python", "python3", "-m", "moco_engine", "moco-train", "env"}
+
+
 def _value_list(name: str, spec: Any) -> list[Any]:
     if isinstance(spec, dict) and "values" in spec:
+        if not isinstance(spec["values"], list):
+            raise ConfigError(f"sweep parameter '{name}': 'values' must be a list, not {spec['values']!r}")
         values = list(spec["values"])
     elif isinstance(spec, dict) and "value" in spec:
         values = [spec["value"]]
@@ -95,19 +120,31 @@ def read_sweep(path: str | Path, root: Path | None = None, count: int | None = N
     """
     path = Path(path)
     try:
-        spec = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read sweep file {path}: {' '.join(str(e).split())}") from None
+        spec = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except OSError as e:
+        raise ConfigError(f"cannot read sweep file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse sweep file {yaml_problem(e, path)}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("parameters"), dict) or not spec["parameters"]:
         raise ConfigError(f"sweep file {path} has no 'parameters' mapping")
     method = spec.get("method", "grid")
     if method not in ("grid", "random"):
         raise ConfigError(f"sweep file {path}: method {method!r} is not supported here (grid | random)")
     metric = spec.get("metric") or {}
+    if not isinstance(metric, dict):
+        raise ConfigError(f"sweep file {path}: 'metric' must be a mapping like {{name: knn_top1, goal: maximize}}")
+    if metric.get("goal", "maximize") not in ("maximize", "minimize"):
+        raise ConfigError(f"sweep file {path}: metric goal {metric['goal']!r} must be maximize or minimize")
+    if not isinstance(spec.get("command", []), list):
+        raise ConfigError(f"sweep file {path}: 'command' must be a list of words")
     command = [str(c) for c in spec.get("command", [])]
     root = root or Path.cwd()
     files = [c for c in command if c.endswith((".yaml", ".yml")) and "=" not in c]
-    fixed = [c for c in command if "=" in c and not c.startswith("${")]
+    fixed = [c for c in command if "=" in c and not c.startswith(("${", "-"))]
+    dropped = [c for c in command if c not in files and c not in fixed and c not in LAUNCH_TOKENS]
+    if dropped:
+        raise ConfigError(f"sweep file {path}: command word {dropped[0]!r} is not understood here (moco-sweep takes "
+                          "the command's YAML files and key=value overrides) and would be dropped")
     for f in files:
         if not (root / f).is_file():
             raise ConfigError(f"sweep file {path}: the command's config {f} is not found (relative to {root})")
@@ -116,8 +153,11 @@ def read_sweep(path: str | Path, root: Path | None = None, count: int | None = N
     values = [_value_list(n, spec["parameters"][n]) for n in names]
     swept = [n for n, v in zip(names, values) if len(v) > 1]
     combos = [dict(zip(names, combo)) for combo in itertools.product(*values)]
+    run_cap = spec.get("run_cap")
+    if run_cap is not None and (not isinstance(run_cap, int) or isinstance(run_cap, bool) or run_cap < 1):
+        raise ConfigError(f"sweep file {path}: run_cap {run_cap!r} must be a whole number >= 1")
     if method == "random":
-        cap = count or spec.get("run_cap") or len(combos)
+        cap = count or run_cap or len(combos)
         combos = random.Random(seed).sample(combos, min(int(cap), len(combos)))
     elif count:
         combos = combos[:count]
@@ -191,11 +231,52 @@ def _cell(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
+class SweepStopped(Exception):
+    """SIGTERM/SIGINT reached moco-sweep: the running run was given the signal and has ended
+    (saving its checkpoint); a rerun of the sweep goes on from there."""
+
+    def __init__(self, signum: int, run: str, code: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} during run {run} (which exited with code {code}); "
+                         "run the sweep again to go on from its checkpoint")
+
+
+def run_child(command: list[str], run: str) -> int:
+    """Run one run's process and return its exit code.
+
+    SIGTERM and SIGINT sent to moco-sweep are passed on to the run, which saves and exits; the
+    sweep waits for it and raises :class:`SweepStopped`. The run has a session of its own, so
+    Ctrl-C at the terminal reaches it once, through here (twice would abort it unsaved).
+    """
+    child = subprocess.Popen(command, env=os.environ.copy(), start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()  # resumed after each handler (PEP 475)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if received:
+        raise SweepStopped(received[0], run, code)
+    return code
+
+
 def run_sweep(sweep: Sweep, out: Path, root: Path, nproc: int = 1, dry_run: bool = False) -> int:
     """Run every unfinished run in order, then write the results. Returns the number of runs that
-    failed (their exit codes are printed; the sweep goes on with the next run)."""
+    failed (their exit codes are printed; the sweep goes on with the next run).
+
+    Raises:
+        SweepStopped: a stop signal ended the sweep (the results so far are written first).
+    """
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
+    stopped = None
     for i, run in enumerate(sweep.runs, 1):
         run_dir = out / run.name
         command = run_command(sweep, run, run_dir, root, nproc)
@@ -205,7 +286,11 @@ def run_sweep(sweep: Sweep, out: Path, root: Path, nproc: int = 1, dry_run: bool
         print(f"[{i}/{len(sweep.runs)}] {run.name}: {' '.join(command[1:] if not dry_run else command)}", flush=True)
         if dry_run:
             continue
-        code = subprocess.call(command, env=os.environ.copy())
+        try:
+            code = run_child(command, run.name)
+        except SweepStopped as e:
+            stopped = e
+            break
         if code != 0:
             failed += 1
             print(f"[{i}/{len(sweep.runs)}] {run.name}: exited with code {code}", flush=True)
@@ -217,11 +302,14 @@ def run_sweep(sweep: Sweep, out: Path, root: Path, nproc: int = 1, dry_run: bool
     if not dry_run:
         write_results(sweep, out, rows)
         print(f"{len(rows)}/{len(sweep.runs)} runs finished; results in {out / 'results.md'}", flush=True)
+    if stopped is not None:
+        raise stopped
     return failed
 
 
 def _sweep(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="moco-sweep", description=__doc__.splitlines()[0])
+    with_version(parser)
     parser.add_argument("sweep_file")
     parser.add_argument("--out", default="", help="folder of the sweep's runs (default: runs/sweeps/<name>)")
     parser.add_argument("--nproc", type=int, default=1, help="run each run under torchrun with this many processes")
@@ -233,7 +321,13 @@ def _sweep(argv: list[str]) -> int:
     sweep = read_sweep(args.sweep_file, root, count=args.count or None)
     out = Path(args.out or f"runs/sweeps/{sweep.name}").resolve()
     print(f"sweep {sweep.name}: {len(sweep.runs)} runs ({sweep.method}), metric {sweep.metric}, folder {out}", flush=True)
-    failed = run_sweep(sweep, out, root, args.nproc, args.dry_run)
+    if args.nproc < 1 or args.count < 0:
+        raise UserError(f"moco-sweep: --nproc must be >= 1 and --count >= 0 (got {args.nproc}, {args.count})")
+    try:
+        failed = run_sweep(sweep, out, root, args.nproc, args.dry_run)
+    except SweepStopped as e:
+        print(f"moco-sweep: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     if failed:
         raise UserError(f"{failed} of {len(sweep.runs)} runs failed (see their lines above); run the sweep again to retry them")
     return 0

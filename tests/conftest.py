@@ -47,3 +47,34 @@ def _few_threads():
     # Two cores here and in CI: more threads than cores only adds contention.
     torch.set_num_threads(2)
     yield
+
+
+# ---------------------------------------------------------------------------------------------
+# --fault-report PATH: the fault-injection tests (marked ``fault(kind)``) tallied by kind, for
+# BENCHMARKS.md's reliability table: python -m pytest -m fault --fault-report=faults.json
+# ---------------------------------------------------------------------------------------------
+FAULT_OUTCOMES: dict[str, dict[str, str]] = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fault-report", default="", help="write the fault(kind) tests' outcomes by kind to this JSON file")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("fault")
+    if marker is not None and (report.when == "call" or report.failed or report.skipped):
+        FAULT_OUTCOMES.setdefault(marker.args[0], {})[item.nodeid] = report.outcome
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--fault-report")
+    if path:
+        import json
+
+        tally = {kind: {"cases": len(cases), "passed": sum(o == "passed" for o in cases.values()),
+                        "not_passed": sorted(n for n, o in cases.items() if o != "passed")}
+                 for kind, cases in sorted(FAULT_OUTCOMES.items())}
+        Path(path).write_text(json.dumps(tally, indent=1) + "\n")

@@ -55,3 +55,15 @@ def test_paired_medians_takes_the_median_of_per_round_ratios():
     med_a, med_b, ratio = paired_medians(a, b, repeats=4, warmup=1, device=torch.device("cpu"))
     assert ratio == pytest.approx(2.0, rel=0.25)
     assert med_b > med_a
+
+
+@pytest.mark.fault("tools")
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "0"], "--repeats 0: must be >= 1"), (["--warmup", "-1"], "--warmup -1: must be >= 0"),
+    (["--pipeline", "gpu"], "--pipeline gpu: must be cpu or device"), (["--device", "banana"], "--device banana"),
+    (["--json", "/no/such/folder/out.json"], "--json /no/such/folder/out.json: its folder does not exist"),
+])
+def test_moco_bench_options_out_of_range_are_one_line_before_any_timing(capsys, args, message):
+    assert bench_main(["tiny", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err

@@ -26,6 +26,7 @@ def test_save_keeps_the_newest_k_with_their_hashes_and_points_latest_at_the_newe
     assert path.name == "checkpoint_00000003.pt" and loaded["step"] == 3
 
 
+@pytest.mark.fault("rotation")
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_a_damaged_checkpoint_is_reported_and_resume_falls_back_to_the_previous_one(tmp_path, damage):
     save_checkpoint(state(1), tmp_path, 1, keep=3)
@@ -45,6 +46,7 @@ def test_a_damaged_checkpoint_is_reported_and_resume_falls_back_to_the_previous_
     assert len(caught) == 1 and "checkpoint_00000002.pt" in str(caught[0].message)
 
 
+@pytest.mark.fault("disk")
 def test_an_unfinished_save_leaves_the_previous_checkpoint_untouched(tmp_path, monkeypatch):
     save_checkpoint(state(1), tmp_path, 1, keep=2)
 
@@ -52,9 +54,20 @@ def test_an_unfinished_save_leaves_the_previous_checkpoint_untouched(tmp_path, m
         raise OSError("disk full")
 
     monkeypatch.setattr("moco_engine.checkpoint.os.replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="checkpoint_00000002.pt: disk full; the previous checkpoints are intact"):
         save_checkpoint(state(2), tmp_path, 2, keep=2)
     monkeypatch.undo()
     assert [p.name for p in checkpoint_files(tmp_path)] == ["checkpoint_00000001.pt"]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     assert latest_checkpoint(tmp_path)[1]["step"] == 1
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        path = save_checkpoint(state(1), tmp_path, 1, keep=2)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o640 and (tmp_path / "checkpoints" / "latest").stat().st_mode & 0o777 == 0o640

@@ -29,11 +29,13 @@ def test_the_keys_users_type_most_exist():
         assert OmegaConf.select(cfg, key, default="missing") != "missing", key
 
 
+@pytest.mark.fault("syntax")
 def test_unknown_key_names_it_and_the_closest_valid_one():
     with pytest.raises(ConfigError, match=r"unknown config key 'queue.sise'.*did you mean 'queue.size'"):
         load_config([], ["queue.sise=5"])
 
 
+@pytest.mark.fault("syntax")
 def test_unknown_key_in_a_file_names_the_file(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("model:\n  momentun: 0.9\n")
@@ -41,11 +43,13 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
         load_config([str(f)])
 
 
+@pytest.mark.fault("syntax")
 def test_wrong_type_names_key_and_value():
     with pytest.raises(ConfigError, match=r"'optim.lr'.*'fast'"):
         load_config([], ["optim.lr=fast"])
 
 
+@pytest.mark.fault("config")
 @pytest.mark.parametrize(
     "override,key",
     [("queue.size=0", "queue.size"), ("loss.temperature=0", "loss.temperature"), ("model.momentum=1.5", "model.momentum"),
@@ -80,6 +84,7 @@ def test_every_shipped_config_loads(path):
     assert cfg is not None
 
 
+@pytest.mark.fault("syntax")
 @pytest.mark.parametrize("args", [["queue.sise=5"], ["optim.lr=fast"], ["nonexistent.yaml"], ["queue.size"]])
 def test_cli_config_errors_exit_2_with_one_line(args, tmp_path):
     r = subprocess.run([sys.executable, "-m", "moco_engine", *args], capture_output=True, text=True, cwd=tmp_path)
@@ -87,3 +92,74 @@ def test_cli_config_errors_exit_2_with_one_line(args, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ============================================================================ every setting's domain
+@pytest.mark.fault("config")
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=inf", "optim.lr"), ("optim.lr=nan", "optim.lr"), ("loss.temperature=-inf", "loss.temperature"),
+    ("model.momentum=nan", "model.momentum"), ("eval.knn_t=inf", "eval.knn_t"), ("linear.lr=inf", "linear.lr"),
+    ("optim.momentum=-0.9", "optim.momentum"), ("optim.weight_decay=-1e-4", "optim.weight_decay"),
+    ("linear.weight_decay=-1", "linear.weight_decay"), ("optim.gamma=0", "optim.gamma"),
+    ("train.seed=-1", "train.seed"), ("train.device=banana", "train.device"), ("train.device=cuda:x", "train.device"),
+    ("loss.triplet_margin=-0.2", "loss.triplet_margin"), ("optim.milestones=[-3]", "optim.milestones"),
+])
+def test_every_setting_out_of_its_domain_names_its_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config([], [override])
+    assert f"'{key}'" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.fault("config")
+def test_stored_negatives_that_cannot_fit_are_refused_naming_their_size(tmp_path):
+    from moco_engine.config import UserError
+    from moco_engine.engine import Trainer
+
+    cfg = load_config([], ["data.name=synthetic", "data.synthetic_size=64", "data.num_workers=0", "optim.batch_size=16",
+                           "queue.size=10000000000",
+                           f"train.out_dir={tmp_path}"])
+    with pytest.raises(UserError, match=r"'queue.size': the queue of K=10000000000 keys of D=128 needs [\d.]+ GiB, and cpu has"):
+        Trainer(cfg)
+
+
+@pytest.mark.fault("config")
+def test_settings_the_method_ignores_are_named_in_a_warning():
+    from moco_engine.config import ignored_settings
+
+    assert ignored_settings(load_config([], ["method=byol", "negatives.kind=memory_bank", "queue.size=4096"])) == [
+        "negatives.kind=memory_bank", "queue.size=4096"]
+    assert ignored_settings(load_config([], ["negatives.kind=in_batch", "queue.size=4096"])) == ["queue.size=4096"]
+    assert ignored_settings(load_config([], ["queue.size=4096"])) == []
+
+
+# ============================================================================ config syntax
+@pytest.mark.fault("syntax")
+@pytest.mark.parametrize("args, expected", [
+    (["optim=5"], "config key 'optim' in the command-line overrides is a group of settings"),
+    (["track.wandb=offline"], "config key 'track.wandb' in the command-line overrides is a group of settings"),
+    (["train.out_dir=${oc.env:MOCO_TEST_UNSET_VARIABLE}"], "config key 'train.out_dir': environment variable "
+                                                           "MOCO_TEST_UNSET_VARIABLE is not set"),
+    (["dup.yaml"], "dup.yaml, line 3: found duplicate key lr"),
+    (["group.yaml"], "config key 'optim' in group.yaml is a group of settings"),
+])
+def test_config_syntax_mistakes_are_one_line_naming_key_file_and_line(args, expected, tmp_path):
+    (tmp_path / "dup.yaml").write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
+    (tmp_path / "group.yaml").write_text("optim: 5\n")
+    r = subprocess.run([sys.executable, "-m", "moco_engine", *args], capture_output=True, text=True, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert expected in lines[0]
+
+
+@pytest.mark.parametrize("command", ["train_main", "eval_main", "export_main"])
+def test_every_command_has_version_and_its_help_names_the_groups(command, capsys):
+    import moco_engine
+    from moco_engine import cli
+
+    with pytest.raises(SystemExit) as e:
+        getattr(cli, command)(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip().endswith(moco_engine.__version__)
+    with pytest.raises(SystemExit):
+        getattr(cli, command)(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert command == "export_main" or ("configs/base.yaml" in out and "memory_bank" in out and "track" in out)

@@ -115,3 +115,50 @@ def test_epoch_sampler_is_seeded_resumable_and_splits_ranks():
     other = EpochSampler(10, seed=3)
     other.set_epoch(3)
     assert [i for _, i in other] != order
+
+
+# ============================================================================ data faults
+def _image_folder(root, classes_per_split, size=8):
+    for split, classes in classes_per_split.items():
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                value = np.full((size, size, 3), 40 * c + i, dtype=np.uint8)
+                Image.fromarray(value).save(root / split / name / f"{i}.png")
+
+
+@pytest.mark.fault("data")
+def test_a_corrupt_image_met_by_a_loader_worker_is_the_same_one_line(tmp_path):
+    from moco_engine.data import FolderImages, make_loader
+
+    _image_folder(tmp_path, {"train": ["a", "b"]})
+    (tmp_path / "train" / "b" / "1.png").write_bytes(b"\x89PNG broken")
+    loader = make_loader(Indexed(FolderImages(tmp_path / "train"), lambda img: 0), batch_size=4, num_workers=1)
+    with pytest.raises(DataError) as e:
+        list(loader)
+    assert str(e.value).startswith("cannot read image ") and "b/1.png" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.fault("data")
+@pytest.mark.parametrize("limit", [40, 20])  # a 64-pixel image: PIL warns past its limit, raises past twice it
+def test_decompression_bombs_count_as_bad_images(tmp_path, monkeypatch, limit, capsys):
+    from moco_engine.data import FolderImages
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "0.png")  # 64 pixels: the "bomb"
+    Image.new("RGB", (4, 4)).save(tmp_path / "a" / "1.png")  # 16 pixels: fine
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(DataError, match=r"cannot read image .*0\.png"):
+        FolderImages(tmp_path).load(0)
+    assert FolderImages(tmp_path, on_bad="skip").load(0).size == (4, 4)  # left out, the next one stands in
+    assert "skipping unreadable image" in capsys.readouterr().err
+
+
+@pytest.mark.fault("data")
+def test_test_classes_are_matched_to_train_classes_by_name(tmp_path):
+    _image_folder(tmp_path, {"train": ["cat", "dog", "frog"], "test": ["cat", "frog"]})
+    splits = build_splits(DataConfig(name="imagefolder", root=str(tmp_path)))
+    assert splits.test.classes == ["cat", "dog", "frog"] and splits.test.targets == [0, 0, 2, 2]  # frog stays 2
+    _image_folder(tmp_path, {"test": ["horse"]})
+    with pytest.raises(DataError, match="the test split has class\\(es\\) the train split lacks: horse"):
+        build_splits(DataConfig(name="imagefolder", root=str(tmp_path)))

@@ -162,6 +162,7 @@ def test_resumed_run_ends_bit_identical_to_a_straight_run(tmp_path):
     assert torch.equal(straight.negatives.keys, resumed.negatives.keys)
 
 
+@pytest.mark.fault("resume")
 def test_a_run_folder_with_checkpoints_is_not_clobbered(tmp_path):
     Trainer(tiny(tmp_path, "train.epochs=1")).fit()
     saved = checkpoint_files(tmp_path / "run")
@@ -171,6 +172,7 @@ def test_a_run_folder_with_checkpoints_is_not_clobbered(tmp_path):
     Trainer(tiny(tmp_path, "train.epochs=1", "train.overwrite=true")).fit()
 
 
+@pytest.mark.fault("resume")
 def test_incompatible_checkpoint_is_refused_in_one_line(tmp_path):
     Trainer(tiny(tmp_path, "train.epochs=1")).fit()
     r = subprocess.run([sys.executable, "-m", "moco_engine", *TINY, f"train.out_dir={tmp_path / 'run'}",
@@ -198,12 +200,14 @@ def test_in_batch_negatives_build_no_key_encoder(tmp_path):
     assert trainer.encoder_k is None and trainer.state_dict()["encoder_k"] is None
 
 
+@pytest.mark.fault("data")
 def test_missing_data_folder_exits_2_naming_the_path(tmp_path):
     r = subprocess.run([sys.executable, "-m", "moco_engine", *TINY, "data.name=imagefolder",
                         f"data.root={tmp_path / 'absent'}", f"train.out_dir={tmp_path / 'run'}"], capture_output=True, text=True)
     assert r.returncode == 2 and str(tmp_path / "absent") in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.fault("signals")
 def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_a_straight_one(tmp_path):
     extra = ["data.synthetic_size=400", "train.steps_per_epoch=0", "train.log_every=1", "eval.knn_every=0"]
     straight = Trainer(tiny(tmp_path / "a", *extra))  # 2 epochs of 25 steps, uninterrupted
@@ -233,6 +237,7 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_a_straight_one(tmp_
     assert torch.equal(straight.negatives.keys, resumed.negatives.keys)
 
 
+@pytest.mark.fault("nonfinite")
 def test_a_diverging_run_stops_naming_the_step_and_keeps_its_good_checkpoint(tmp_path):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "moco_engine", *TINY, f"train.out_dir={run}", "train.log_every=1"]

@@ -87,3 +87,21 @@ def test_moco_export_writes_both_formats_and_never_overwrites(run, tmp_path, cap
     assert export_main([str(run), "--out", str(stem), "--format", "torchvision"]) == 2
     assert pth.read_bytes() == before
     assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.fault("tools")
+def test_moco_export_to_a_path_under_a_file_is_one_line(run, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert export_main([str(run), "--out", str(blocker / "r18")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a_file" in err and "cannot make the folder" in err and "\n" not in err and blocker.read_text() == ""
+
+
+@pytest.mark.fault("tools")
+def test_moco_eval_refuses_pickled_objects_in_one_short_line(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"config": {}, "encoder_q": {}, "extra": nn.ReLU()}, path)  # a module: pickled code, not tensors
+    assert eval_main(["knn", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds pickled Python objects" in err and "refused without running them" in err and "\n" not in err

@@ -34,6 +34,7 @@ def poison(t: Trainer, steps: set[int]) -> None:
     t.parts.objective = Objective(lambda *args: original(*args) * (float("nan") if t.step in steps else 1.0))
 
 
+@pytest.mark.fault("nonfinite")
 def test_nonfinite_steps_are_skipped_without_touching_the_state(tmp_path, capsys):
     t = trainer(tmp_path, "train.max_nonfinite_skips=2")
     poison(t, {1, 4})
@@ -57,6 +58,7 @@ def test_nonfinite_steps_are_skipped_without_touching_the_state(tmp_path, capsys
     assert capsys.readouterr().err.count("step skipped") == 2
 
 
+@pytest.mark.fault("nonfinite")
 def test_more_nonfinite_steps_than_allowed_stop_the_run(tmp_path):
     t = trainer(tmp_path, "train.max_nonfinite_skips=1")
     poison(t, {3, 4})  # step 3 is in the second epoch: the first epoch's checkpoint exists
@@ -64,6 +66,7 @@ def test_more_nonfinite_steps_than_allowed_stop_the_run(tmp_path):
         t.fit()
 
 
+@pytest.mark.fault("nonfinite")
 def test_fp16_gradscaler_skips_an_overflowing_step_and_recovers(tmp_path):
     t = trainer(tmp_path, "train.precision=fp16", "train.device=cpu")
     assert t.amp_dtype == torch.float16 and t.parts.scaler.is_enabled()
@@ -91,6 +94,7 @@ def _jpeg(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.fault("data")
 def test_an_unreadable_image_in_an_archive_fails_or_is_skipped(tmp_path, capsys):
     archive = tmp_path / "data.tar"
     with tarfile.open(archive, "w") as tar:
@@ -105,6 +109,7 @@ def test_an_unreadable_image_in_an_archive_fails_or_is_skipped(tmp_path, capsys)
     assert "skipped 1 unreadable image(s)" in capsys.readouterr().err
 
 
+@pytest.mark.fault("data")
 def test_an_unreadable_image_in_a_folder_fails_or_is_replaced(tmp_path, capsys):
     for i, cls in enumerate(["a", "a", "b"]):
         (tmp_path / cls).mkdir(exist_ok=True)
@@ -117,6 +122,7 @@ def test_an_unreadable_image_in_a_folder_fails_or_is_replaced(tmp_path, capsys):
     assert capsys.readouterr().err.count("skipping unreadable image") == 1  # reported once
 
 
+@pytest.mark.fault("disk")
 def test_an_output_folder_that_cannot_be_written_is_one_line_exit_2(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -139,6 +145,7 @@ for step in range(1, 10_000):
 """
 
 
+@pytest.mark.fault("kill")
 @pytest.mark.parametrize("delay", [0.35, 0.8, 1.3])
 def test_kill_9_during_saves_never_loses_the_previous_checkpoint(tmp_path, delay):
     run = tmp_path / "run"
@@ -170,6 +177,7 @@ with RunLock(Path(sys.argv[1])):
 """
 
 
+@pytest.mark.fault("lock")
 def test_one_live_run_per_folder_and_a_dead_holder_blocks_nothing(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

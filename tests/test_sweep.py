@@ -74,3 +74,26 @@ def test_smoke_sweep_runs_offline_with_wandb_and_skips_finished_runs(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 2
     assert all(len(list((run / "wandb").glob("offline-run-*"))) == 1 for run in runs)  # nothing re-ran
+
+
+@pytest.mark.fault("tools")
+@pytest.mark.parametrize("parameters, extra, message", [
+    ("  queue.size: {values: 5}", "", "'values' must be a list, not 5"),
+    ("  queue.size: {values: [16, 64]}", "run_cap: many", "run_cap 'many' must be a whole number >= 1"),
+    ("  queue.size: {values: [16, 64]}\n  queue.size: {values: [32]}", "", "line 6: duplicate key 'queue.size'"),
+    ("  queue.size: {values: [16, 64]}", "run_cap: 0", "run_cap 0 must be a whole number >= 1"),
+    ("  queue.size: {values: [16, 64]}", "metric: {name: knn_top1}", "line 7: duplicate key 'metric'"),
+])
+def test_malformed_sweep_files_are_one_line_naming_the_field(tmp_path, parameters, extra, message):
+    with pytest.raises(ConfigError) as e:
+        read_sweep(sweep_file(tmp_path, parameters, "random" if "run_cap" in extra else "grid", extra))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.fault("tools")
+def test_a_command_word_the_sweep_would_drop_is_refused(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"name: s\nparameters:\n  queue.size: {{values: [16]}}\n"
+                    f"command: [python, train.py, --config, {SMOKE}]\n")
+    with pytest.raises(ConfigError, match="command word 'train.py' is not understood here"):
+        read_sweep(path)
