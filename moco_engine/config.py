@@ -172,7 +172,9 @@ class LinearConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"  # online | offline | disabled (the WANDB_MODE environment variable wins when set)
+    # "" (not set: the WANDB_MODE environment variable, else disabled; online under `wandb agent`) |
+    # online | offline | disabled. A mode set here wins over WANDB_MODE, as wandb.init(mode=...) does.
+    mode: str = ""
     project: str = "moco_engine"
     entity: str = ""  # W&B user or team ("" = the account's default)
     group: str = ""  # runs of one sweep share a group (moco-sweep sets it)
@@ -230,7 +232,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.lr_scaling": ("none", "linear"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "eval.knn_features": ("backbone", "head"),
-    "track.wandb.mode": ("online", "offline", "disabled"),
+    "track.wandb.mode": ("", "online", "offline", "disabled"),
 }
 
 

@@ -100,26 +100,48 @@ WANDB_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "d
 
 
 def _has_wandb_key() -> bool:
-    """An API key in WANDB_API_KEY or in ~/.netrc (where ``wandb login`` puts it)."""
+    """An API key in WANDB_API_KEY or in the netrc file wandb itself reads (``$NETRC``, else
+    ~/.netrc, where ``wandb login`` puts it), found by wandb's own lookup where it has one."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     try:
-        return netrc.netrc().authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
+        from wandb.sdk.lib.wbauth import read_netrc_auth  # wandb >= 0.22: NETRC, ~/.netrc, ~/_netrc
+    except ImportError:  # an older wandb: the same rule by hand
+        host = url.split("://")[-1].split("/")[0]
+        try:
+            return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+        except (OSError, netrc.NetrcParseError):
+            return False
+    try:
+        return read_netrc_auth(host=url) is not None
+    except Exception:  # a malformed entry: wandb.init would refuse it too; log offline
         return False
 
 
 def wandb_mode(configured: str) -> tuple[str, str | None]:
     """The W&B mode to use, and a one-line notice when it differs from what was asked.
 
-    WANDB_MODE, when set, wins over the config (W&B's own convention); a run started by
-    ``wandb agent`` (WANDB_SWEEP_ID set) logs online even with the default ``disabled``; ``online``
-    without an API key falls back to ``offline`` (``wandb sync`` uploads the run later).
+    wandb's own precedence: a mode set in the config (``track.wandb.mode``, as
+    ``wandb.init(mode=...)``) wins; left unset (``""``) the WANDB_MODE environment variable
+    decides, and without it the run is not logged, except one started by ``wandb agent``
+    (WANDB_SWEEP_ID set), which logs online: the sweep needs its metrics. ``online`` without an
+    API key falls back to ``offline`` (``wandb sync`` uploads the run later).
+
+    Raises:
+        UserError: WANDB_MODE holds a value that is no W&B mode.
     """
-    mode = WANDB_ENV_MODES.get(os.environ.get("WANDB_MODE", "").lower(), configured)
-    if mode == "disabled" and os.environ.get("WANDB_SWEEP_ID") and "WANDB_MODE" not in os.environ:
-        mode = "online"  # launched by `wandb agent`: the sweep needs the run's metrics
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env and env not in WANDB_ENV_MODES:
+        from .config import UserError
+
+        raise UserError(f"environment variable WANDB_MODE={env!r} is not a W&B mode ({', '.join(WANDB_ENV_MODES)})")
+    if configured:
+        mode = configured
+    elif env:
+        mode = WANDB_ENV_MODES[env]
+    else:
+        mode = "online" if os.environ.get("WANDB_SWEEP_ID") else "disabled"
     if mode == "online" and not _has_wandb_key():
         return "offline", "W&B: no API key (WANDB_API_KEY or `wandb login`); logging offline, `wandb sync` uploads later"
     return mode, None

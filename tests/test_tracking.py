@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY
 
 from moco_engine.checkpoint import latest_checkpoint
-from moco_engine.config import load_config
+from moco_engine.config import UserError, load_config
 from moco_engine.engine import Trainer
 from moco_engine.run import PREVIEW_FILE
 from moco_engine.tracking import wandb_mode
@@ -70,13 +70,34 @@ def test_wandb_mode_falls_back_to_offline_without_a_key(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     mode, notice = wandb_mode("online")
     assert mode == "offline" and "no API key" in notice
-    assert wandb_mode("disabled") == ("disabled", None)
+    assert wandb_mode("disabled") == ("disabled", None) and wandb_mode("") == ("disabled", None)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode("online") == ("online", None)
-    monkeypatch.setenv("WANDB_SWEEP_ID", "abc")  # started by `wandb agent`: log even if the config says disabled
-    assert wandb_mode("disabled") == ("online", None)
-    monkeypatch.setenv("WANDB_MODE", "disabled")  # the environment wins, as W&B's own convention
-    assert wandb_mode("online") == ("disabled", None)
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc")  # started by `wandb agent`: an unset mode logs online
+    assert wandb_mode("") == ("online", None) and wandb_mode("disabled") == ("disabled", None)
+
+
+def test_a_mode_in_the_config_wins_over_wandb_mode_and_an_unset_one_follows_it(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode("disabled") == ("disabled", None) and wandb_mode("online") == ("online", None)
+    assert wandb_mode("") == ("offline", None)
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # wandb's older name
+    assert wandb_mode("") == ("offline", None)
+    monkeypatch.setenv("WANDB_MODE", "sideways")
+    with pytest.raises(UserError, match="WANDB_MODE='sideways' is not a W&B mode"):
+        wandb_mode("")
+
+
+def test_an_api_key_in_the_netrc_file_named_by_netrc_is_found(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert wandb_mode("online")[0] == "offline"
+    netrc_file = tmp_path / "elsewhere" / "netrc"
+    netrc_file.parent.mkdir()
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert wandb_mode("online") == ("online", None)
 
 
 def test_wandb_offline_run_is_continued_by_a_resumed_training(tmp_path, monkeypatch):
