@@ -81,12 +81,15 @@ def _train(args: list[str]) -> int:
     from . import distributed as dist  # torch loads only once the config is valid
     from .engine import NonFiniteLoss, Trainer
     from .precision import resolve_device
-    from .run import StopNow, StopRequested, StopSignals
+    from .run import StopNow, StopRequested, StopSignals, agent_folder
 
+    agent = agent_folder(cfg.train)
     if dist.restarted() and not cfg.train.resume:
         cfg.train.resume = "auto"  # torchrun --max-restarts restarted us: go on from the checkpoint
     dist.setup(resolve_device(cfg.train.device).type)
     main_process = dist.is_main()  # asked now: after teardown every process looks like rank 0
+    if agent and main_process:
+        print(agent, flush=True)
     signals = StopSignals()  # from start-up (decoding the data set can take minutes) to the end
     try:
         with signals.catching():

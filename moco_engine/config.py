@@ -339,7 +339,7 @@ def validate(cfg: Config) -> None:
 
     # No setting takes NaN or ±inf: none is meaningful there, and each would poison the run.
     for key in valid_keys():
-        value = _get(cfg, key)
+        value = setting(cfg, key)
         if isinstance(value, float):
             need(math.isfinite(value), key, value, "must be a finite number")
     need(DEVICE.match(cfg.train.device) is not None, "train.device", cfg.train.device, "not a device (auto, cpu, cuda or cuda:N)")
@@ -354,7 +354,7 @@ def validate(cfg: Config) -> None:
     for key in ("pair_margin", "triplet_margin", "lifted_margin"):
         need(getattr(cfg.loss, key) >= 0, f"loss.{key}", getattr(cfg.loss, key), "must be >= 0")
     for key, choices in CHOICES.items():
-        value = _get(cfg, key)
+        value = setting(cfg, key)
         need(value in choices, key, value, f"must be one of {', '.join(choices)}")
     need(
         cfg.loss.name != "nce" or cfg.negatives.kind == "memory_bank",
@@ -414,7 +414,8 @@ def validate(cfg: Config) -> None:
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-def _get(cfg: Any, key: str) -> Any:
+def setting(cfg: Any, key: str) -> Any:
+    """The value of a dotted key (``queue.size``) of a :class:`Config`."""
     for part in key.split("."):
         cfg = getattr(cfg, part)
     return cfg
@@ -427,14 +428,14 @@ def ignored_settings(cfg: Config) -> list[str]:
     ignored: list[str] = []
     if cfg.method == "byol":
         groups = ("negatives", "queue", "memory_bank")
-        ignored += [f"{k}={_get(cfg, k)}" for k in valid_keys() if k.startswith(groups) and _get(cfg, k) != _get(defaults, k)]
+        ignored += [f"{k}={setting(cfg, k)}" for k in valid_keys() if k.startswith(groups) and setting(cfg, k) != setting(defaults, k)]
         if cfg.loss.name != defaults.loss.name:
             ignored.append(f"loss.name={cfg.loss.name}")
     elif cfg.negatives.kind == "in_batch":
-        ignored += [f"{k}={_get(cfg, k)}" for k in valid_keys() if k.startswith(("queue", "memory_bank"))
-                    and _get(cfg, k) != _get(defaults, k)]
+        ignored += [f"{k}={setting(cfg, k)}" for k in valid_keys() if k.startswith(("queue", "memory_bank"))
+                    and setting(cfg, k) != setting(defaults, k)]
     elif cfg.negatives.kind == "queue":
-        ignored += [f"{k}={_get(cfg, k)}" for k in valid_keys() if k.startswith("memory_bank") and _get(cfg, k) != _get(defaults, k)]
+        ignored += [f"{k}={setting(cfg, k)}" for k in valid_keys() if k.startswith("memory_bank") and setting(cfg, k) != setting(defaults, k)]
     return ignored
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import Config, TrainConfig, UserError, to_dict, to_yaml
+from .config import Config, TrainConfig, UserError, setting, to_yaml, valid_keys
 from .tracking import METRICS_FILE, Tracker, WandbBackend, wandb_mode
 
 CONFIG_FILE = "config.yaml"
@@ -137,10 +137,32 @@ def choose_resume(cfg: TrainConfig, run_dir: Path, accept: Callable[[dict[str, A
     return None
 
 
+def agent_folder(cfg: TrainConfig) -> str | None:
+    """Under ``wandb agent`` (WANDB_SWEEP_ID and WANDB_RUN_ID set) each run gets a folder of its
+    own, ``<train.out_dir>/sweep-<sweep id>/<run id>``, and resumes it when the agent starts the
+    run again; returns the line that says so (None when no agent started this run).
+
+    Without this, every run of a sweep would share the recipe's ``train.out_dir``, and the
+    second one would refuse a folder that holds a run.
+    """
+    sweep, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if not (sweep and run_id):
+        return None
+    cfg.out_dir = str(Path(cfg.out_dir).expanduser() / f"sweep-{sweep}" / run_id)
+    cfg.resume = cfg.resume or "auto"
+    return f"wandb agent: sweep {sweep}, run {run_id}; run folder {cfg.out_dir}"
+
+
 def write_config(run_dir: Path, cfg: Config) -> None:
     """``config.yaml``: the resolved config, loadable as a YAML layer of ``moco-train``."""
     if dist.is_main():
         (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+
+
+def flat_settings(cfg: Config) -> dict[str, Any]:
+    """Every setting under its dotted key (``queue.size``): the form a W&B sweep gives its
+    parameters, so that a run under ``wandb agent`` has one form of each key, not two."""
+    return {key: setting(cfg, key) for key in valid_keys()}
 
 
 def start_wandb(cfg: Config, run_dir: Path, run_id: str | None, tracker: Tracker) -> str | None:
@@ -151,7 +173,7 @@ def start_wandb(cfg: Config, run_dir: Path, run_id: str | None, tracker: Tracker
         return run_id
     if notice:
         print(notice, flush=True)
-    backend = WandbBackend(cfg.track.wandb, run_dir, to_dict(cfg), run_id, mode)
+    backend = WandbBackend(cfg.track.wandb, run_dir, flat_settings(cfg), run_id, mode)
     tracker.add_backend(backend)
     return backend.run_id
 

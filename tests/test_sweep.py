@@ -97,3 +97,38 @@ def test_a_command_word_the_sweep_would_drop_is_refused(tmp_path):
                     f"command: [python, train.py, --config, {SMOKE}]\n")
     with pytest.raises(ConfigError, match="command word 'train.py' is not understood here"):
         read_sweep(path)
+
+
+def test_settings_go_to_wandb_in_one_form_the_dotted_keys_a_sweep_uses():
+    from moco_engine.config import load_config
+    from moco_engine.run import flat_settings
+
+    flat = flat_settings(load_config([], ["queue.size=77"]))
+    assert flat["queue.size"] == 77 and flat["track.wandb.project"] == "moco_engine"
+    assert not [k for k, v in flat.items() if isinstance(v, dict)]  # no nested copy beside the dotted keys
+
+
+@pytest.mark.slow  # four runs
+def test_runs_started_as_wandb_agent_starts_them_get_folders_of_their_own_and_resume_them(tmp_path):
+    import yaml
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    spec = yaml.safe_load((ROOT / "configs" / "sweeps" / "queue_size_smoke.yaml").read_text())
+    base = tmp_path / "runs"
+
+    def agent_run(run_id: str, params: dict) -> subprocess.CompletedProcess:
+        # The words wandb agent runs: its macros replaced by its own helper's argument forms.
+        args = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})["args_no_hyphens"]
+        words = []
+        for word in spec["command"]:
+            words += {"${env}": [], "python": [sys.executable], "${args_no_hyphens}": args}.get(word, [word])
+        env = {**os.environ, "WANDB_SWEEP_ID": "sw1", "WANDB_RUN_ID": run_id, "WANDB_MODE": "disabled"}
+        return subprocess.run([*words, f"train.out_dir={base}"], capture_output=True, text=True, cwd=ROOT, env=env)
+
+    for i, run_id in enumerate(["r1", "r2", "r3"]):
+        r = agent_run(run_id, {"queue.size": 16 * (i + 1), "train.epochs": 1})
+        assert r.returncode == 0, r.stderr
+        assert f"run folder {base / 'sweep-sw1' / run_id}" in r.stdout
+    assert sorted(p.name for p in (base / "sweep-sw1").iterdir()) == ["r1", "r2", "r3"]
+    r = agent_run("r1", {"queue.size": 16, "train.epochs": 2})  # the agent starts r1 again
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
