@@ -76,11 +76,20 @@ class JsonlBackend:
 
 
 class ConsoleBackend:
-    """Prints epoch summaries, evaluations and the final result (step records go to the bar)."""
+    """Prints epoch summaries, evaluations and the final result; step records too when
+    ``step_lines`` (a log file, where a progress bar would be carriage-return frames)."""
+
+    STEP_KEYS = ("loss", "top1", "lr", "img_per_s")  # the step record's figures on one line
+
+    def __init__(self, step_lines: bool = False):
+        self.step_lines = step_lines
 
     def log(self, record: dict[str, Any]) -> None:
         kind = record.get("kind")
         if kind == "step":
+            if self.step_lines:
+                body = "  ".join(f"{k} {_fmt(record[k])}" for k in self.STEP_KEYS if k in record)
+                tqdm.write(f"[step] epoch {record['epoch'] + 1}  step {record['step']}  {body}", file=sys.stdout)
             return
         skip = {"kind", "step", "time"}
         body = "  ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k not in skip)
@@ -195,12 +204,14 @@ class Tracker:
 
     def __init__(self, run_dir: Path | None, progress: bool = True, enabled: bool = True):
         self.enabled = enabled
-        self.show_progress = progress and enabled
         self.backends: list[Backend] = []
         if enabled and run_dir is not None:
             self.backends.append(JsonlBackend(Path(run_dir) / METRICS_FILE))
+        # A progress bar only on a terminal; in a log file one plain line per logged step instead.
+        interactive = sys.stdout.isatty()
+        self.show_progress = progress and enabled and interactive
         if enabled:
-            self.backends.append(ConsoleBackend())
+            self.backends.append(ConsoleBackend(step_lines=progress and not interactive))
         self.bar: tqdm | None = None
         self.start = time.time()
 
@@ -215,8 +226,9 @@ class Tracker:
         for backend in self.backends:
             backend.log(record)
         if kind == "step" and self.bar is not None:
-            shown = ("loss", "top1", "lr", "img_per_s")
-            self.bar.set_postfix({k: _fmt(metrics[k]) for k in shown if k in metrics}, refresh=False)
+            # Refreshed now: the bar moved before this step's figures arrived, so without a
+            # refresh it would show them only at the next step, beside the next step's count.
+            self.bar.set_postfix({k: _fmt(metrics[k]) for k in ConsoleBackend.STEP_KEYS if k in metrics})
 
     def log_image(self, name: str, path: Path, step: int) -> None:
         """An image file (already written to the run folder) to the backends that show images."""

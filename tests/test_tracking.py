@@ -4,6 +4,7 @@ preview, and W&B (offline: these machines have no network)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,25 @@ def test_wandb_offline_run_is_continued_by_a_resumed_training(tmp_path, monkeypa
     folders = sorted((out / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and all(f.name.endswith(run_id) for f in folders)
     assert all(list(f.glob("*.wandb")) for f in folders)
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_step_lines_in_a_log_file(tmp_path, capsys, monkeypatch):
+    from moco_engine.tracking import Tracker
+
+    (tmp_path / "log").mkdir()
+    (tmp_path / "tty").mkdir()
+
+    def one_step(tracker):
+        tracker.start_epoch(0, 1, 2)
+        tracker.advance()
+        tracker.log("step", {"loss": 4.25, "lr": 0.06}, 0, 1)
+        tracker.end_epoch()
+        tracker.close()
+
+    one_step(Tracker(tmp_path / "log", progress=True))  # capsys's stdout is no terminal
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["[step] epoch 1  step 1  loss 4.25  lr 0.06"] and "\r" not in out
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    one_step(Tracker(tmp_path / "tty", progress=True))
+    out = capsys.readouterr().out
+    assert "[step]" not in out and "loss=4.25" in out.split("\r")[-1]  # the bar's last frame: this step's loss
