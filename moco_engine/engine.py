@@ -82,6 +82,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.step_in_epoch = 0
         self.last_eval: dict[str, float] = {}
+        self.best_eval: dict[str, float] = {}  # each kNN figure's best over the whole run, resumes included
         self.tracker = Tracker(None, enabled=False)
         self.signals = signals or run.StopSignals()  # SIGTERM/SIGINT: save the completed state, exit
         self.wandb_run_id: str | None = None  # kept in checkpoints: a resumed run continues its W&B run
@@ -395,6 +396,10 @@ class Trainer:
         self.last_eval, self.eval_pending = result, False
         if result:
             self.tracker.log("eval", result, epoch, self.step)
+            # The run summary a sweep ranks by: the best over every segment of the run (W&B's own
+            # max would cover only the segment since the last resume).
+            self.best_eval = {k: max(v, self.best_eval.get(k, v)) for k, v in result.items()}
+            self.tracker.summarize({f"eval/{k}": v for k, v in self.best_eval.items()})
 
 
 def train(cfg: Config) -> dict[str, float]:

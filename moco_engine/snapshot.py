@@ -3,7 +3,7 @@
 A snapshot (format 2) is tensors and plain containers only::
 
     config                    the resolved config (to_dict)
-    epoch, step, step_in_epoch, last_eval, wandb_run_id, nonfinite_skips, eval_pending
+    epoch, step, step_in_epoch, last_eval, best_eval, wandb_run_id, nonfinite_skips, eval_pending
     encoder_q, encoder_k, predictor, negatives      model sections (None where the run has none);
                                                     BatchNorm statistics: the ranks' mean
     optimizer, scaler         their state_dicts
@@ -27,7 +27,7 @@ from .step import MODEL_SECTIONS, StepParts, load_model_state, model_state, stat
 
 FORMAT = 2
 # The Trainer's counters a snapshot carries, with the value a checkpoint that predates one implies.
-COUNTERS = {"epoch": 0, "step": 0, "step_in_epoch": 0, "last_eval": {}, "wandb_run_id": None,
+COUNTERS = {"epoch": 0, "step": 0, "step_in_epoch": 0, "last_eval": {}, "best_eval": {}, "wandb_run_id": None,
             "nonfinite_skips": 0, "eval_pending": False}
 # Tensors whose NaN is a sentinel, not a fault: NCE's log Z before its first estimate.
 NAN_SENTINELS = ("negatives.log_z",)
@@ -70,7 +70,7 @@ def restore(parts: StepParts, state: dict[str, Any], cfg: Config, device: torch.
                                    f"({problems[0]}{more})")
     load_model_state(parts, state)
     counters = {name: state.get(name, default) for name, default in COUNTERS.items()}
-    counters["last_eval"] = dict(counters["last_eval"])
+    counters["last_eval"], counters["best_eval"] = dict(counters["last_eval"]), dict(counters["best_eval"])
     restore_own(parts, state.get("ranks") or [{"rng": state["rng"]}], cfg, device, counters["step"], source)  # format 1: one process's
     return counters
 

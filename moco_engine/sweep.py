@@ -5,7 +5,7 @@ The file is W&B's sweep syntax, so the same file also works online with ``wandb 
 
     name: queue_size
     method: grid                      # grid | random (random: run_cap runs drawn from the grid)
-    metric: {name: knn_top1, goal: maximize}
+    metric: {name: eval/knn_top1, goal: maximize}   # a key W&B receives; its best over the run
     parameters:
       negatives.kind: {values: [queue, memory_bank]}
       queue.size: {values: [256, 1024, 4096]}
@@ -171,7 +171,7 @@ def read_sweep(path: str | Path, root: Path | None = None, count: int | None = N
             raise ConfigError(f"sweep file {path}, run {i}: {e}") from None
         params = {k: combo[k] for k in swept}
         runs.append(SweepRun(f"{i:03d}_{_slug(params)}", params, overrides))
-    return Sweep(spec.get("name") or path.stem, method, metric.get("name", "knn_top1"), metric.get("goal", "maximize"),
+    return Sweep(spec.get("name") or path.stem, method, metric.get("name", "eval/knn_top1"), metric.get("goal", "maximize"),
                  files, swept, runs)
 
 
@@ -189,6 +189,28 @@ def final_record(run_dir: Path) -> dict[str, Any] | None:
         if record.get("kind") == "final":
             final = record
     return final
+
+
+def metric_value(run_dir: Path, metric: str, goal: str) -> float | None:
+    """A run's value of the sweep's metric as its W&B run summary holds it: for ``<kind>/<key>``
+    (``eval/knn_top1``) the best, by ``goal``, of ``key`` over the run's records of that kind,
+    every segment of a resumed run included; a bare key is read from the final record."""
+    if "/" not in metric:
+        final = final_record(run_dir)
+        return None if final is None else final.get(metric)
+    kind, key = metric.split("/", 1)
+    path = run_dir / METRICS_FILE
+    values = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == kind and isinstance(record.get(key), (int, float)):
+            values.append(record[key])
+    if not values:
+        return None
+    return max(values) if goal == "maximize" else min(values)
 
 
 def run_command(sweep: Sweep, run: SweepRun, run_dir: Path, root: Path, nproc: int) -> list[str]:
@@ -224,7 +246,7 @@ def write_results(sweep: Sweep, out: Path, rows: list[dict[str, Any]]) -> None:
         series.setdefault(label, []).append((float(x), float(row[sweep.metric])))
     xs = [x for points in series.values() for x, _ in points]
     log_x = min(xs) > 0 and max(xs) / min(xs) >= 16
-    line_plot(series, out / f"{sweep.metric}.png", f"sweep {sweep.name}", x_key or "run", sweep.metric, log_x=log_x)
+    line_plot(series, out / f"{sweep.metric.replace('/', '_')}.png", f"sweep {sweep.name}", x_key or "run", sweep.metric, log_x=log_x)
 
 
 def _cell(value: Any) -> str:
@@ -298,7 +320,8 @@ def run_sweep(sweep: Sweep, out: Path, root: Path, nproc: int = 1, dry_run: bool
     for run in sweep.runs:
         final = final_record(out / run.name)
         if final is not None:
-            rows.append({"run": run.name, **run.params, **final})
+            rows.append({"run": run.name, **run.params, **final,
+                         sweep.metric: metric_value(out / run.name, sweep.metric, sweep.goal)})
     if not dry_run:
         write_results(sweep, out, rows)
         print(f"{len(rows)}/{len(sweep.runs)} runs finished; results in {out / 'results.md'}", flush=True)

@@ -174,8 +174,6 @@ class WandbBackend:
             name=cfg.name or Path(run_dir).name, config=config, dir=str(run_dir), mode=mode,
             id=run_id, resume="allow" if run_id else None,
         )
-        self.run.define_metric("eval/knn_top1", summary="max")
-        self.run.define_metric("eval/knn_top5", summary="max")
 
     @property
     def run_id(self) -> str:
@@ -188,6 +186,9 @@ class WandbBackend:
 
     def log_image(self, name: str, path: Path, step: int) -> None:
         self.run.log({name: self.wandb.Image(str(path))}, step=step)
+
+    def summarize(self, values: dict[str, float]) -> None:
+        self.run.summary.update(values)
 
     def log_artifact(self, path: Path) -> None:
         if self.log_checkpoints:
@@ -235,6 +236,12 @@ class Tracker:
         for backend in self.backends:
             if hasattr(backend, "log_image"):
                 backend.log_image(name, path, step)
+
+    def summarize(self, values: dict[str, float]) -> None:
+        """Set the run summary's values (what a W&B sweep ranks runs by) in the backends that keep one."""
+        for backend in self.backends:
+            if hasattr(backend, "summarize"):
+                backend.summarize(values)
 
     def log_artifact(self, path: Path) -> None:
         for backend in self.backends:

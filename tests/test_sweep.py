@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -132,3 +133,48 @@ def test_runs_started_as_wandb_agent_starts_them_get_folders_of_their_own_and_re
     assert sorted(p.name for p in (base / "sweep-sw1").iterdir()) == ["r1", "r2", "r3"]
     r = agent_run("r1", {"queue.size": 16, "train.epochs": 2})  # the agent starts r1 again
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+
+
+def test_the_sweep_metric_is_the_best_over_every_segment_of_a_run(tmp_path):
+    from moco_engine.sweep import metric_value
+
+    lines = [{"kind": "eval", "knn_top1": 30.0}, {"kind": "step", "knn_top1": 99.0}, {"kind": "eval", "knn_top1": 41.5},
+             {"kind": "stopped"}, {"kind": "eval", "knn_top1": 38.0}, {"kind": "final", "knn_top1": 38.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert metric_value(tmp_path, "eval/knn_top1", "maximize") == 41.5  # a resumed run: all its segments
+    assert metric_value(tmp_path, "eval/knn_top1", "minimize") == 30.0
+    assert metric_value(tmp_path, "knn_top1", "maximize") == 38.0  # a bare key: the final record's
+
+
+def test_the_run_summary_holds_the_best_knn_over_a_resumed_run(tmp_path, monkeypatch):
+    from conftest import TINY
+
+    from moco_engine import run as run_module
+    from moco_engine.config import load_config
+    from moco_engine.engine import Trainer
+
+    summaries = []
+
+    class Recorder:
+        def log(self, record):
+            pass
+
+        def summarize(self, values):
+            summaries.append(dict(values))
+
+        def close(self):
+            pass
+
+    def start_wandb(cfg, run_dir, run_id, tracker):
+        tracker.add_backend(Recorder())
+        return run_id
+
+    monkeypatch.setattr(run_module, "start_wandb", start_wandb)
+    out = tmp_path / "run"
+    Trainer(load_config([], [*TINY, f"train.out_dir={out}", "train.epochs=1", "eval.knn_every=1"])).fit()
+    resumed = Trainer(load_config([], [*TINY, f"train.out_dir={out}", "train.epochs=2", "train.resume=auto",
+                                      "eval.knn_every=1"]))
+    resumed.fit()
+    evals = [json.loads(line)["knn_top1"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
+    assert len(evals) == 2 and summaries[-1]["eval/knn_top1"] == max(evals)
