@@ -223,6 +223,9 @@ def run_command(sweep: Sweep, run: SweepRun, run_dir: Path, root: Path, nproc: i
     return [*launcher, *(str(root / f) for f in sweep.files), *overrides]
 
 
+METRIC_LABELS = {"knn_top1": "kNN top-1 accuracy (%)", "knn_top5": "kNN top-5 accuracy (%)", "loss": "loss"}
+
+
 def write_results(sweep: Sweep, out: Path, rows: list[dict[str, Any]]) -> None:
     """results.csv, results.md and the metric's PNG plot, from the finished runs' rows."""
     columns = ["run", *sweep.swept, sweep.metric, "epochs", "steps"]
@@ -246,7 +249,8 @@ def write_results(sweep: Sweep, out: Path, rows: list[dict[str, Any]]) -> None:
         series.setdefault(label, []).append((float(x), float(row[sweep.metric])))
     xs = [x for points in series.values() for x, _ in points]
     log_x = min(xs) > 0 and max(xs) / min(xs) >= 16
-    line_plot(series, out / f"{sweep.metric.replace('/', '_')}.png", f"sweep {sweep.name}", x_key or "run", sweep.metric, log_x=log_x)
+    ylabel = METRIC_LABELS.get(sweep.metric.split("/")[-1], sweep.metric)
+    line_plot(series, out / f"{sweep.metric.replace('/', '_')}.png", f"sweep {sweep.name}", x_key or "run", ylabel, log_x=log_x)
 
 
 def _cell(value: Any) -> str:

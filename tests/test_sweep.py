@@ -178,3 +178,15 @@ def test_the_run_summary_holds_the_best_knn_over_a_resumed_run(tmp_path, monkeyp
     evals = [json.loads(line)["knn_top1"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "eval"]
     assert len(evals) == 2 and summaries[-1]["eval/knn_top1"] == max(evals)
+
+
+def test_line_figures_carry_title_labels_legend_and_a_log2_axis_at_the_data():
+    from moco_engine.plot import line_figure
+
+    fig = line_figure({"queue": [(256, 60.0), (4096, 70.5)], "memory bank": [(256, 55.0), (4096, 58.0)]},
+                      "sweep queue_size", "queue.size", "kNN top-1 accuracy (%)", log_x=True, references={"chance": 10.0})
+    ax = fig.axes[0]
+    assert ax.get_title() == "sweep queue_size" and ax.get_xlabel() == "queue.size"
+    assert ax.get_ylabel() == "kNN top-1 accuracy (%)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["queue", "memory bank", "chance"]
+    assert ax.get_xscale() == "log" and list(ax.get_xticks()) == [256, 4096]
