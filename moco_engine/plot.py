@@ -64,3 +64,22 @@ def line_plot(
     path = Path(path)
     line_figure(series, title, xlabel, ylabel, log_x, references).savefig(path)
     return path
+
+
+def preview_figure(images, pairs_per_row: int = 4) -> Figure:
+    """Query/key view pairs as a grid: ``images`` (2n, H, W, 3) in [0, 1], the query of pair i
+    at 2i and its key at 2i + 1; each image titled, a narrow empty column between pairs."""
+    n = len(images) // 2
+    rows = -(-n // pairs_per_row)
+    columns = 3 * pairs_per_row - 1  # query, key, gap, query, key, gap, ...
+    widths = [1, 1, 0.3] * (pairs_per_row - 1) + [1, 1]
+    fig = Figure(figsize=(sum(widths) * 1.3, rows * 1.5), dpi=110, layout="constrained")
+    grid = fig.add_gridspec(rows, columns, width_ratios=widths)
+    for i in range(n):
+        row, slot = divmod(i, pairs_per_row)
+        for j, name in enumerate(("query", "key")):
+            ax = fig.add_subplot(grid[row, 3 * slot + j])
+            ax.imshow(images[2 * i + j], interpolation="nearest")
+            ax.set_title(f"{name} {i + 1}", fontsize=8)
+            ax.set_axis_off()
+    return fig

@@ -179,15 +179,13 @@ def start_wandb(cfg: Config, run_dir: Path, run_id: str | None, tracker: Tracker
 
 
 def save_preview(pairs: Tensor, run_dir: Path) -> Path:
-    """``augmentations.png``: query/key pairs (2n, 3, S, S) in [0, 1] side by side, 4 pairs a
-    row (small images enlarged 4x with nearest-neighbour, so the pixels stay visible)."""
-    import torch.nn.functional as F
-    from torchvision.utils import make_grid, save_image
+    """``augmentations.png``: query/key pairs (2n, 3, S, S) in [0, 1], (query, key) of pair i
+    at 2i and 2i + 1; 4 pairs a row, each labelled, with a gap between pairs (pixels drawn
+    unsmoothed, so small images stay legible)."""
+    from .plot import preview_figure
 
-    if pairs.shape[-1] < 96:
-        pairs = F.interpolate(pairs, scale_factor=4, mode="nearest")
     path = run_dir / PREVIEW_FILE
-    save_image(make_grid(pairs, nrow=8, padding=4, pad_value=1.0), path)
+    preview_figure(pairs.detach().cpu().permute(0, 2, 3, 1).clamp(0, 1).numpy()).savefig(path)
     return path
 
 

@@ -53,8 +53,21 @@ def test_augmentation_preview_is_written_at_the_start(tmp_path, pipeline):
 
     out = run_tiny(tmp_path, f"data.pipeline={pipeline}", "train.epochs=1", "track.preview=3")
     with Image.open(out / PREVIEW_FILE) as img:
-        # 3 pairs = 6 views of 32 px enlarged 4x, in one row, with 4 px padding.
-        assert img.size == (6 * 128 + 7 * 4, 128 + 2 * 4)
+        assert img.format == "PNG" and img.size[0] > img.size[1]  # one row of 3 pairs
+
+
+def test_the_preview_labels_each_view_and_leaves_a_gap_between_pairs():
+    import numpy as np
+
+    from moco_engine.plot import preview_figure
+
+    fig = preview_figure(np.random.default_rng(0).uniform(size=(10, 8, 8, 3)))  # 5 pairs: 2 rows
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["query 1", "key 1", "query 2", "key 2", "query 3", "key 3", "query 4", "key 4", "query 5", "key 5"]
+    fig.canvas.draw()
+    boxes = [ax.get_position() for ax in fig.axes[:4]]
+    within, between = boxes[1].x0 - boxes[0].x1, boxes[2].x0 - boxes[1].x1
+    assert between > 2 * within  # the pairs stand apart
 
 
 def test_collapse_warning_once_an_epoch(tmp_path, capsys):
