@@ -129,7 +129,8 @@ def read_sweep(path: str | Path, root: Path | None = None, count: int | None = N
         raise ConfigError(f"sweep file {path} has no 'parameters' mapping")
     method = spec.get("method", "grid")
     if method not in ("grid", "random"):
-        raise ConfigError(f"sweep file {path}: method {method!r} is not supported here (grid | random)")
+        raise ConfigError(f"sweep file {path}: method {method!r} is not run locally (moco-sweep runs grid and random); "
+                          f"W&B's own server runs it: wandb sweep {path} && wandb agent <sweep id>")
     metric = spec.get("metric") or {}
     if not isinstance(metric, dict):
         raise ConfigError(f"sweep file {path}: 'metric' must be a mapping like {{name: knn_top1, goal: maximize}}")

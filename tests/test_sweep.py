@@ -83,11 +83,13 @@ def test_smoke_sweep_runs_offline_with_wandb_and_skips_finished_runs(tmp_path):
     ("  queue.size: {values: [16, 64]}", "run_cap: many", "run_cap 'many' must be a whole number >= 1"),
     ("  queue.size: {values: [16, 64]}\n  queue.size: {values: [32]}", "", "line 6: duplicate key 'queue.size'"),
     ("  queue.size: {values: [16, 64]}", "run_cap: 0", "run_cap 0 must be a whole number >= 1"),
+    ("  queue.size: {values: [16, 64]}", "bayes", "method 'bayes' is not run locally"),
     ("  queue.size: {values: [16, 64]}", "metric: {name: knn_top1}", "line 7: duplicate key 'metric'"),
 ])
 def test_malformed_sweep_files_are_one_line_naming_the_field(tmp_path, parameters, extra, message):
     with pytest.raises(ConfigError) as e:
-        read_sweep(sweep_file(tmp_path, parameters, "random" if "run_cap" in extra else "grid", extra))
+        method = "bayes" if extra == "bayes" else "random" if "run_cap" in extra else "grid"
+        read_sweep(sweep_file(tmp_path, parameters, method, "" if extra == "bayes" else extra))
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
