@@ -125,8 +125,8 @@ class Trainer:
         lr = lr_at(cfg, self.step, self.loaders.steps_per_epoch, self.world)
         momentum = momentum_at(cfg.model.momentum, cfg.model.momentum_schedule, self.step, self.total_steps)
         out = self.step_fn(self.parts, x_q, x_k, indices, lr, momentum)
-        self.step += 1
-        self.unsaved = True  # a skipped step's batch is used up too: the schedules move on
+        self.step += 1  # a skipped step's batch is used up too: the schedules move on
+        self.unsaved = True
         if isinstance(out, Skipped):
             self.count_skip(out.loss)
             return None
