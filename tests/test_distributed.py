@@ -81,6 +81,7 @@ def test_the_device_pipeline_stopped_and_resumed_under_torchrun_is_bit_identical
 
 # torchrun's agent keeps one store across rounds: before distributed.setup named each round's key
 # space, the restarted rank 0 often read the crashed rank 1's gloo address and was refused or hung.
+@pytest.mark.slow  # a torchrun launch with a restart; the SIGTERM stop and resume stay in the default run
 def test_a_rank_killed_by_sigkill_is_restarted_and_ends_bit_identical(tmp_path, straight_cpu):
     ranks, r = torchrun(tmp_path, *EXACT, crash_at=5, extra=["--max-restarts=1"])
     assert "simulated crash of rank 1 at step 5" in r.stderr + r.stdout
@@ -129,6 +130,7 @@ def test_queue_is_identical_on_both_ranks_and_holds_the_gathered_keys_in_order(t
     assert r0["negatives"]["index"].tolist() == ring(50, gathered)
 
 
+@pytest.mark.slow  # two launches: equal only to rounding, not an exactness claim
 def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(tmp_path):
     # GroupNorm and a linear head: no statistic crosses samples, so splitting the batch over
     # ranks changes nothing but summation order. No shuffle (its permutation is random).

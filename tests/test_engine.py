@@ -207,6 +207,7 @@ def test_missing_data_folder_exits_2_naming_the_path(tmp_path):
     assert r.returncode == 2 and str(tmp_path / "absent") in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # the 2-rank stop mid-epoch (test_distributed) and the kNN-time stop (test_faults) stay
 @pytest.mark.fault("signals")
 def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_a_straight_one(tmp_path):
     extra = ["data.synthetic_size=400", "train.steps_per_epoch=0", "train.log_every=1", "eval.knn_every=0"]
