@@ -176,20 +176,23 @@ def read_sweep(path: str | Path, root: Path | None = None, count: int | None = N
                  files, swept, runs)
 
 
+def records(run_dir: Path) -> list[dict[str, Any]]:
+    """Every whole record of a run's ``metrics.jsonl``, all segments of a resumed run (a line
+    cut short by a crash is left out)."""
+    path = run_dir / METRICS_FILE
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def final_record(run_dir: Path) -> dict[str, Any] | None:
     """The ``final`` record of a finished run, or None."""
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return None
-    final = None
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-        if record.get("kind") == "final":
-            final = record
-    return final
+    finals = [r for r in records(run_dir) if r.get("kind") == "final"]
+    return finals[-1] if finals else None
 
 
 def metric_value(run_dir: Path, metric: str, goal: str) -> float | None:
@@ -200,15 +203,7 @@ def metric_value(run_dir: Path, metric: str, goal: str) -> float | None:
         final = final_record(run_dir)
         return None if final is None else final.get(metric)
     kind, key = metric.split("/", 1)
-    path = run_dir / METRICS_FILE
-    values = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("kind") == kind and isinstance(record.get(key), (int, float)):
-            values.append(record[key])
+    values = [r[key] for r in records(run_dir) if r.get("kind") == kind and isinstance(r.get(key), (int, float))]
     if not values:
         return None
     return max(values) if goal == "maximize" else min(values)

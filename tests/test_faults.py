@@ -30,7 +30,12 @@ from moco_engine.checkpoint import (
 from moco_engine.config import load_config
 from moco_engine.engine import NonFiniteLoss, Trainer
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+def env() -> dict[str, str]:
+    """The subprocesses' environment, read when a test runs: after conftest has cleared the
+    shell's WANDB_* variables (a copy made at import would keep WANDB_MODE=offline)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
 SIGNAL_WORKER = [sys.executable, str(ROOT / "tests" / "signal_worker.py")]
 
 
@@ -126,7 +131,7 @@ def test_resume_auto_among_only_bad_checkpoints_exits_2_naming_them(tmp_path):
     (folder / "checkpoint_00000003.pt.sha256").write_text("0" * 64)
     (folder / "checkpoint_00000009.pt").write_bytes(b"foreign")
     r = subprocess.run([sys.executable, "-m", "moco_engine", *TINY, f"train.out_dir={run}", "train.resume=auto"],
-                       capture_output=True, text=True, env=ENV)
+                       capture_output=True, text=True, env=env())
     lines = errors(r.stderr)
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "no usable checkpoint" in lines[0] and "checkpoint_00000003.pt" in lines[0] and "checkpoint_00000009.pt" in lines[0]
@@ -162,7 +167,7 @@ def straight(tmp_path_factory):
             run = tmp_path_factory.mktemp("straight") / kind
             cmd = [sys.executable, "-m", "moco_engine", *TINY, "eval.knn_every=1", f"train.out_dir={run}",
                    f"negatives.kind={kind}"]
-            assert subprocess.run(cmd, capture_output=True, env=ENV).returncode == 0
+            assert subprocess.run(cmd, capture_output=True, env=env()).returncode == 0
             runs[kind] = weights(run)
         return runs[kind]
 
@@ -179,7 +184,7 @@ def straight(tmp_path_factory):
 def test_a_signal_at_any_moment_saves_the_finished_work_and_the_resume_is_exact(tmp_path, straight, moment, signame, kind):
     run = tmp_path / "run"
     args = [*TINY, "eval.knn_every=1", f"train.out_dir={run}", f"negatives.kind={kind}"]
-    r = subprocess.run([*SIGNAL_WORKER, moment, signame, *args], capture_output=True, text=True, env=ENV)
+    r = subprocess.run([*SIGNAL_WORKER, moment, signame, *args], capture_output=True, text=True, env=env())
     signum = getattr(signal, signame)
     lines = errors(r.stderr)
     assert r.returncode == 128 + signum and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
@@ -192,7 +197,7 @@ def test_a_signal_at_any_moment_saves_the_finished_work_and_the_resume_is_exact(
     # kNN: the epoch is done, its evaluation pending; refresh: the epoch's steps are done, its
     # refresh not; save: the write under way finished before the stop.
     assert (state["epoch"], state["eval_pending"]) == {"knn": (1, True), "save": (1, False), "refresh": (0, False)}[moment]
-    r = subprocess.run([sys.executable, "-m", "moco_engine", *args, "train.resume=auto"], capture_output=True, text=True, env=ENV)
+    r = subprocess.run([sys.executable, "-m", "moco_engine", *args, "train.resume=auto"], capture_output=True, text=True, env=env())
     assert r.returncode == 0, r.stderr
     resumed, expected = weights(run), straight(kind)
     assert resumed.keys() == expected.keys()
@@ -208,7 +213,7 @@ def test_sigterm_to_the_process_group_while_workers_decode_saves_the_steps_taken
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "moco_engine", *TINY, "data.num_workers=2", "train.epochs=200", "train.log_every=1",
            f"train.out_dir={run}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(),
                             start_new_session=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
@@ -264,15 +269,15 @@ def _limit_file_size():
 def test_a_write_the_os_refuses_midway_exits_2_and_the_run_resumes_from_the_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "moco_engine", *TINY, f"train.out_dir={run}"]
-    assert subprocess.run([*base, "train.epochs=1"], capture_output=True, env=ENV).returncode == 0
+    assert subprocess.run([*base, "train.epochs=1"], capture_output=True, env=env()).returncode == 0
     before = checkpoint_files(run)
-    r = subprocess.run([*base, "train.resume=auto"], capture_output=True, text=True, env=ENV, preexec_fn=_limit_file_size)
+    r = subprocess.run([*base, "train.resume=auto"], capture_output=True, text=True, env=env(), preexec_fn=_limit_file_size)
     lines = errors(r.stderr)
     assert r.returncode == 2 and len(lines) == 1, r.stderr  # a real EFBIG from the kernel, mid-write
     assert "cannot write checkpoint" in lines[0] and "File too large" in lines[0]
     assert checkpoint_files(run) == before and load_checkpoint(before[0], require_hash=True)["step"] == 3
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
-    assert subprocess.run([*base, "train.resume=auto"], capture_output=True, env=ENV).returncode == 0
+    assert subprocess.run([*base, "train.resume=auto"], capture_output=True, env=env()).returncode == 0
 
 
 @pytest.mark.fault("disk")
@@ -299,7 +304,7 @@ def test_sigterm_to_moco_sweep_reaches_its_run_which_saves_and_the_rerun_resumes
     metrics = out / "000_run" / "metrics.jsonl"
 
     def start_and_signal(ready):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
         deadline = time.time() + 120
         while not ready():
             assert time.time() < deadline and proc.poll() is None, "the run never got going"
