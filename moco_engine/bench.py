@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from .cli import with_version
-from .config import CHOICES, DEVICE, UserError, load_config
+from .config import UserError, load_config
 from .encoders import SplitBatchNorm, build_backbone
 from .precision import autocast
+from .rules import CHOICES, DEVICE
 
 
 @dataclass(frozen=True)

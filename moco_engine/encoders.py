@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from .config import CHOICES, ModelConfig
+from .config import ModelConfig
+from .rules import CHOICES
 
 BACKBONES = {
     "resnet18": torchvision.models.resnet18,

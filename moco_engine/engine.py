@@ -25,7 +25,7 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import run, snapshot
-from .config import Config, ignored_settings
+from .config import Config
 from .evaluation import encode_split, knn_monitor
 from .loaders import build_loaders, preview_pairs
 from .precision import (
@@ -35,6 +35,7 @@ from .precision import (
     peak_memory_gib,
     resolve_device,
 )
+from .rules import ignored_settings
 from .schedules import lr_at, momentum_at
 from .step import (
     Skipped,

@@ -85,7 +85,7 @@ def build_objective(cfg: LossConfig, negatives: NegativeSource) -> Objective:
     """The objective ``cfg.name`` names, its hyper-parameters bound from ``cfg``.
 
     Raises:
-        ValueError: NCE without a memory bank (``config.validate`` refuses it first).
+        ValueError: NCE without a memory bank (``rules.validate`` refuses it first).
     """
     name, t = cfg.name, cfg.temperature
     if name in ("infonce", "nt_xent"):  # NT-Xent is InfoNCE over in-batch negatives

@@ -124,7 +124,7 @@ def test_stored_negatives_that_cannot_fit_are_refused_naming_their_size(tmp_path
 
 @pytest.mark.fault("config")
 def test_settings_the_method_ignores_are_named_in_a_warning():
-    from moco_engine.config import ignored_settings
+    from moco_engine.rules import ignored_settings
 
     assert ignored_settings(load_config([], ["method=byol", "negatives.kind=memory_bank", "queue.size=4096"])) == [
         "negatives.kind=memory_bank", "queue.size=4096"]

@@ -183,7 +183,7 @@ def test_gradients_match_finite_differences(name):
 
 def test_the_registry_names_every_objective():
     assert set(LOSSES) == {"infonce", "nt_xent", "nce", "pair", "triplet", "lifted", "npair", "debiased", "mochi"}
-    from moco_engine.config import CHOICES
+    from moco_engine.rules import CHOICES
 
     assert set(CHOICES["loss.name"]) == set(LOSSES)
 
