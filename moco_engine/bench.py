@@ -14,9 +14,16 @@ their ratio is the median of the per-round ratios, so a drifting machine moves b
 ``--data`` adds the real input path (decode, augment, transfer) alone and together with the step,
 to show whether loading limits training.
 
+Eager cases also count the operators each step dispatches (forward and backward, :mod:`opcount`):
+a launch-bound GPU step's time grows with that count, which any CPU measures. ``--ops`` only
+counts, nothing timed: the supervised step and the MoCo step with each split-BN form and with
+plain BatchNorm, on the case's model at a small batch (seconds on a CPU, even for r18-cifar).
+
     moco-bench r18-cifar                      # the MoCo CIFAR-10 demo's step
     moco-bench r18-cifar --data --data-root ../shared/data/cifar10_train_20k.tar.gz
     moco-bench tiny --device cpu              # seconds on a laptop
+    moco-bench r18-cifar --ops --device cpu   # operators per step, by split-BN form
+    moco-bench r18-cifar --cuda-graphs        # the encoders' passes replayed as CUDA graphs
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +44,9 @@ import torch.nn.functional as F
 from .cli import with_version
 from .config import UserError, load_config
 from .encoders import SplitBatchNorm, build_backbone
+from .opcount import count_ops
 from .precision import autocast
+from .report import case_table
 from .rules import CHOICES, DEVICE
 
 
@@ -135,6 +145,7 @@ def build_trainer(case: Case, args: argparse.Namespace):
         f"queue.size={case.queue}", f"optim.batch_size={case.batch}",
         f"train.device={args.device}", f"train.precision={args.precision}",
         f"train.channels_last={not args.no_channels_last}", f"train.compile={args.compile}",
+        f"train.cuda_graphs={args.cuda_graphs}",
         "train.out_dir=runs/bench", "track.progress=false",
     ])
     return Trainer(cfg)
@@ -144,11 +155,14 @@ def supervised_step(trainer, case: Case, x, labels) -> Callable[[], None]:
     """The supervised baseline: the same backbone (plain BatchNorm) and a linear classifier."""
     backbone, width = build_backbone(case.arch, case.cifar_stem)
     model = torch.nn.Sequential(backbone, torch.nn.Linear(width, 1000)).to(trainer.device, memory_format=trainer.memory_format)
-    if trainer.cfg.train.compile:
-        model.compile()
+    graphed = trainer.cfg.train.cuda_graphs  # compared like with like: graphed when the MoCo step is
+    if trainer.cfg.train.compile or graphed:
+        model.compile(mode="reduce-overhead" if graphed else None)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
 
     def step() -> None:
+        if graphed:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(trainer.device, trainer.amp_dtype):
             loss = F.cross_entropy(model(x).float(), labels)
         opt.zero_grad(set_to_none=True)
@@ -232,6 +246,10 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
     case = CASES[name]
     if args.bn_splits:
         case = replace(case, bn_splits=args.bn_splits)
+    if args.queue:
+        case = replace(case, queue=args.queue)
+    if args.ops:
+        return {"case": name, **asdict(case), "ops_by_form": form_op_counts(case, args)}
     trainer = build_trainer(case, args)
     device = trainer.device
     shape = (case.batch, 3, case.image_size, case.image_size)
@@ -247,6 +265,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         "case": name, **asdict(case), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "precision": str(trainer.amp_dtype or "fp32").replace("torch.", ""), "compile": trainer.cfg.train.compile,
+        "cuda_graphs": trainer.cfg.train.cuda_graphs,
         "split_bn": SplitBatchNorm.resolve_form(args.split_bn, device),  # what "auto" meant here
         "supervised_s": supervised_s,
         "supervised_peak_gib": _peak_memory(device, sup_fn),
@@ -255,11 +274,40 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         "ratio": ratio, "repeats": args.repeats,  # the median of paired ratios, not the ratio of medians
     }
     result["breakdown_s"] = breakdown(trainer, x_k, idx, args.repeats, args.warmup)
+    eager = not (trainer.cfg.train.compile or trainer.cfg.train.cuda_graphs)  # compiled kernels are no ATen ops
+    result["ops"] = {"supervised": count_ops(sup_fn).as_dict(), "moco": count_ops(moco_fn).as_dict()} if eager else None
     if args.data:
         result["data_s"] = data_path(trainer, args.repeats, args.warmup)
     if args.profile:
         result["profile"] = profile(moco_fn, device)
     return result
+
+
+def form_op_counts(case: Case, args: argparse.Namespace) -> dict[str, dict]:
+    """The operators one eager step dispatches: the supervised step, then the MoCo step with
+    plain BatchNorm ("plain") and with each split-BN form, on ``case``'s model at a batch of 8
+    samples per slice (the counts do not grow with the batch: every form's operators are per
+    layer and per slice, not per sample). Each step runs once before it is counted (the first
+    call makes the optimizer's momentum buffers)."""
+    splits = max(case.bn_splits, 2)
+    small = replace(case, batch=8 * splits, queue=min(case.queue, 1024))
+    eager = {**vars(args), "compile": False, "cuda_graphs": False, "data": False}
+    counts = {}
+    for form in ("plain", *(f for f in SplitBatchNorm.FORMS if f != "auto")):
+        variant = replace(small, bn_splits=1 if form == "plain" else splits)
+        trainer = build_trainer(variant, argparse.Namespace(**{**eager, "split_bn": "auto" if form == "plain" else form}))
+        shape = (variant.batch, 3, variant.image_size, variant.image_size)
+        x_q, x_k = (torch.randn(shape, device=trainer.device).contiguous(memory_format=trainer.memory_format) for _ in range(2))
+        idx = torch.arange(variant.batch, device=trainer.device)
+        steps = {"moco": partial(trainer.train_step, x_q, x_k, idx)}
+        if form == "plain":
+            labels = torch.randint(0, 1000, (variant.batch,), device=trainer.device)
+            steps = {"supervised": supervised_step(trainer, variant, x_q, labels), **steps}
+        for step_name, step in steps.items():
+            step()
+            row = "supervised" if step_name == "supervised" else f"MoCo, {form if form == 'plain' else 'split-BN ' + form}"
+            counts[row] = {"batch": variant.batch, "bn_splits": variant.bn_splits, **count_ops(step).as_dict()}
+    return counts
 
 
 def profile(fn: Callable[[], object], device: torch.device, steps: int = 5) -> str:
@@ -276,36 +324,6 @@ def profile(fn: Callable[[], object], device: torch.device, steps: int = 5) -> s
     return prof.key_averages().table(sort_by=key, row_limit=25)
 
 
-def format_table(r: dict) -> str:
-    """The printed report of one case: a markdown table, then the breakdown."""
-    b = r["batch"]
-    gib = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    lines = [
-        f"## {r['case']}: {r['arch']}{' (CIFAR stem)' if r['cifar_stem'] else ''}, {r['image_size']} px, batch {b}, "
-        f"K {r['queue']}, {r['precision']}{', compiled' if r['compile'] else ''}"
-        f"{', split-BN ' + str(r['bn_splits']) + ' (' + r['split_bn'] + ')' if r['bn_splits'] > 1 else ''} on {r['device_name']}",
-        "",
-        "| step | ms (median) | images/s | peak memory GiB |",
-        "| --- | --- | --- | --- |",
-        f"| supervised | {r['supervised_s'] * 1e3:.2f} | {b / r['supervised_s']:,.0f} | {gib(r['supervised_peak_gib'])} |",
-        f"| MoCo | {r['moco_s'] * 1e3:.2f} | {b / r['moco_s']:,.0f} | {gib(r['moco_peak_gib'])} |",
-        "",
-        f"MoCo / supervised: {r['ratio']:.2f} (median of {r['repeats']} paired rounds)",
-        "",
-        "| MoCo piece (alone) | ms | % of the MoCo step |",
-        "| --- | --- | --- |",
-    ]
-    for piece, s in r["breakdown_s"].items():
-        lines.append(f"| {piece} | {s * 1e3:.3f} | {100 * s / r['moco_s']:.1f} |")
-    if "profile" in r:
-        lines += ["", "```", r["profile"], "```"]
-    if "data_s" in r:
-        lines += ["", "| input path | ms per batch | images/s |", "| --- | --- | --- |"]
-        for part, s in r["data_s"].items():
-            lines.append(f"| {part} | {s * 1e3:.2f} | {b / s:,.0f} |")
-    return "\n".join(lines)
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse, in one line naming the option, what argparse's types let through.
 
@@ -318,6 +336,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         (args.warmup >= 0, "--warmup", args.warmup, "must be >= 0"),
         (args.workers >= 0, "--workers", args.workers, "must be >= 0"),
         (args.bn_splits >= 0, "--bn-splits", args.bn_splits, "must be >= 0 (0 = the case's own)"),
+        (args.queue >= 0, "--queue", args.queue, "must be >= 0 (0 = the case's own)"),
         (args.pipeline in ("cpu", "device"), "--pipeline", args.pipeline, "must be cpu or device"),
         (args.precision in CHOICES["train.precision"], "--precision", args.precision,
          f"must be one of {', '.join(CHOICES['train.precision'])}"),
@@ -338,6 +357,11 @@ def _bench(argv: list[str]) -> int:
     parser.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay both models' passes as CUDA graphs (train.cuda_graphs; CUDA only)")
+    parser.add_argument("--queue", type=int, default=0, help="override the case's queue size K")
+    parser.add_argument("--ops", action="store_true",
+                        help="only count operators per step (supervised; MoCo with plain BN and each split-BN form)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--data", action="store_true", help="also time the real input path")
@@ -348,7 +372,7 @@ def _bench(argv: list[str]) -> int:
     parser.add_argument("--split-bn", default="auto", choices=SplitBatchNorm.FORMS,
                         help="split-BN's form: one native batch_norm per slice, one pass of reductions and a "
                         "scale-and-shift, or one native batch_norm over a strided (N/s, s*C, H, W) view "
-                        "(model.bn_split_form; auto: per_slice on CPU, one_pass on GPUs)")
+                        "(model.bn_split_form; auto: per_slice on CPU, strided on GPUs: the fewest operators)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the MoCo step")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -359,7 +383,7 @@ def _bench(argv: list[str]) -> int:
     results = []
     for name in args.cases:
         results.append(run_case(name, args))
-        print(format_table(results[-1]) + "\n", flush=True)
+        print(case_table(results[-1]) + "\n", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -143,6 +143,7 @@ class TrainConfig:
     save_every: int = 1  # epochs between checkpoints (the last epoch and a stop signal always save)
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and on tensor cores
     compile: bool = False  # torch.compile the encoders (first steps pay the compilation)
+    cuda_graphs: bool = False  # replay the encoders' passes as CUDA graphs (compile mode reduce-overhead; CUDA, one process)
 
 
 @dataclass

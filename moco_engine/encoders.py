@@ -45,8 +45,11 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
       the batch is one native batch_norm over s·C channels of an (N/s, s·C, H, W) view, a free
       view of a contiguous (NCHW) batch; a channels_last batch is copied to NCHW and back.
 
-    ``form`` (``model.bn_split_form``) picks one for even batches; "auto" takes the form measured
-    fastest so far on the input's device (BENCHMARKS.md): per_slice on CPU, one_pass elsewhere.
+    ``form`` (``model.bn_split_form``) picks one for even batches; "auto" is per_slice on a CPU
+    (measured fastest there, BENCHMARKS.md) and strided on a GPU, where a step at 32 px is bound
+    by kernel launches: strided dispatches the fewest operators per step (``moco-bench --ops``:
+    1,073 against one_pass's 1,733 and per_slice's 2,233 for the demo's 8 slices), and stays
+    the GPU's default until GPU timings of the three decide.
     """
 
     FORMS = CHOICES["model.bn_split_form"]
@@ -61,7 +64,7 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     @staticmethod
     def resolve_form(form: str, device: torch.device) -> str:
         """The form "auto" stands for on ``device`` (any other form is itself)."""
-        return form if form != "auto" else ("per_slice" if device.type == "cpu" else "one_pass")
+        return form if form != "auto" else ("per_slice" if device.type == "cpu" else "strided")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}, form={self.form}"

@@ -138,7 +138,7 @@ def _device_loaders(cfg: Config, splits: Splits, spec: ViewSpec, sampler: EpochS
                     rank: int, world: int) -> tuple[Iterable, dict]:
     images = to_device_tensor(splits.train, device)
     train = DeviceTwoViews(images, splits.train.targets, spec, cfg.optim.batch_size, sampler, cfg.train.seed,
-                           compile=cfg.train.compile, drop_last=cfg.data.drop_last)
+                           compile=cfg.train.compile or cfg.train.cuda_graphs, drop_last=cfg.data.drop_last)
     size, bs = cfg.data.image_size, cfg.eval.batch_size
 
     def whole_and_shard(split, pixels: Tensor):

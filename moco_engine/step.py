@@ -64,6 +64,8 @@ class StepParts:
         temperature: T of the logits.
         symmetric: each crop is once the query (two directions, both keys enqueued).
         check_finite: check each step's loss on the host and skip a non-finite one.
+        graphed: the encoders replay CUDA graphs (``train.cuda_graphs``): each step marks its
+            start, so a graph's outputs are known to be free for reuse from then on.
     """
 
     model_q: nn.Module
@@ -80,6 +82,7 @@ class StepParts:
     temperature: float
     symmetric: bool
     check_finite: bool
+    graphed: bool = False
 
 
 def key_function(model_q: nn.Module, encoder_k: MomentumEncoder | None, shuffle: bool) -> Callable[[Tensor], Tensor]:
@@ -106,11 +109,15 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
     rank first (DDP would broadcast f_q, but f_k and the queue are built here).
 
     Raises:
-        UserError: SyncBatchNorm asked for without CUDA; stored negatives that do not fit in the
-            device's available memory.
+        UserError: SyncBatchNorm or CUDA graphs asked for without CUDA, CUDA graphs under
+            torchrun; stored negatives that do not fit in the device's available memory.
     """
     if cfg.model.bn == "sync" and device.type != "cuda":
         raise UserError("config key 'model.bn' = 'sync': SyncBatchNorm needs CUDA; use shuffle or plain on CPU")
+    distributed = dist.is_distributed()
+    if cfg.train.cuda_graphs and (device.type != "cuda" or distributed):
+        raise UserError(f"config key 'train.cuda_graphs' = true: CUDA graphs need one process on a CUDA device "
+                        f"(this run: {device}{', under torchrun' if distributed else ''})")
     key, what, needed = planned_bytes(cfg, num_items)
     free = available_memory(device)
     if needed > free:  # refused before allocating: the OS would kill the run, or CUDA raise mid-build
@@ -124,15 +131,18 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
     if cfg.method == "byol":  # the online branch adds a predictor after f_q's projector (f_k is BYOL's target)
         predictor = build_predictor(cfg.model.dim, cfg.loss.byol_hidden_dim).to(device)
         online = OnlineNetwork(encoder_q, predictor)
-    distributed = dist.is_distributed()
-    if cfg.train.compile:
+    if cfg.train.compile or cfg.train.cuda_graphs:
         # In place, so state_dict keys stay those of the plain modules (checkpoints portable).
         # Under torchrun the DDP wrapper is compiled instead (below), as torch advises: its
         # graph then breaks at the gradient buckets, so the all-reduce overlaps the backward.
+        # CUDA graphs are torch.compile's "reduce-overhead" mode: each compiled pass (f_q's
+        # forward and backward, f_k's forward) is recorded once per input shape and replayed
+        # as one launch, which is what a launch-bound step at 32 px needs.
+        mode = "reduce-overhead" if cfg.train.cuda_graphs else None
         if not distributed:
-            encoder_q.compile()
+            encoder_q.compile(mode=mode)
         if encoder_k is not None:
-            encoder_k.compile()
+            encoder_k.compile(mode=mode)
     model_q: nn.Module = online
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -156,7 +166,7 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         device=device, amp_dtype=amp_dtype, temperature=cfg.loss.temperature, symmetric=cfg.loss.symmetric,
-        check_finite=cfg.train.max_nonfinite_skips > 0,
+        check_finite=cfg.train.max_nonfinite_skips > 0, graphed=cfg.train.cuda_graphs,
     )
 
 
@@ -201,6 +211,7 @@ def moco_step(parts: StepParts, x_q: Tensor, x_k: Tensor, indices: Tensor, lr: f
               momentum: float) -> dict[str, Tensor] | Skipped:
     """One MoCo step on two views x_q, x_k (B, 3, H, W) of the items ``indices`` (B,), at
     learning rate ``lr`` and EMA momentum ``momentum``."""
+    begin(parts)
     set_lr(parts.optimizer, lr)
     source_metrics = parts.negatives.metrics(indices)  # the source's state before this batch
     guard = BufferGuard(parts) if parts.check_finite else None
@@ -245,6 +256,7 @@ def byol_step(parts: StepParts, x_1: Tensor, x_2: Tensor, indices: Tensor, lr: f
               momentum: float) -> dict[str, Tensor] | Skipped:
     """One BYOL step (Grill et al. 2020) on two views x_1, x_2 (B, 3, H, W): each view's
     prediction regresses the target network's projection of the other view."""
+    begin(parts)
     set_lr(parts.optimizer, lr)
     guard = BufferGuard(parts) if parts.check_finite else None
     with autocast(parts.device, parts.amp_dtype):
@@ -263,6 +275,13 @@ def byol_step(parts: StepParts, x_1: Tensor, x_2: Tensor, indices: Tensor, lr: f
 
 
 # =============================================================================== its pieces
+def begin(parts: StepParts) -> None:
+    """Mark a new step for CUDA graphs: the last step's graph outputs (queries, keys) are
+    dead by now, so their memory may be overwritten by this step's replays."""
+    if parts.graphed:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

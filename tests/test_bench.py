@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from moco_engine.bench import CASES, bench_main, paired_medians
+from moco_engine.opcount import count_ops
 
 
 def test_moco_bench_runs_the_tiny_case_and_prints_its_table(tmp_path, monkeypatch, capsys):
@@ -23,6 +24,48 @@ def test_moco_bench_runs_the_tiny_case_and_prints_its_table(tmp_path, monkeypatc
     assert r["supervised_s"] > 0 and r["moco_s"] > 0 and r["ratio"] > 0
     assert r["supervised_peak_gib"] is None  # no allocator statistics on CPU: "n/a", not a made-up 0
     assert set(r["breakdown_s"]) == {"key forward", "EMA", "shuffle", "queue logits", "enqueue"}
+    # An eager case counts each step's operators: MoCo's (two encoders, EMA, queue) outnumber
+    # the supervised step's, and the table says so.
+    assert r["ops"]["moco"]["compute"] > r["ops"]["supervised"]["compute"] > 100
+    assert "| supervised | " in printed.split("| step | operators")[1]
+
+
+def test_count_ops_counts_the_backward_and_sorts_views_from_kernels():
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(2, 3, 8, 8)
+    forward = count_ops(lambda: conv(x).flatten().sum())
+    both = count_ops(lambda: conv(x).flatten().sum().backward())
+    assert forward.by_name["aten.convolution.default"] == 1 and "aten.convolution_backward.default" not in forward.by_name
+    assert both.by_name["aten.convolution_backward.default"] == 1  # autograd's engine carries the mode
+    assert forward.views >= 1  # flatten is a view: no kernel
+    assert forward.compute == forward.total - forward.views - forward.allocations == 2  # convolution, sum
+    assert both.compute > forward.compute
+
+
+def test_moco_bench_ops_counts_each_split_bn_form_without_timing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ops.json"
+    assert bench_main(["tiny", "--device", "cpu", "--ops", "--bn-splits", "4", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert "supervised_s" not in r  # counted, not timed
+    rows = r["ops_by_form"]
+    assert list(rows) == ["supervised", "MoCo, plain", "MoCo, split-BN per_slice", "MoCo, split-BN one_pass",
+                          "MoCo, split-BN strided"]
+    assert all(row["batch"] == 32 for row in rows.values())
+    compute = {name: row["compute"] for name, row in rows.items()}
+    # Split-BN adds operators to plain BN; per slice it adds them 4 times, strided once per layer.
+    assert compute["supervised"] < compute["MoCo, plain"] < compute["MoCo, split-BN strided"]
+    assert compute["MoCo, split-BN strided"] < compute["MoCo, split-BN per_slice"]
+    printed = capsys.readouterr().out
+    assert "operators per step" in printed and "| MoCo, split-BN strided | 32 |" in printed
+
+
+def test_cuda_graphs_on_a_cpu_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert bench_main(["tiny", "--device", "cpu", "--cuda-graphs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config key 'train.cuda_graphs' = true: CUDA graphs need one process on a CUDA device")
+    assert "\n" not in err
 
 
 def test_moco_bench_data_mode_times_the_input_path(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,53 @@
+"""Markdown of ``moco-bench`` figures: one case's tables (what ``moco-bench`` prints) and the
+operator counts of a step."""
+
+from __future__ import annotations
+
+
+def case_table(r: dict) -> str:
+    """One case of ``bench.run_case``: the two steps, MoCo's pieces, then what was added
+    (operator counts, profile, input path)."""
+    b = r["batch"]
+    if "supervised_s" not in r:  # moco-bench --ops: counts only
+        return (f"## {r['case']}: {r['arch']}{' (CIFAR stem)' if r['cifar_stem'] else ''}, {r['image_size']} px, "
+                f"operators per step\n\n" + ops_table(r["ops_by_form"], "step"))
+    gib = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    mode = ", CUDA graphs" if r.get("cuda_graphs") else ", compiled" if r["compile"] else ""
+    lines = [
+        f"## {r['case']}: {r['arch']}{' (CIFAR stem)' if r['cifar_stem'] else ''}, {r['image_size']} px, batch {b}, "
+        f"K {r['queue']}, {r['precision']}{mode}"
+        f"{', split-BN ' + str(r['bn_splits']) + ' (' + r['split_bn'] + ')' if r['bn_splits'] > 1 else ''} on {r['device_name']}",
+        "",
+        "| step | ms (median) | images/s | peak memory GiB |",
+        "| --- | --- | --- | --- |",
+        f"| supervised | {r['supervised_s'] * 1e3:.2f} | {b / r['supervised_s']:,.0f} | {gib(r['supervised_peak_gib'])} |",
+        f"| MoCo | {r['moco_s'] * 1e3:.2f} | {b / r['moco_s']:,.0f} | {gib(r['moco_peak_gib'])} |",
+        "",
+        f"MoCo / supervised: {r['ratio']:.2f} (median of {r['repeats']} paired rounds)",
+        "",
+        "| MoCo piece (alone) | ms | % of the MoCo step |",
+        "| --- | --- | --- |",
+    ]
+    for piece, s in r["breakdown_s"].items():
+        lines.append(f"| {piece} | {s * 1e3:.3f} | {100 * s / r['moco_s']:.1f} |")
+    if r.get("ops"):
+        lines += ["", ops_table({"supervised": r["ops"]["supervised"], "MoCo": r["ops"]["moco"]}, "step")]
+    if "profile" in r:
+        lines += ["", "```", r["profile"], "```"]
+    if "data_s" in r:
+        lines += ["", "| input path | ms per batch | images/s |", "| --- | --- | --- |"]
+        for part, s in r["data_s"].items():
+            lines.append(f"| {part} | {s * 1e3:.2f} | {b / s:,.0f} |")
+    return "\n".join(lines)
+
+
+def ops_table(counts: dict[str, dict], what: str) -> str:
+    """Operators dispatched per step (``opcount.OpCounts.as_dict`` of each row), forward and
+    backward, the optimizer and MoCo's updates included."""
+    batch = any("batch" in c for c in counts.values())
+    lines = [f"| {what} |{' batch |' if batch else ''} operators | compute (kernels) | views | allocations |",
+             "| --- " * (5 + batch) + "|"]
+    for name, c in counts.items():
+        lines.append(f"| {name} |{' ' + str(c['batch']) + ' |' if batch else ''} {c['total']:,} | {c['compute']:,} | "
+                     f"{c['views']:,} | {c['allocations']:,} |")
+    return "\n".join(lines)
