@@ -1,0 +1,87 @@
+"""The GPU proof kit on a CPU: every job of its cpu mode, its reports, its time budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from moco_engine import proof
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_mode_runs_the_kit_end_to_end_and_writes_both_reports(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert proof.main(["cpu", str(out), "--work", str(work)]) == 0
+    # At most 8 files come back from the GPU machine: the kit writes exactly these.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "demo_knn.png", "demo_metrics.jsonl", "proof_demo_cpu.json", "proof_demo_cpu.log", "proof_demo_cpu.md",
+        "proof_quick_cpu.json", "proof_quick_cpu.log", "proof_quick_cpu.md"]
+
+    quick = json.loads((out / "proof_quick_cpu.json").read_text())
+    jobs = {j["name"]: j for j in quick["jobs"]}
+    assert {name: j["status"] for name, j in jobs.items()} == {
+        "gpu tests": "ok", "tiny-strided": "ok", "tiny-cuda-graphs": "skipped: needs CUDA", "tiny-ops": "ok"}
+    (timed,) = jobs["tiny-strided"]["result"]
+    assert timed["split_bn"] == "strided" and timed["moco_s"] > 0 and "data + step" in timed["data_s"]
+    assert timed["ops"]["moco"]["compute"] > timed["ops"]["supervised"]["compute"]
+    (counted,) = jobs["tiny-ops"]["result"]
+    assert "MoCo, split-BN strided" in counted["ops_by_form"]
+    tests_log = (out / "proof_quick_cpu.log").read_text().split("===== gpu tests")[1].split("===== tiny-strided")[0]
+    assert " skipped" in tests_log and "passed" not in tests_log  # no CUDA here: every gpu test skips
+    md = (out / "proof_quick_cpu.md").read_text()
+    assert "| tiny-cuda-graphs | skipped: needs CUDA |" in md
+    assert re.search(r"\| tiny-strided \| \d+\.\d\d \| [\d,]+ \|", md.split("MoCo / supervised")[1])  # ratio, images/s
+
+    demo = json.loads((out / "proof_demo_cpu.json").read_text())
+    assert [j["status"] for j in demo["jobs"]] == ["ok", "ok"]
+    assert demo["epochs_done"] == 2 and set(demo["knn_curve"]) == {"1", "2"}
+    assert 0 <= demo["probe_top1"] <= 100 and demo["median_epoch_s"] > 0
+    md = (out / "proof_demo_cpu.md").read_text()
+    for epoch, ref in proof.REFERENCE.items():
+        assert f"| {epoch} |  | {ref} |  |" in md  # the reference's points, beside this run's (none here)
+    assert "| kNN top-1 >= 77.7 at epoch 200 |" in md and "not met" in md
+    assert (out / "demo_knn.png").stat().st_size > 1000
+
+
+def test_a_job_past_its_limit_gets_sigterm_and_the_budget_leaves_later_jobs_unstarted(tmp_path):
+    marker = tmp_path / "terminated"
+    # A stand-in for a training run: it saves (writes the marker) on SIGTERM and exits 143.
+    code = ("import signal, sys, time, pathlib\n"
+            f"def stop(*_): pathlib.Path({str(marker)!r}).write_text('saved'); sys.exit(143)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "print('running', flush=True)\n"
+            "time.sleep(60)\n")
+    slow = proof.Job("slow", [sys.executable, "-c", code], cap_s=3.0)
+    later = proof.Job("later", [sys.executable, "-c", "print('never')"], cap_s=5.0)
+    needs = proof.Job("graphs", [sys.executable, "-c", "print('never')"], cap_s=5.0, needs_cuda=True)
+    reports = []
+    proof.run_jobs([needs, slow, later], proof.MIN_START_S + 2.5, tmp_path, tmp_path, "t", False,
+                   lambda jobs: reports.append([j.status for j in jobs]) or {})
+    assert needs.status == "skipped: needs CUDA"
+    assert slow.status == "stopped at its limit of 3 s" and slow.returncode == 143 and marker.read_text() == "saved"
+    assert later.status == "not run: time budget spent"
+    assert len(reports) == 3  # the report is rewritten after every job
+    assert "running" in (tmp_path / "proof_t.log").read_text()
+
+
+def test_the_shell_script_runs_the_kit_with_the_given_interpreter(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["PYTHON"] = sys.executable
+    done = subprocess.run([str(ROOT / "tools" / "gpu_proof.sh"), "cpu", str(tmp_path / "out"), "--work",
+                           str(tmp_path / "work"), "--only", "gpu tests"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "quick_cpu: 1 of 1 jobs ok" in done.stdout
+    quick = json.loads((tmp_path / "out" / "proof_quick_cpu.json").read_text())
+    assert [j["name"] for j in quick["jobs"]] == ["gpu tests"] and quick["device"].startswith("cpu")
+
+
+def test_the_demo_without_its_archive_is_a_one_line_error(tmp_path, capsys):
+    assert proof.main(["demo", str(tmp_path / "out"), "--data", str(tmp_path / "missing.tar.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --data ") and "missing.tar.gz: no such archive" in err and "\n" not in err
