@@ -349,7 +349,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise UserError(f"moco-bench {option} {value}: {rule}")
 
 
-def _bench(argv: list[str]) -> int:
+def bench_parser() -> argparse.ArgumentParser:
+    """``moco-bench``'s options (the proof kit's tests check its command lines with it)."""
     parser = argparse.ArgumentParser(prog="moco-bench", description=__doc__.splitlines()[0])
     with_version(parser)
     parser.add_argument("cases", nargs="*", default=["r18-cifar"], help=f"one or more of: {', '.join(CASES)}")
@@ -375,7 +376,11 @@ def _bench(argv: list[str]) -> int:
                         "(model.bn_split_form; auto: per_slice on CPU, strided on GPUs: the fewest operators)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the MoCo step")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _bench(argv: list[str]) -> int:
+    args = bench_parser().parse_args(argv)
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         raise UserError(f"unknown benchmark case {unknown[0]!r}; choose from {', '.join(CASES)}")

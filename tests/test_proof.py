@@ -85,3 +85,40 @@ def test_the_demo_without_its_archive_is_a_one_line_error(tmp_path, capsys):
     assert proof.main(["demo", str(tmp_path / "out"), "--data", str(tmp_path / "missing.tar.gz")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --data ") and "missing.tar.gz: no such archive" in err and "\n" not in err
+
+
+def test_every_gpu_job_is_a_valid_command_line(tmp_path):
+    """A typo would cost GPU minutes: each quick job's options parse and pass moco-bench's checks,
+    and the demo's training command is a valid config."""
+    from moco_engine.bench import CASES, bench_parser, check_arguments
+    from moco_engine.config import load_config
+
+    data = tmp_path / "cifar10.tar.gz"
+    data.write_bytes(b"")
+    jobs = proof.quick_jobs(tmp_path, data, cpu=False)
+    assert jobs[0].name == "gpu tests" and all(j.needs_cuda for j in jobs[1:])
+    names = {j.name for j in jobs}
+    for form in ("strided", "one_pass", "per_slice"):
+        assert {f"r18-{form}", f"r18-{form}-compiled", f"r18-{form}-cuda-graphs"} <= names
+    assert {"r18-plain-bn", "r50-224", "r50-224-compiled", "r18-queue-65536", "r18-ops", "r18-data"} <= names
+    for job in jobs[1:]:
+        assert job.argv[1:3] == ["-m", "moco_engine.bench"] and job.status == "not run"
+        args = bench_parser().parse_args(job.argv[3:])
+        check_arguments(args)
+        assert all(case in CASES for case in args.cases) and args.json == str(job.json_out)
+
+    train, probe = proof.demo_jobs(tmp_path, data, cpu=False, budget_s=480)
+    assert train.cap_s == 420 and "linear.cached=true" in probe.argv
+    files = [a for a in train.argv if a.endswith(".yaml")]
+    overrides = [a for a in train.argv[3:] if "=" in a and not a.endswith(".yaml")]
+    cfg = load_config(files, overrides)
+    assert cfg.train.epochs == 200 and cfg.eval.knn_every == 10 and cfg.train.compile and cfg.data.root == str(data)
+    assert cfg.data.pipeline == "device" and cfg.model.bn_splits == 8 and cfg.track.wandb.mode == "disabled"
+
+
+def test_a_quick_run_without_the_archive_lists_the_data_job_as_skipped(tmp_path):
+    jobs = proof.quick_jobs(tmp_path, tmp_path / "missing.tar.gz", cpu=False)
+    (data_job,) = [j for j in jobs if j.name == "r18-data"]
+    assert data_job.status == f"skipped: no archive at {tmp_path / 'missing.tar.gz'}"
+    proof.run_jobs([data_job], 60.0, tmp_path, tmp_path, "t", True, lambda jobs: {})
+    assert data_job.status.startswith("skipped") and data_job.returncode is None  # never started
