@@ -133,7 +133,7 @@ def read_sweep(path: str | Path, root: Path | None = None, count: int | None = N
                           f"W&B's own server runs it: wandb sweep {path} && wandb agent <sweep id>")
     metric = spec.get("metric") or {}
     if not isinstance(metric, dict):
-        raise ConfigError(f"sweep file {path}: 'metric' must be a mapping like {{name: knn_top1, goal: maximize}}")
+        raise ConfigError(f"sweep file {path}: 'metric' must be a mapping like {{name: eval/knn_top1, goal: maximize}}")
     if metric.get("goal", "maximize") not in ("maximize", "minimize"):
         raise ConfigError(f"sweep file {path}: metric goal {metric['goal']!r} must be maximize or minimize")
     if not isinstance(spec.get("command", []), list):

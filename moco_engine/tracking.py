@@ -174,6 +174,9 @@ class WandbBackend:
             name=cfg.name or Path(run_dir).name, config=config, dir=str(run_dir), mode=mode,
             id=run_id, resume="allow" if run_id else None,
         )
+        # The eval figures' summary is set by `summarize` alone (the best over every segment of
+        # the run): left to wandb, each committed history row would overwrite it with its last value.
+        self.run.define_metric("eval/*", summary="none")
 
     @property
     def run_id(self) -> str:

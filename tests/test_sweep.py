@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -111,29 +113,69 @@ def test_settings_go_to_wandb_in_one_form_the_dotted_keys_a_sweep_uses():
     assert not [k for k, v in flat.items() if isinstance(v, dict)]  # no nested copy beside the dotted keys
 
 
-@pytest.mark.slow  # four runs
+def offline_summary(run_dir: Path) -> dict:
+    """The summary of the offline W&B run under ``run_dir``, as its ``.wandb`` file holds it: the
+    file's LevelDB-log framing (W&B's format: 32 KiB blocks of checksum, length, type records)
+    undone here, each record parsed by the wandb client's own protobuf ``Record``."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("wandb/offline-run-*/*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, chunks, pending = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # the block's zero padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # full, first; middle, last
+        if kind in (1, 4):
+            chunks.append(pending)
+    summary = {}
+    for chunk in chunks:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(chunk)
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return summary
+
+
+@pytest.mark.slow  # four offline W&B runs
 def test_runs_started_as_wandb_agent_starts_them_get_folders_of_their_own_and_resume_them(tmp_path):
     import yaml
-    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
     spec = yaml.safe_load((ROOT / "configs" / "sweeps" / "queue_size_smoke.yaml").read_text())
     base = tmp_path / "runs"
 
     def agent_run(run_id: str, params: dict) -> subprocess.CompletedProcess:
-        # The words wandb agent runs: its macros replaced by its own helper's argument forms.
+        # The words wandb agent runs: wandb's own helpers fill in the environment macros and the
+        # arguments' forms; ${env} and python are the agent's own (this interpreter here).
         args = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})["args_no_hyphens"]
         words = []
-        for word in spec["command"]:
+        for word in create_sweep_command(list(spec["command"])):
             words += {"${env}": [], "python": [sys.executable], "${args_no_hyphens}": args}.get(word, [word])
-        env = {**os.environ, "WANDB_SWEEP_ID": "sw1", "WANDB_RUN_ID": run_id, "WANDB_MODE": "disabled"}
-        return subprocess.run([*words, f"train.out_dir={base}"], capture_output=True, text=True, cwd=ROOT, env=env)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+        env.update(WANDB_SWEEP_ID="sw1", WANDB_RUN_ID=run_id, WANDB_MODE="offline")
+        return subprocess.run([*words, f"train.out_dir={base}", "eval.knn_every=1"], capture_output=True, text=True,
+                              cwd=ROOT, env=env)
 
     for i, run_id in enumerate(["r1", "r2", "r3"]):
-        r = agent_run(run_id, {"queue.size": 16 * (i + 1), "train.epochs": 1})
+        r = agent_run(run_id, {"queue.size": 16 * (i + 1), "train.epochs": 2})
         assert r.returncode == 0, r.stderr
         assert f"run folder {base / 'sweep-sw1' / run_id}" in r.stdout
     assert sorted(p.name for p in (base / "sweep-sw1").iterdir()) == ["r1", "r2", "r3"]
-    r = agent_run("r1", {"queue.size": 16, "train.epochs": 2})  # the agent starts r1 again
+    for run_id in ("r1", "r2", "r3"):
+        run_dir = base / "sweep-sw1" / run_id
+        evals = [json.loads(line)["knn_top1"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "eval"]
+        # The sweep file's metric, in the summary W&B would rank the run by: the run's best.
+        assert spec["metric"]["name"] == "eval/knn_top1" and len(evals) == 2
+        assert offline_summary(run_dir)["eval/knn_top1"] == pytest.approx(max(evals))
+    r = agent_run("r1", {"queue.size": 16, "train.epochs": 3})  # the agent starts r1 again
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
 
 
