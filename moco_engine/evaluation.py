@@ -44,7 +44,9 @@ def extract_features(
         for images, targets, _ in loader:
             with autocast(device, dtype):
                 out = model(images.to(device, non_blocking=True))
-            feats.append(F.normalize(out.float(), dim=1) if normalize else out.float())
+            # Always a new tensor: a CUDA-graphed model (train.cuda_graphs) overwrites its
+            # output at its next replay, so a view of it must not be kept.
+            feats.append(F.normalize(out.float(), dim=1) if normalize else out.to(torch.float32, copy=True))
             labels.append(targets.to(device))
     finally:
         model.train(was_training)

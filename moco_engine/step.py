@@ -85,17 +85,22 @@ class StepParts:
     graphed: bool = False
 
 
-def key_function(model_q: nn.Module, encoder_k: MomentumEncoder | None, shuffle: bool) -> Callable[[Tensor], Tensor]:
+def key_function(model_q: nn.Module, encoder_k: MomentumEncoder | None, shuffle: bool,
+                 graphed: bool = False) -> Callable[[Tensor], Tensor]:
     """k = f_k(x): (B, 3, H, W) -> (B, D) without gradients, the batch permuted across all ranks
     before f_k and restored after when ``shuffle`` (shuffle-BN). Without f_k (in-batch
-    negatives) the keys are f_q's, with gradients."""
+    negatives) the keys are f_q's, with gradients.
+
+    ``graphed``: f_k replays a CUDA graph, which overwrites its output at the next replay (the
+    symmetric loss's second direction), so unshuffled keys are copied out of it.
+    """
     if encoder_k is None:
         return model_q
 
     @torch.no_grad()
     def keys(x: Tensor) -> Tensor:
         if not shuffle:
-            return encoder_k(x)
+            return encoder_k(x).clone() if graphed else encoder_k(x)
         shuffled, restore = dist.shuffle_batch(x)
         return restore(encoder_k(shuffled))
 
@@ -161,7 +166,7 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
                                 weight_decay=cfg.optim.weight_decay)
     return StepParts(
         model_q=model_q, encoder_q=encoder_q, encoder_k=encoder_k, predictor=predictor,
-        keys=key_function(model_q, encoder_k, cfg.model.bn == "shuffle"), negatives=negatives,
+        keys=key_function(model_q, encoder_k, cfg.model.bn == "shuffle", cfg.train.cuda_graphs), negatives=negatives,
         objective=build_objective(cfg.loss, negatives), optimizer=optimizer,
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
