@@ -110,8 +110,29 @@ def _train(args: list[str]) -> int:
     finally:
         dist.teardown()
     if "knn_top1" in final and main_process:
-        print(f"kNN top-1: {final['knn_top1']:.2f}% after {final['epochs']} epochs ({cfg.train.out_dir})")
+        print("\n".join(closing_lines(final, trainer.run_dir)), flush=True)
     return 0
+
+
+def closing_lines(final: dict, run_dir: Path) -> list[str]:
+    """What a finished ``moco-train`` prints: the kNN figure against the random network's (when
+    ``eval.at_start`` measured it), where the curve is, and the commands that come next."""
+    from .run import KNN_PLOT_FILE
+    from .tracking import METRICS_FILE, knn_curve
+
+    start = [top1 for epoch, top1 in knn_curve(run_dir / METRICS_FILE) if epoch == 0]
+    versus = (f"; {start[-1]:.2f}% at random initialisation ({final['knn_top1'] - start[-1]:+.2f} points)"
+              if start else "")
+    lines = [f"kNN top-1: {final['knn_top1']:.2f}% after {final['epochs']} epochs ({run_dir}){versus}"]
+    if (run_dir / KNN_PLOT_FILE).exists():
+        lines.append(f"kNN curve: {run_dir / KNN_PLOT_FILE}")
+    return lines + [
+        "Next:",
+        f"  moco-eval linear {run_dir} linear.cached=true       # MoCo's linear probe on the frozen backbone",
+        f"  moco-export {run_dir} --format both                 # weights for torchvision and detectron2",
+        "  moco-train configs/experiment/cifar10_demo.yaml configs/data/cifar10_full.yaml train.compile=true"
+        "   # the CIFAR-10 demo on a GPU (README.md)",
+    ]
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:

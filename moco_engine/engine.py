@@ -401,6 +401,8 @@ class Trainer:
             # max would cover only the segment since the last resume).
             self.best_eval = {k: max(v, self.best_eval.get(k, v)) for k, v in result.items()}
             self.tracker.summarize({f"eval/{k}": v for k, v in self.best_eval.items()})
+            if dist.is_main():
+                run.save_knn_plot(self.run_dir)
 
 
 def train(cfg: Config) -> dict[str, float]:

@@ -230,25 +230,15 @@ def write_report(out: Path, mode: str, env: dict, jobs: list[Job], extra: dict |
     return report
 
 
-def knn_curve(metrics: Path) -> dict[int, float]:
-    """kNN top-1 % by epochs completed, from a run's ``eval`` records."""
-    curve = {}
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("kind") == "eval" and "knn_top1" in record:
-                curve[record["epoch"] + 1] = record["knn_top1"]
-    return curve
-
-
 def demo_summary(run: Path, jobs: list[Job], out: Path) -> tuple[dict, list[str]]:
     """The demo's figures (curve, wall, epoch time, probe) against the reference and targets."""
     from .plot import line_plot
+    from .tracking import METRICS_FILE, knn_curve
 
-    metrics = run / "metrics.jsonl"
-    curve = knn_curve(metrics)
-    epoch_s = [json.loads(line)["epoch_s"] for line in (metrics.read_text().splitlines() if metrics.exists() else [])
-               if '"kind": "epoch"' in line]
+    metrics = run / METRICS_FILE
+    curve = dict(knn_curve(metrics))
+    records = [json.loads(line) for line in (metrics.read_text().splitlines() if metrics.exists() else [])]
+    epoch_s = [r["epoch_s"] for r in records if r.get("kind") == "epoch"]
     probes = sorted(run.rglob("*.linear*.json"), key=lambda p: p.stat().st_mtime)
     probe = json.loads(probes[-1].read_text()) if probes else None
     train = jobs[0]

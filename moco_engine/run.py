@@ -7,6 +7,7 @@ A run folder holds::
     checkpoints/         see checkpoint.py
     metrics.jsonl        every logged record (tracking.py)
     augmentations.png    the first query/key pairs, drawn as training draws them
+    knn.png              kNN top-1 against epochs, redrawn after every evaluation
     .lock                held (fcntl) by the live run on rank 0; the OS releases it on death
 """
 
@@ -28,10 +29,11 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import Config, TrainConfig, UserError, setting, to_yaml, valid_keys
-from .tracking import METRICS_FILE, Tracker, WandbBackend, wandb_mode
+from .tracking import METRICS_FILE, Tracker, WandbBackend, knn_curve, wandb_mode
 
 CONFIG_FILE = "config.yaml"
 PREVIEW_FILE = "augmentations.png"
+KNN_PLOT_FILE = "knn.png"
 LOCK_FILE = ".lock"
 
 
@@ -187,6 +189,20 @@ def save_preview(pairs: Tensor, run_dir: Path) -> Path:
     path = run_dir / PREVIEW_FILE
     preview_figure(pairs.detach().cpu().permute(0, 2, 3, 1).clamp(0, 1).numpy()).savefig(path)
     return path
+
+
+def save_knn_plot(run_dir: Path) -> Path | None:
+    """``knn.png``: the run's kNN top-1 against epochs, the random network's figure (epoch 0,
+    ``eval.at_start``) as a dashed level; None before the first evaluation."""
+    from .plot import line_plot
+
+    curve = knn_curve(run_dir / METRICS_FILE)
+    trained = [(epoch, top1) for epoch, top1 in curve if epoch > 0]
+    if not trained:
+        return None
+    start = [top1 for epoch, top1 in curve if epoch == 0]
+    return line_plot({"this run": trained}, run_dir / KNN_PLOT_FILE, f"kNN top-1 on the test split ({run_dir.name})",
+                     "epochs", "kNN top-1 accuracy (%)", references={"random initialisation": start[-1]} if start else None)
 
 
 class StopSignals:

@@ -31,6 +31,18 @@ from . import distributed as dist
 METRICS_FILE = "metrics.jsonl"
 
 
+def knn_curve(metrics: Path) -> list[tuple[int, float]]:
+    """kNN top-1 % by epochs completed (0: the random network, ``eval.at_start``), from the
+    ``eval`` records of a run's ``metrics.jsonl``; a resumed run's segments in order."""
+    curve = []
+    if Path(metrics).exists():
+        for line in Path(metrics).read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if record.get("kind") == "eval" and record.get("knn_top1") is not None:
+                curve.append((record["epoch"] + 1, record["knn_top1"]))
+    return curve
+
+
 class DeviceMeans:
     """Running sums of per-step metrics (0-d tensors) kept on the device, so the steps never
     wait for the host; :meth:`means` fetches them in one host sync."""

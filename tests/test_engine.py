@@ -120,7 +120,12 @@ def test_cli_runs_end_to_end(tmp_path):
                         "eval.at_start=true"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "kNN top-1:" in r.stdout.strip().splitlines()[-1]
+    # The closing lines: the figure against the random network's, the curve, the next commands.
+    (summary,) = [line for line in r.stdout.splitlines() if line.startswith("kNN top-1:")]
+    final_top1, start_top1 = (records(out, kind)[0]["knn_top1"] for kind in ("final", "eval"))
+    assert summary.endswith(f"; {start_top1:.2f}% at random initialisation ({final_top1 - start_top1:+.2f} points)")
+    assert f"kNN curve: {out / 'knn.png'}" in r.stdout and (out / "knn.png").stat().st_size > 1000
+    assert r.stdout.strip().splitlines()[-3:][0].startswith(f"  moco-eval linear {out}")
     assert (out / "config.yaml").is_file() and len(checkpoint_files(out)) == 2
     assert load_config([str(out / "config.yaml")]).train.out_dir == str(out)
     steps = records(out, "step")

@@ -11,22 +11,13 @@ of given figures; ``--level label=y`` a dashed horizontal line (chance, a random
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from moco_engine.plot import line_plot  # noqa: E402
-
-
-def knn_curve(path: Path) -> list[tuple[float, float]]:
-    points = []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("kind") == "eval" and "knn_top1" in record:
-            points.append((record["epoch"] + 1.0, record["knn_top1"]))
-    return points
+from moco_engine.tracking import knn_curve  # noqa: E402
 
 
 def main() -> None:
