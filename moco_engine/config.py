@@ -50,7 +50,7 @@ class DataConfig:
     train_split: str = "train"  # imagefolder: sub-folder of the pretraining images
     test_split: str = "test"  # imagefolder: sub-folder of the kNN query images ("" = none)
     download: bool = False  # cifar10 only: let torchvision download it
-    augmentation: str = "cifar"  # cifar | moco_v1 | moco_v2
+    augmentation: str = "cifar"  # cifar | cifar_light | moco_v1 | moco_v2 (recipes.py)
     image_size: int = 32  # crop size of the augmentations
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
     on_bad_image: str = "fail"  # fail (stop, naming the file) | skip (leave unreadable images out, count and warn)

@@ -13,7 +13,7 @@ from .config import Config, ConfigError, setting, valid_keys
 # Values a key may take, where the set is closed. Checked after merging, so the error names the key.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("embedded", "cifar10", "imagefolder", "synthetic"),
-    "data.augmentation": ("cifar", "moco_v1", "moco_v2"),
+    "data.augmentation": ("cifar", "cifar_light", "moco_v1", "moco_v2"),
     "data.pipeline": ("cpu", "device"),
     "data.on_bad_image": ("fail", "skip"),
     "model.arch": ("resnet18", "resnet34", "resnet50"),
