@@ -55,7 +55,7 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
     on_bad_image: str = "fail"  # fail (stop, naming the file) | skip (leave unreadable images out, count and warn)
     drop_last: bool = True  # drop each epoch's last partial batch (off: a ragged last batch is trained on)
-    pipeline: str = "cpu"  # cpu (PIL augmentations in loader workers) | device (decoded once, augmented batched on train.device)
+    pipeline: str = "auto"  # cpu (PIL augmentations in loader workers) | device (decoded once, augmented batched on train.device) | auto (device for embedded and cifar10, else cpu)
     synthetic_size: int = 512  # synthetic: number of training images (test: a quarter)
     synthetic_classes: int = 4  # synthetic: number of classes
 

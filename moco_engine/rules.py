@@ -14,7 +14,7 @@ from .config import Config, ConfigError, setting, valid_keys
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("embedded", "cifar10", "imagefolder", "synthetic"),
     "data.augmentation": ("cifar", "cifar_light", "moco_v1", "moco_v2"),
-    "data.pipeline": ("cpu", "device"),
+    "data.pipeline": ("auto", "cpu", "device"),
     "data.on_bad_image": ("fail", "skip"),
     "model.arch": ("resnet18", "resnet34", "resnet50"),
     "model.head": ("linear", "mlp", "mlp_bn"),

@@ -162,3 +162,14 @@ def test_test_classes_are_matched_to_train_classes_by_name(tmp_path):
     _image_folder(tmp_path, {"test": ["horse"]})
     with pytest.raises(DataError, match="the test split has class\\(es\\) the train split lacks: horse"):
         build_splits(DataConfig(name="imagefolder", root=str(tmp_path)))
+
+
+def test_the_auto_pipeline_decodes_into_memory_only_the_data_sets_known_to_fit():
+    from moco_engine.loaders import resolve_pipeline
+
+    assert DataConfig().pipeline == "auto"
+    assert resolve_pipeline(DataConfig(name="embedded")) == "device"  # the default run's
+    assert resolve_pipeline(DataConfig(name="cifar10")) == "device"
+    assert resolve_pipeline(DataConfig(name="imagefolder")) == "cpu"  # may not fit in memory
+    assert resolve_pipeline(DataConfig(name="synthetic")) == "cpu"
+    assert resolve_pipeline(DataConfig(name="embedded", pipeline="cpu")) == "cpu"  # asked for: kept
