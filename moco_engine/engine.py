@@ -398,9 +398,11 @@ class Trainer:
         if result:
             self.tracker.log("eval", result, epoch, self.step)
             # The run summary a sweep ranks by: the best over every segment of the run (W&B's own
-            # max would cover only the segment since the last resume).
-            self.best_eval = {k: max(v, self.best_eval.get(k, v)) for k, v in result.items()}
-            self.tracker.summarize({f"eval/{k}": v for k, v in self.best_eval.items()})
+            # max would cover only the segment since the last resume), of the trained network:
+            # the random one's (epoch -1) is the baseline, not a result.
+            if epoch >= 0:
+                self.best_eval = {k: max(v, self.best_eval.get(k, v)) for k, v in result.items()}
+                self.tracker.summarize({f"eval/{k}": v for k, v in self.best_eval.items()})
             if dist.is_main():
                 run.save_knn_plot(self.run_dir)
 
