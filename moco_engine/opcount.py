@@ -63,7 +63,7 @@ class _Counter(TorchDispatchMode):
         self.counts.by_name[name] += 1
         if name in ALLOCATIONS:
             self.counts.allocations += 1
-        elif func.is_view or name == "aten.detach.default":
+        elif getattr(func, "is_view", False) or name == "aten.detach.default":
             self.counts.views += 1
         return func(*args, **(kwargs or {}))
 
