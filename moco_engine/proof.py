@@ -12,7 +12,9 @@ GPU time comes rarely and briefly, so the kit is built not to lose any of it:
   little time left is listed as not run, and one that overruns is sent SIGTERM (a training run
   then saves and exits) and, 30 s later, SIGKILL;
 - the report (``proof_<mode>.json`` and ``.md``, and one log of every job's output) is rewritten
-  after each job, so a call cut short still brings back what finished.
+  after each job, so a call cut short still brings back what finished;
+- a SIGTERM or SIGINT to the kit (the device tool's timeout) is passed on to the running job,
+  whose own session would otherwise outlive the kit, and no further job starts.
 
 The jobs are ``moco-bench`` and ``moco-train`` themselves (one implementation for the kit and the
 commands); this module only orders, times and reports them. ``README.md`` ("Proving it on a GPU")
@@ -43,6 +45,21 @@ DEMO_TARGETS = {"epoch_s": 1.6, "wall_s": 360.0, "knn_top1": 77.7}
 BUDGETS = {"quick": 240.0, "demo": 480.0, "cpu": 240.0}
 MIN_START_S = 10.0  # a job is not started with less time than this left
 GRACE_S = 30.0  # from SIGTERM to SIGKILL: a training run's save
+
+
+class Stopped:
+    """A SIGTERM or SIGINT to the kit (the device tool's timeout, Ctrl-C): passed on to the
+    running job's process group, whose own session would otherwise outlive the kit; no job
+    starts after it, and the report says so."""
+
+    signum: int | None = None
+    child: subprocess.Popen | None = None
+
+    @classmethod
+    def handle(cls, signum: int, frame) -> None:
+        cls.signum = signum
+        if cls.child is not None and cls.child.poll() is None:
+            os.killpg(cls.child.pid, signal.SIGTERM)
 
 
 @dataclass
@@ -146,6 +163,9 @@ def demo_jobs(work: Path, data: Path, cpu: bool, budget_s: float) -> list[Job]:
 def run_job(job: Job, deadline: float, log, cwd: Path) -> None:
     """Run ``job`` in ``cwd`` within its cap and the mode's deadline; record its status and seconds."""
     left = deadline - time.monotonic()
+    if Stopped.signum is not None:
+        job.status = f"not run: the kit got signal {Stopped.signum}"
+        return
     if left < MIN_START_S:
         job.status = "not run: time budget spent"
         return
@@ -155,11 +175,13 @@ def run_job(job: Job, deadline: float, log, cwd: Path) -> None:
     start = time.monotonic()
     # A session of its own: SIGTERM reaches the job and its workers, not the kit.
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    child = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
-                             env={**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"})
+    child = Stopped.child = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                             cwd=cwd, env={**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"})
     try:
         job.returncode = child.wait(timeout=limit)
         job.status = "ok" if job.returncode == 0 else f"failed (exit {job.returncode})"
+        if Stopped.signum is not None:
+            job.status = f"stopped by signal {Stopped.signum} to the kit (exit {job.returncode})"
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGTERM)
         try:
@@ -286,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, Stopped.handle)
     if not (ROOT / "configs").is_dir():
         print(f"error: the kit runs from a checkout of moco_engine ({ROOT} has no configs/)", file=sys.stderr)
         return 2
@@ -324,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {sum(j.status == 'ok' for j in jobs)} of {len(jobs)} jobs ok"
               f"{'; failed or stopped: ' + ', '.join(failed) if failed else ''} ({out / f'proof_{name}.md'})", flush=True)
         status = status or (1 if failed else 0)
-    return status
+    return 128 + Stopped.signum if Stopped.signum is not None else status
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from moco_engine import proof
@@ -124,3 +126,30 @@ def test_a_quick_run_without_the_archive_lists_the_data_job_as_skipped(tmp_path)
     assert data_job.status == f"skipped: no archive at {tmp_path / 'missing.tar.gz'}"
     proof.run_jobs([data_job], 60.0, tmp_path, tmp_path, "t", True, lambda jobs: {})
     assert data_job.status.startswith("skipped") and data_job.returncode is None  # never started
+
+
+def test_a_signal_to_the_kit_reaches_the_running_job_and_no_job_starts_after_it(tmp_path):
+    marker = tmp_path / "terminated"
+    job_code = ("import signal, sys, time, pathlib\n"
+                f"def stop(*_): pathlib.Path({str(marker)!r}).write_text('saved'); sys.exit(143)\n"
+                "signal.signal(signal.SIGTERM, stop)\n"
+                "print('running', flush=True)\n"
+                "time.sleep(60)\n")
+    kit = ("import json, signal, sys\n"
+           "from moco_engine import proof\n"
+           "signal.signal(signal.SIGTERM, proof.Stopped.handle)\n"
+           f"jobs = [proof.Job('slow', [sys.executable, '-c', {job_code!r}], 50.0),"
+           " proof.Job('later', [sys.executable, '-c', 'print(1)'], 5.0)]\n"
+           f"proof.run_jobs(jobs, 100.0, proof.Path({str(tmp_path)!r}), proof.Path({str(tmp_path)!r}), 't', False,"
+           " lambda done: {})\n"
+           "print(json.dumps([j.status for j in jobs]))\n")
+    kit_process = subprocess.Popen([sys.executable, "-c", kit], stdout=subprocess.PIPE, text=True)
+    log = tmp_path / "proof_t.log"
+    for _ in range(300):  # the job is running once it has printed
+        if log.exists() and "running" in log.read_text():
+            break
+        time.sleep(0.1)
+    kit_process.send_signal(signal.SIGTERM)
+    out, _ = kit_process.communicate(timeout=60)
+    assert json.loads(out.splitlines()[-1]) == ["stopped by signal 15 to the kit (exit 143)", "not run: the kit got signal 15"]
+    assert marker.read_text() == "saved"  # the job's own session got the signal: it saved and left
