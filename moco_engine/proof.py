@@ -125,6 +125,8 @@ def quick_jobs(out: Path, data: Path, cpu: bool) -> list[Job]:
         bench_job("r50-224", "r50-224", out, cap_s=90.0, **g),
         graph_tests,
         bench_job("r18-per_slice", "r18-cifar", out, "--split-bn", "per_slice", **g),
+        # The strided form's view is free in NCHW; under channels_last it copies to NCHW and back.
+        bench_job("r18-strided-nchw", "r18-cifar", out, "--split-bn", "strided", "--no-channels-last", **g),
         bench_job("r18-ops", "r18-cifar", out, "--ops", **g),
         bench_job("r18-queue-65536", "r18-cifar", out, "--split-bn", "strided", "--queue", "65536", **g),
         bench_job("r18-data", "r18-cifar", out, "--data", "--data-root", str(data), "--pipeline", "device",

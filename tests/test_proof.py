@@ -104,7 +104,8 @@ def test_every_gpu_job_is_a_valid_command_line(tmp_path):
     names = {j.name for j in jobs}
     for form in ("strided", "one_pass", "per_slice"):
         assert {f"r18-{form}", f"r18-{form}-compiled", f"r18-{form}-cuda-graphs"} <= names
-    assert {"r18-plain-bn", "r50-224", "r50-224-compiled", "r18-queue-65536", "r18-ops", "r18-data"} <= names
+    assert {"r18-plain-bn", "r18-strided-nchw", "r50-224", "r50-224-compiled", "r18-queue-65536", "r18-ops",
+            "r18-data"} <= names
     for job in (j for j in jobs if j not in tests):
         assert job.argv[1:3] == ["-m", "moco_engine.bench"] and job.status == "not run"
         args = bench_parser().parse_args(job.argv[3:])
