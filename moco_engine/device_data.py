@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from .augment import apply_views, plain_views, random_views
-from .data import ArrayImages, DataError, EpochSampler, ImageSet
+from .data import ArrayImages, DataError, ImageSet
 from .recipes import ViewSpec
+from .sampling import EpochSampler
 
 
 def to_device_tensor(images: ImageSet, device: torch.device) -> Tensor:

@@ -4,13 +4,13 @@
 :class:`Loaders`:
 
 - ``data.pipeline=cpu``: DataLoaders, PIL decoding and augmentation in ``data.num_workers``
-  processes (``data.Indexed`` seeds each item's views by (seed, epoch, index));
+  processes (``sampling.Indexed`` seeds each item's views by (seed, epoch, index));
 - ``data.pipeline=device``: images decoded once into device memory and augmented there in
   batches (``device_data``; each step's views seeded by (seed, epoch, step, rank));
 - ``data.pipeline=auto`` (the default): the device path for the small data sets of known size,
   :func:`resolve_pipeline`.
 
-Both yield ``((x_q, x_k), targets, indices)`` training batches in :class:`data.EpochSampler`'s
+Both yield ``((x_q, x_k), targets, indices)`` training batches in :class:`sampling.EpochSampler`'s
 order, and ``(x, targets, indices)`` plain batches in index order, so nothing downstream asks
 which path it has.
 """
@@ -25,9 +25,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .config import Config, DataConfig, UserError
-from .data import EpochSampler, Indexed, Splits, TwoViews, build_splits, make_loader
+from .data import Splits, build_splits
 from .device_data import DevicePlain, DeviceTwoViews, step_generator, to_device_tensor
 from .recipes import ViewSpec, eval_transform, view_spec, view_transform
+from .sampling import EpochSampler, Indexed, TwoViews, make_loader
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Loaders:
     def close(self) -> None:
         """End the persistent loader workers now, cleanly, rather than at interpreter exit
         (where multiprocessing would SIGTERM them, and a worker leaves only after its grace
-        period: data.quiet_worker_signals)."""
+        period: sampling.quiet_worker_signals)."""
         for loader in (self.train, self.plain_train, self.plain_train_shard, self.test, self.test_shard):
             if isinstance(loader, DataLoader) and getattr(loader, "_iterator", None) is not None:
                 loader._iterator = None  # torch shuts a persistent iterator's workers down when it is dropped

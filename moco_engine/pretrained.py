@@ -17,12 +17,13 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import Config, UserError, load_config
-from .data import EpochSampler, Indexed, build_splits, make_loader
+from .data import build_splits
 from .encoders import Encoder, build_encoder
 from .evaluation import extract_features, knn_monitor
 from .precision import autocast_dtype, resolve_device
 from .probe import linear_probe, linear_probe_cached
 from .recipes import eval_transform, probe_transform
+from .sampling import EpochSampler, Indexed, make_loader
 
 
 def open_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Encoder, Path]:

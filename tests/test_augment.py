@@ -22,9 +22,10 @@ from moco_engine.augment import (
     view_statistics,
 )
 from moco_engine.config import DataConfig
-from moco_engine.data import EpochSampler, build_splits
+from moco_engine.data import build_splits
 from moco_engine.device_data import DevicePlain, DeviceTwoViews
 from moco_engine.recipes import CIFAR_MEAN, CIFAR_STD, eval_transform, view_spec, view_transform
+from moco_engine.sampling import EpochSampler
 
 
 def gen(seed: int = 0) -> torch.Generator:

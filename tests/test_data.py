@@ -10,14 +10,12 @@ from PIL import Image
 from moco_engine.config import DataConfig
 from moco_engine.data import (
     DataError,
-    EpochSampler,
-    Indexed,
-    TwoViews,
     build_splits,
     read_archive,
     synthetic_images,
 )
 from moco_engine.recipes import eval_transform, view_transform
+from moco_engine.sampling import EpochSampler, Indexed, TwoViews
 
 
 def write_image_tree(root, split="train", classes=("a", "b"), per_class=3, size=12):
@@ -129,7 +127,8 @@ def _image_folder(root, classes_per_split, size=8):
 
 @pytest.mark.fault("data")
 def test_a_corrupt_image_met_by_a_loader_worker_is_the_same_one_line(tmp_path):
-    from moco_engine.data import FolderImages, make_loader
+    from moco_engine.data import FolderImages
+    from moco_engine.sampling import make_loader
 
     _image_folder(tmp_path, {"train": ["a", "b"]})
     (tmp_path / "train" / "b" / "1.png").write_bytes(b"\x89PNG broken")
