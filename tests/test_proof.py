@@ -68,7 +68,7 @@ def test_a_job_past_its_limit_gets_sigterm_and_the_budget_leaves_later_jobs_unst
     assert slow.status == "stopped at its limit of 3 s" and slow.returncode == 143 and marker.read_text() == "saved"
     assert later.status == "not run: time budget spent"
     assert len(reports) == 3  # the report is rewritten after every job
-    assert "running" in (tmp_path / "proof_t.log").read_text()
+    assert "\nrunning\n" in (tmp_path / "proof_t.log").read_text()  # the job's own output, after the header
 
 
 def test_the_shell_script_runs_the_kit_with_the_given_interpreter(tmp_path):
@@ -146,8 +146,8 @@ def test_a_signal_to_the_kit_reaches_the_running_job_and_no_job_starts_after_it(
            "print(json.dumps([j.status for j in jobs]))\n")
     kit_process = subprocess.Popen([sys.executable, "-c", kit], stdout=subprocess.PIPE, text=True)
     log = tmp_path / "proof_t.log"
-    for _ in range(300):  # the job is running once it has printed
-        if log.exists() and "running" in log.read_text():
+    for _ in range(300):  # the job is running once it has printed (its own line: the header quotes the code)
+        if log.exists() and "\nrunning\n" in log.read_text():
             break
         time.sleep(0.1)
     kit_process.send_signal(signal.SIGTERM)
