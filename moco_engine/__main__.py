@@ -1,5 +1,5 @@
 import sys
 
-from .cli import train_main
+from moco_engine.tools.cli import train_main
 
 sys.exit(train_main())

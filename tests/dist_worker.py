@@ -5,14 +5,16 @@ holds, so the test can compare ranks (and a one-process run).
 
 With ``--crash-at-step N`` rank 1 kills itself (SIGKILL) at step N in the first attempt (a crash
 for ``--max-restarts``); with ``--stop-at-step N`` rank 1 takes a SIGTERM during step N (the
-ranks agree to stop at the next log point, save and exit 143). The run goes through
-``moco_engine.cli.train_main`` as a user's would.
+ranks agree to stop at the next log point, save and exit 143); with ``--import FILE`` the file
+is run first as a module (README's extension registers its backbone, loss and data source). The
+run goes through ``moco_engine.tools.cli.train_main`` as a user's would.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import runpy
 import signal
 import sys
 from pathlib import Path
@@ -21,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moco_engine import distributed as dist  # noqa: E402
-from moco_engine.cli import train_main  # noqa: E402
-from moco_engine.engine import Trainer  # noqa: E402
-from moco_engine.evaluation import extract_features, knn_accuracy  # noqa: E402
+from moco_engine.evaluation.knn import extract_features, knn_accuracy  # noqa: E402
+from moco_engine.run.trainer import Trainer  # noqa: E402
+from moco_engine.runtime import distributed as dist  # noqa: E402
+from moco_engine.tools.cli import train_main  # noqa: E402
 
 
 def unsharded_knn(trainer: Trainer) -> dict[str, float]:
@@ -38,6 +40,9 @@ def unsharded_knn(trainer: Trainer) -> dict[str, float]:
 
 def main() -> int:
     args = sys.argv[1:]
+    if args and args[0] == "--import":
+        runpy.run_path(args[1], run_name="extension")  # its registrations, not its __main__ block
+        args = args[2:]
     crash_at = stop_at = None
     if args and args[0] == "--crash-at-step":
         crash_at, args = int(args[1]), args[2:]

@@ -13,8 +13,9 @@ import os
 import signal
 import sys
 
-import moco_engine.engine as engine
-from moco_engine.cli import train_main
+import moco_engine.run.monitor as monitor
+import moco_engine.run.trainer as engine
+from moco_engine.tools.cli import train_main
 
 
 def signal_on_first_call(owner, name: str, signum: int) -> None:
@@ -33,7 +34,7 @@ def signal_on_first_call(owner, name: str, signum: int) -> None:
 if __name__ == "__main__":
     moment, signame, *args = sys.argv[1:]
     signum = getattr(signal, signame)
-    target = {"start": (engine, "build_loaders"), "knn": (engine, "knn_monitor"),
+    target = {"start": (engine, "build_loaders"), "knn": (monitor, "knn_monitor"),
               "refresh": (engine.Trainer, "encode_train_set"), "save": (os, "fsync")}[moment]
     signal_on_first_call(*target, signum)
     sys.exit(train_main(args))

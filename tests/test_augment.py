@@ -10,7 +10,8 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision import transforms as T
 
-from moco_engine.augment import (
+from moco_engine.config.schema import DataConfig
+from moco_engine.data.augment import (
     color_jitter,
     crop_boxes,
     crop_flip_grid,
@@ -21,11 +22,16 @@ from moco_engine.augment import (
     random_views,
     view_statistics,
 )
-from moco_engine.config import DataConfig
-from moco_engine.data import build_splits
-from moco_engine.device_data import DevicePlain, DeviceTwoViews
-from moco_engine.recipes import CIFAR_MEAN, CIFAR_STD, eval_transform, view_spec, view_transform
-from moco_engine.sampling import EpochSampler
+from moco_engine.data.device import DevicePlain, DeviceTwoViews
+from moco_engine.data.recipes import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    eval_transform,
+    view_spec,
+    view_transform,
+)
+from moco_engine.data.sampling import EpochSampler
+from moco_engine.data.sources import build_splits
 
 
 def gen(seed: int = 0) -> torch.Generator:

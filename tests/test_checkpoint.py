@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from moco_engine.checkpoint import (
+from moco_engine.run.checkpoint import (
     CheckpointError,
     checkpoint_files,
     latest_checkpoint,
@@ -53,7 +53,7 @@ def test_an_unfinished_save_leaves_the_previous_checkpoint_untouched(tmp_path, m
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("moco_engine.checkpoint.os.replace", crash)
+    monkeypatch.setattr("moco_engine.run.checkpoint.os.replace", crash)
     with pytest.raises(CheckpointError, match="checkpoint_00000002.pt: disk full; the previous checkpoints are intact"):
         save_checkpoint(state(2), tmp_path, 2, keep=2)
     monkeypatch.undo()

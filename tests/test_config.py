@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from moco_engine.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
+from moco_engine.config.schema import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,8 +112,8 @@ def test_every_setting_out_of_its_domain_names_its_key(override, key):
 
 @pytest.mark.fault("config")
 def test_stored_negatives_that_cannot_fit_are_refused_naming_their_size(tmp_path):
-    from moco_engine.config import UserError
-    from moco_engine.engine import Trainer
+    from moco_engine.config.schema import UserError
+    from moco_engine.run.trainer import Trainer
 
     cfg = load_config([], ["data.name=synthetic", "data.synthetic_size=64", "data.num_workers=0", "optim.batch_size=16",
                            "queue.size=10000000000",
@@ -124,7 +124,7 @@ def test_stored_negatives_that_cannot_fit_are_refused_naming_their_size(tmp_path
 
 @pytest.mark.fault("config")
 def test_settings_the_method_ignores_are_named_in_a_warning():
-    from moco_engine.rules import ignored_settings
+    from moco_engine.config.rules import ignored_settings
 
     assert ignored_settings(load_config([], ["method=byol", "negatives.kind=memory_bank", "queue.size=4096"])) == [
         "negatives.kind=memory_bank", "queue.size=4096"]
@@ -154,7 +154,7 @@ def test_config_syntax_mistakes_are_one_line_naming_key_file_and_line(args, expe
 @pytest.mark.parametrize("command", ["train_main", "eval_main", "export_main"])
 def test_every_command_has_version_and_its_help_names_the_groups(command, capsys):
     import moco_engine
-    from moco_engine import cli
+    from moco_engine.tools import cli
 
     with pytest.raises(SystemExit) as e:
         getattr(cli, command)(["--version"])

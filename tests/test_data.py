@@ -7,15 +7,11 @@ import torch
 from conftest import SHARED_DATA
 from PIL import Image
 
-from moco_engine.config import DataConfig
-from moco_engine.data import (
-    DataError,
-    build_splits,
-    read_archive,
-    synthetic_images,
-)
-from moco_engine.recipes import eval_transform, view_transform
-from moco_engine.sampling import EpochSampler, Indexed, TwoViews
+from moco_engine.config.schema import DataConfig
+from moco_engine.data.images import DataError, read_archive, synthetic_images
+from moco_engine.data.recipes import eval_transform, view_transform
+from moco_engine.data.sampling import EpochSampler, Indexed, TwoViews
+from moco_engine.data.sources import build_splits
 
 
 def write_image_tree(root, split="train", classes=("a", "b"), per_class=3, size=12):
@@ -127,8 +123,8 @@ def _image_folder(root, classes_per_split, size=8):
 
 @pytest.mark.fault("data")
 def test_a_corrupt_image_met_by_a_loader_worker_is_the_same_one_line(tmp_path):
-    from moco_engine.data import FolderImages
-    from moco_engine.sampling import make_loader
+    from moco_engine.data.images import FolderImages
+    from moco_engine.data.sampling import make_loader
 
     _image_folder(tmp_path, {"train": ["a", "b"]})
     (tmp_path / "train" / "b" / "1.png").write_bytes(b"\x89PNG broken")
@@ -141,7 +137,7 @@ def test_a_corrupt_image_met_by_a_loader_worker_is_the_same_one_line(tmp_path):
 @pytest.mark.fault("data")
 @pytest.mark.parametrize("limit", [40, 20])  # a 64-pixel image: PIL warns past its limit, raises past twice it
 def test_decompression_bombs_count_as_bad_images(tmp_path, monkeypatch, limit, capsys):
-    from moco_engine.data import FolderImages
+    from moco_engine.data.images import FolderImages
 
     (tmp_path / "a").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "0.png")  # 64 pixels: the "bomb"
@@ -164,7 +160,7 @@ def test_test_classes_are_matched_to_train_classes_by_name(tmp_path):
 
 
 def test_the_auto_pipeline_decodes_into_memory_only_the_data_sets_known_to_fit():
-    from moco_engine.loaders import resolve_pipeline
+    from moco_engine.data.loaders import resolve_pipeline
 
     assert DataConfig().pipeline == "auto"
     assert resolve_pipeline(DataConfig(name="embedded")) == "device"  # the default run's

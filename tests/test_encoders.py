@@ -5,14 +5,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from moco_engine.config import ModelConfig
-from moco_engine.encoders import (
-    MomentumEncoder,
-    SplitBatchNorm,
-    build_backbone,
-    build_encoder,
-)
-from moco_engine.schedules import momentum_at
+from moco_engine.config.schema import ModelConfig
+from moco_engine.method.backbones import build_backbone
+from moco_engine.method.encoders import MomentumEncoder, build_encoder
+from moco_engine.method.norms import SplitBatchNorm
+from moco_engine.method.schedules import momentum_at
 
 
 def small_net() -> nn.Module:
@@ -129,7 +126,7 @@ def test_split_bn_on_head_features_and_in_the_mlp_bn_head(impl):
         ref = (part - part.mean(0)) / torch.sqrt(part.var(0, unbiased=False) + bn.eps)
         assert torch.allclose(out[idx], ref, atol=1e-5)
     enc = build_encoder(ModelConfig(arch="resnet18", cifar_stem=False, head="mlp_bn", hidden_dim=32, dim=8, bn_splits=2,
-                                    bn_split_form=impl))
+                                    bn_split_form=impl), (3, 32, 32))
     head_bns = [m for m in enc.head if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert len(head_bns) == 2 and all(isinstance(m, SplitBatchNorm) for m in head_bns)
     assert all(m.form == impl for m in enc.modules() if isinstance(m, SplitBatchNorm))
@@ -160,13 +157,27 @@ def test_split_bn_with_one_split_is_plain_batchnorm():
 
 
 def test_cifar_stem_and_heads():
-    net, width = build_backbone("resnet18", cifar_stem=True)
+    net, width = build_backbone(ModelConfig(arch="resnet18", cifar_stem=True), (3, 32, 32))
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
     assert isinstance(net.maxpool, nn.Identity) and width == 512
-    enc = build_encoder(ModelConfig(arch="resnet18", cifar_stem=False, head="linear", dim=24, bn_splits=2))
+    enc = build_encoder(ModelConfig(arch="resnet18", cifar_stem=False, head="linear", dim=24, bn_splits=2), (3, 32, 32))
     assert isinstance(enc.head, nn.Linear) and enc.head.out_features == 24
     assert any(isinstance(m, SplitBatchNorm) for m in enc.modules())
     z = enc(torch.randn(4, 3, 32, 32))
     assert z.shape == (4, 24) and torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-5)
-    mlp = build_encoder(ModelConfig(arch="resnet18", head="mlp", hidden_dim=0, dim=8)).head
+    mlp = build_encoder(ModelConfig(arch="resnet18", head="mlp", hidden_dim=0, dim=8), (3, 32, 32)).head
     assert [m.out_features for m in mlp if isinstance(m, nn.Linear)] == [512, 8]
+
+
+@pytest.mark.parametrize("impl", ["per_slice", "one_pass", "strided"])
+def test_split_bn_takes_sequences_n_c_l(impl):
+    """(N, C, L) input (a sequence's channels): each slice normalised on its own statistics."""
+    torch.manual_seed(0)
+    bn = SplitBatchNorm(3, num_splits=2, form=impl, affine=False)
+    x = torch.randn(8, 3, 5) * 3 + 1
+    out = bn(x)
+    slices = [torch.arange(0, 4), torch.arange(4, 8)] if impl != "strided" else [torch.arange(0, 8, 2), torch.arange(1, 8, 2)]
+    for idx in slices:
+        part = x[idx]
+        ref = (part - part.mean((0, 2), keepdim=True)) / torch.sqrt(part.var((0, 2), unbiased=False, keepdim=True) + bn.eps)
+        assert torch.allclose(out[idx], ref, atol=1e-5)

@@ -10,10 +10,10 @@ import torch
 from conftest import ROOT, TINY
 from torchvision import transforms as T
 
-from moco_engine.checkpoint import checkpoint_files, latest_checkpoint
-from moco_engine.config import UserError, load_config
-from moco_engine.engine import Trainer
-from moco_engine.schedules import lr_at
+from moco_engine.config.schema import UserError, load_config
+from moco_engine.method.schedules import lr_at
+from moco_engine.run.checkpoint import checkpoint_files, latest_checkpoint
+from moco_engine.run.trainer import Trainer
 
 
 def tiny(tmp_path, *extra):
@@ -194,7 +194,7 @@ def test_incompatible_checkpoint_is_refused_in_one_line(tmp_path):
 @pytest.mark.parametrize("precision,dtype", [("fp32", None), ("bf16", torch.bfloat16)])
 def test_evaluation_runs_at_the_runs_precision(tmp_path, monkeypatch, precision, dtype):
     seen = []
-    monkeypatch.setattr("moco_engine.engine.knn_monitor", lambda *args: seen.append(args[-1]) or {})
+    monkeypatch.setattr("moco_engine.run.monitor.knn_monitor", lambda *args: seen.append(args[-1]) or {})
     trainer = Trainer(tiny(tmp_path, f"train.precision={precision}", "train.device=cpu"))
     trainer.evaluate_knn()
     assert seen == [dtype]

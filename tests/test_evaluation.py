@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from moco_engine.evaluation import knn_accuracy, knn_predict
+from moco_engine.evaluation.knn import knn_accuracy, knn_predict
 
 
 def brute_force_knn(query, memory, labels, num_classes, k, t):
@@ -33,8 +33,8 @@ def test_knn_accuracy_on_separable_features():
 
 
 def test_cached_linear_probe_separates_linearly_separable_features():
-    from moco_engine.config import LinearConfig
-    from moco_engine.probe import linear_probe_cached
+    from moco_engine.config.schema import LinearConfig
+    from moco_engine.evaluation.probe import linear_probe_cached
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 4, generator=g)
@@ -51,8 +51,8 @@ def test_cached_linear_probe_separates_linearly_separable_features():
 def test_linear_probe_trains_only_the_fc_and_checks_the_backbone():
     from torch import nn
 
-    from moco_engine.config import LinearConfig
-    from moco_engine.probe import linear_probe
+    from moco_engine.config.schema import LinearConfig
+    from moco_engine.evaluation.probe import linear_probe
 
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU())

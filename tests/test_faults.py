@@ -19,7 +19,8 @@ import pytest
 import torch
 from conftest import ROOT, TINY
 
-from moco_engine.checkpoint import (
+from moco_engine.config.schema import load_config
+from moco_engine.run.checkpoint import (
     CheckpointError,
     checkpoint_files,
     latest_checkpoint,
@@ -27,8 +28,8 @@ from moco_engine.checkpoint import (
     save_checkpoint,
     verified_files,
 )
-from moco_engine.config import load_config
-from moco_engine.engine import NonFiniteLoss, Trainer
+from moco_engine.run.trainer import Trainer
+from moco_engine.run.watch import NonFiniteLoss
 
 
 def env() -> dict[str, str]:
@@ -80,7 +81,8 @@ def test_exit_3_and_resume_pass_over_a_checkpoint_holding_nan(tmp_path):
     next(iter(state["encoder_q"].values())).fill_(float("nan"))  # e.g. from an older version
     state["step"] = 7
     save_checkpoint(state, run, 7, keep=5)
-    assert "the last good checkpoint is" in t.divergence_message("x") and t.divergence_message("x").endswith("checkpoint_00000003.pt")
+    message = str(t.watch.diverged("x"))
+    assert "the last good checkpoint is" in message and message.endswith("checkpoint_00000003.pt")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resumed = trainer(run, "train.resume=auto")
@@ -248,7 +250,7 @@ def test_a_full_disk_at_the_write_is_one_error_and_keeps_the_previous_checkpoint
         def write(self, data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("moco_engine.checkpoint.os.fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    monkeypatch.setattr("moco_engine.run.checkpoint.os.fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
     with pytest.raises(CheckpointError) as e:
         save_checkpoint({"config": {}, "step": 2, "w": torch.zeros(10)}, tmp_path, 2, keep=2)
     monkeypatch.undo()
@@ -300,7 +302,7 @@ def test_sigterm_to_moco_sweep_reaches_its_run_which_saves_and_the_rerun_resumes
     sweep.write_text("name: s\nmethod: grid\nparameters:\n  queue.size: {values: [50]}\ncommand:\n"
                      + "".join(f"  - {word}\n" for word in command))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "moco_engine.sweep", str(sweep), "--out", str(out)]
+    cmd = [sys.executable, "-m", "moco_engine.tools.sweep", str(sweep), "--out", str(out)]
     metrics = out / "000_run" / "metrics.jsonl"
 
     def start_and_signal(ready):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import TINY
 
-from moco_engine.augment import random_views
-from moco_engine.config import load_config
-from moco_engine.encoders import SplitBatchNorm
-from moco_engine.engine import Trainer
-from moco_engine.recipes import view_spec
+from moco_engine.config.schema import load_config
+from moco_engine.data.augment import random_views
+from moco_engine.data.recipes import view_spec
+from moco_engine.method.norms import SplitBatchNorm
+from moco_engine.run.trainer import Trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from moco_engine.losses import blend_log_z, info_nce, info_nce_logits
-from moco_engine.negatives import InBatch, MemoryBank, Queue
+from moco_engine.method.losses import blend_log_z, info_nce, info_nce_logits
+from moco_engine.method.negatives import InBatch, MemoryBank, Queue
 
 
 class ReferenceRing:

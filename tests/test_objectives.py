@@ -9,10 +9,9 @@ import torch
 from conftest import TINY
 from torchvision import transforms as T
 
-from moco_engine.config import load_config
-from moco_engine.engine import Trainer
-from moco_engine.losses import LOSSES
-from moco_engine.objectives import build_objective
+from moco_engine.config.schema import load_config
+from moco_engine.method.objectives import LOSSES, build_objective
+from moco_engine.run.trainer import Trainer
 
 
 @pytest.mark.parametrize("kind,names", [

@@ -11,11 +11,15 @@ import torchvision
 from conftest import TINY
 from torch import nn
 
-from moco_engine.cli import eval_main, export_main
-from moco_engine.config import ModelConfig, load_config
-from moco_engine.encoders import build_encoder
-from moco_engine.engine import train
-from moco_engine.pretrained import detectron2_checkpoint, detectron2_name, torchvision_state_dict
+from moco_engine.config.schema import ModelConfig, load_config
+from moco_engine.evaluation.export import (
+    detectron2_checkpoint,
+    detectron2_name,
+    torchvision_state_dict,
+)
+from moco_engine.method.encoders import build_encoder
+from moco_engine.run.trainer import train
+from moco_engine.tools.cli import eval_main, export_main
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,7 @@ def test_moco_eval_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys):
 
 @pytest.mark.parametrize("cifar_stem", [False, True])
 def test_exported_backbone_loads_into_torchvision_resnet(cifar_stem):
-    encoder = build_encoder(ModelConfig(arch="resnet18", cifar_stem=cifar_stem, head="mlp", dim=16, bn_splits=2))
+    encoder = build_encoder(ModelConfig(arch="resnet18", cifar_stem=cifar_stem, head="mlp", dim=16, bn_splits=2), (3, 32, 32))
     net = torchvision.models.resnet18()
     if cifar_stem:
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
@@ -70,7 +74,7 @@ def test_detectron2_names_follow_the_conversion_rules():
     assert detectron2_name("layer3.1.bn3.bias") == "res4.1.conv3.norm.bias"
     assert detectron2_name("layer2.0.downsample.0.weight") == "res3.0.shortcut.weight"
     assert detectron2_name("layer4.0.downsample.1.weight") == "res5.0.shortcut.norm.weight"
-    encoder = build_encoder(ModelConfig(arch="resnet50", head="linear", dim=8))
+    encoder = build_encoder(ModelConfig(arch="resnet50", head="linear", dim=8), (3, 32, 32))
     model = detectron2_checkpoint(encoder)["model"]
     assert len(model) == len([k for k in encoder.backbone.state_dict() if "num_batches" not in k])
     assert not any(k.startswith("layer") or "fc" in k for k in model)

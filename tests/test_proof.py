@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from moco_engine import proof
+from moco_engine.tools import proof
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +48,17 @@ def test_cpu_mode_runs_the_kit_end_to_end_and_writes_both_reports(tmp_path):
         assert f"| {epoch} |  | {ref} |  |" in md  # the reference's points, beside this run's (none here)
     assert "| kNN top-1 >= 77.7 at epoch 200 |" in md and "not met" in md
     assert (out / "demo_knn.png").stat().st_size > 1000
+
+
+def test_a_relative_out_dir_is_the_callers_not_the_checkouts(tmp_path):
+    caller = tmp_path / "elsewhere"
+    caller.mkdir()
+    # --only a job no mode has: the kit writes its (empty) reports and runs nothing.
+    done = subprocess.run(["bash", str(ROOT / "tools" / "gpu_proof.sh"), "cpu", "out", "--only", "none",
+                           "--work", "work"], cwd=caller, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (caller / "out" / "proof_quick_cpu.log").is_file() and (caller / "work").is_dir()
+    assert not (ROOT / "out").exists() and not (ROOT / "work").exists()
 
 
 def test_a_job_past_its_limit_gets_sigterm_and_the_budget_leaves_later_jobs_unstarted(tmp_path):
@@ -92,8 +103,8 @@ def test_the_demo_without_its_archive_is_a_one_line_error(tmp_path, capsys):
 def test_every_gpu_job_is_a_valid_command_line(tmp_path):
     """A typo would cost GPU minutes: each quick job's options parse and pass moco-bench's checks,
     and the demo's training command is a valid config."""
-    from moco_engine.bench import CASES, bench_parser, check_arguments
-    from moco_engine.config import load_config
+    from moco_engine.config.schema import load_config
+    from moco_engine.tools.bench import CASES, bench_parser, check_arguments
 
     data = tmp_path / "cifar10.tar.gz"
     data.write_bytes(b"")
@@ -107,7 +118,7 @@ def test_every_gpu_job_is_a_valid_command_line(tmp_path):
     assert {"r18-plain-bn", "r18-strided-nchw", "r50-224", "r50-224-compiled", "r18-queue-65536", "r18-ops",
             "r18-data"} <= names
     for job in (j for j in jobs if j not in tests):
-        assert job.argv[1:3] == ["-m", "moco_engine.bench"] and job.status == "not run"
+        assert job.argv[1:3] == ["-m", "moco_engine.tools.bench"] and job.status == "not run"
         args = bench_parser().parse_args(job.argv[3:])
         check_arguments(args)
         assert all(case in CASES for case in args.cases) and args.json == str(job.json_out)
@@ -137,7 +148,7 @@ def test_a_signal_to_the_kit_reaches_the_running_job_and_no_job_starts_after_it(
                 "print('running', flush=True)\n"
                 "time.sleep(60)\n")
     kit = ("import json, signal, sys\n"
-           "from moco_engine import proof\n"
+           "from moco_engine.tools import proof\n"
            "signal.signal(signal.SIGTERM, proof.Stopped.handle)\n"
            f"jobs = [proof.Job('slow', [sys.executable, '-c', {job_code!r}], 50.0),"
            " proof.Job('later', [sys.executable, '-c', 'print(1)'], 5.0)]\n"

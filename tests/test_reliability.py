@@ -17,11 +17,12 @@ import torch
 from conftest import ROOT, TINY
 from PIL import Image
 
-from moco_engine.checkpoint import checkpoint_files, latest_checkpoint, load_checkpoint
-from moco_engine.config import load_config
-from moco_engine.data import DataError, FolderImages, read_archive
-from moco_engine.engine import NonFiniteLoss, Trainer
-from moco_engine.objectives import Objective
+from moco_engine.config.schema import load_config
+from moco_engine.data.images import DataError, FolderImages, read_archive
+from moco_engine.method.objectives import Objective
+from moco_engine.run.checkpoint import checkpoint_files, latest_checkpoint, load_checkpoint
+from moco_engine.run.trainer import Trainer
+from moco_engine.run.watch import NonFiniteLoss
 
 
 def trainer(tmp_path, *extra) -> Trainer:
@@ -135,7 +136,7 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_exit_2(tmp_path):
 
 SAVER = """
 import sys, torch
-from moco_engine.checkpoint import save_checkpoint
+from moco_engine.run.checkpoint import save_checkpoint
 run = sys.argv[1]
 state = {"config": {}, "weights": torch.randn(1_500_000)}
 for step in range(1, 10_000):
@@ -170,7 +171,7 @@ def test_kill_9_during_saves_never_loses_the_previous_checkpoint(tmp_path, delay
 HOLDER = """
 import sys, time
 from pathlib import Path
-from moco_engine.run import RunLock
+from moco_engine.run.folder import RunLock
 with RunLock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(120)

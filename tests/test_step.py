@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco_engine.config import LossConfig
-from moco_engine.encoders import Encoder, MomentumEncoder
-from moco_engine.negatives import InBatch, MemoryBank, Queue
-from moco_engine.objectives import Objective, build_objective
-from moco_engine.step import Skipped, StepParts, key_function, moco_step
+from moco_engine.config.schema import LossConfig
+from moco_engine.method.encoders import Encoder, MomentumEncoder
+from moco_engine.method.negatives import InBatch, MemoryBank, Queue
+from moco_engine.method.objectives import Objective, build_objective
+from moco_engine.method.step import Skipped, StepParts, key_function, moco_step
 
 B, D, K, N, T, LR, M = 4, 5, 7, 10, 0.2, 0.5, 0.75
 

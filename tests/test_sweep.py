@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from moco_engine.config import ConfigError
-from moco_engine.sweep import read_sweep
+from moco_engine.config.schema import ConfigError
+from moco_engine.tools.sweep import read_sweep
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
@@ -63,7 +63,7 @@ def test_smoke_sweep_runs_offline_with_wandb_and_skips_finished_runs(tmp_path):
     path = sweep_file(tmp_path, "  queue.size: {values: [16, 48]}")
     out = tmp_path / "out"
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    cmd = [sys.executable, "-m", "moco_engine.sweep", path, "--out", str(out)]
+    cmd = [sys.executable, "-m", "moco_engine.tools.sweep", path, "--out", str(out)]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     runs = sorted(p for p in out.iterdir() if p.is_dir())
@@ -105,8 +105,8 @@ def test_a_command_word_the_sweep_would_drop_is_refused(tmp_path):
 
 
 def test_settings_go_to_wandb_in_one_form_the_dotted_keys_a_sweep_uses():
-    from moco_engine.config import load_config
-    from moco_engine.run import flat_settings
+    from moco_engine.config.schema import load_config
+    from moco_engine.run.folder import flat_settings
 
     flat = flat_settings(load_config([], ["queue.size=77"]))
     assert flat["queue.size"] == 77 and flat["track.wandb.project"] == "moco_engine"
@@ -181,7 +181,7 @@ def test_runs_started_as_wandb_agent_starts_them_get_folders_of_their_own_and_re
 
 
 def test_the_sweep_metric_is_the_best_over_every_segment_of_a_run(tmp_path):
-    from moco_engine.sweep import metric_value
+    from moco_engine.tools.sweep import metric_value
 
     lines = [{"kind": "eval", "knn_top1": 30.0}, {"kind": "step", "knn_top1": 99.0}, {"kind": "eval", "knn_top1": 41.5},
              {"kind": "stopped"}, {"kind": "eval", "knn_top1": 38.0}, {"kind": "final", "knn_top1": 38.0}]
@@ -194,9 +194,9 @@ def test_the_sweep_metric_is_the_best_over_every_segment_of_a_run(tmp_path):
 def test_the_run_summary_holds_the_best_knn_over_a_resumed_run(tmp_path, monkeypatch):
     from conftest import TINY
 
-    from moco_engine import run as run_module
-    from moco_engine.config import load_config
-    from moco_engine.engine import Trainer
+    from moco_engine.config.schema import load_config
+    from moco_engine.run import folder as run_module
+    from moco_engine.run.trainer import Trainer
 
     summaries = []
 
@@ -226,7 +226,7 @@ def test_the_run_summary_holds_the_best_knn_over_a_resumed_run(tmp_path, monkeyp
 
 
 def test_line_figures_carry_title_labels_legend_and_a_log2_axis_at_the_data():
-    from moco_engine.plot import line_figure
+    from moco_engine.run.plots import line_figure
 
     fig = line_figure({"queue": [(256, 60.0), (4096, 70.5)], "memory bank": [(256, 55.0), (4096, 58.0)]},
                       "sweep queue_size", "queue.size", "kNN top-1 accuracy (%)", log_x=True, references={"chance": 10.0})

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
-from moco_engine.checkpoint import latest_checkpoint
-from moco_engine.config import UserError, load_config
-from moco_engine.engine import Trainer
-from moco_engine.run import PREVIEW_FILE
-from moco_engine.tracking import wandb_mode
+from moco_engine.config.schema import UserError, load_config
+from moco_engine.run.checkpoint import latest_checkpoint
+from moco_engine.run.folder import PREVIEW_FILE
+from moco_engine.run.tracking import wandb_mode
+from moco_engine.run.trainer import Trainer
 
 STEP_METRICS = {
     "loss", "lr", "momentum", "top1", "top5", "logit_pos", "logit_neg", "embed_std", "qk_weight_dist",
-    "img_per_s", "mem_peak_gib",
+    "samples_per_s", "img_per_s", "mem_peak_gib",
 }
 
 
@@ -59,7 +59,7 @@ def test_augmentation_preview_is_written_at_the_start(tmp_path, pipeline):
 def test_the_preview_labels_each_view_and_leaves_a_gap_between_pairs():
     import numpy as np
 
-    from moco_engine.plot import preview_figure
+    from moco_engine.run.plots import preview_figure
 
     fig = preview_figure(np.random.default_rng(0).uniform(size=(10, 8, 8, 3)))  # 5 pairs: 2 rows
     titles = [ax.get_title() for ax in fig.axes]
@@ -127,7 +127,7 @@ def test_wandb_offline_run_is_continued_by_a_resumed_training(tmp_path, monkeypa
 
 
 def test_progress_is_a_bar_on_a_terminal_and_plain_step_lines_in_a_log_file(tmp_path, capsys, monkeypatch):
-    from moco_engine.tracking import Tracker
+    from moco_engine.run.tracking import Tracker
 
     (tmp_path / "log").mkdir()
     (tmp_path / "tty").mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moco_engine.bench import bench_main  # noqa: E402
+from moco_engine.tools.bench import bench_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(bench_main())

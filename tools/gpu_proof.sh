@@ -3,19 +3,20 @@
 #   quick  the gpu tests and moco-bench's cases (at most 4 minutes on a GPU)
 #   demo   the CIFAR-10 demo recipe, 200 epochs of the full split, and a cached probe (at most 8)
 #   cpu    both with tiny cases on a CPU (the test suite runs it)
-# Options: --data ARCHIVE (default .data/cifar10.tar.gz), --work DIR, --budget SECONDS, --only JOB,...
+# Options: --data ARCHIVE (default <checkout>/.data/cifar10.tar.gz), --work DIR, --budget SECONDS, --only JOB,...
 # On a machine without the package's dependencies, wheels in .whl/ are installed first
 # (README.md, "Proving it on a GPU", says which ones).
+# Relative paths (OUT_DIR, --data, --work) are the caller's: the kit runs in the caller's folder.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"  # the checkout: its package, configs/ and .whl/
 PY=${PYTHON:-python3}  # the interpreter that has torch (python3 on the GPU machine)
 if ! "$PY" -c "import omegaconf" 2>/dev/null; then
-    if ! ls .whl/*.whl >/dev/null 2>&1; then
-        echo "error: omegaconf is not installed and .whl/ holds no wheels (README.md, 'Proving it on a GPU')" >&2
+    if ! ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+        echo "error: omegaconf is not installed and $ROOT/.whl/ holds no wheels (README.md, 'Proving it on a GPU')" >&2
         exit 2
     fi
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/moco_site .whl/*.whl
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/moco_site "$ROOT"/.whl/*.whl
     export PYTHONPATH="/tmp/moco_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-exec "$PY" -m moco_engine.proof "$@"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+exec "$PY" -m moco_engine.tools.proof "$@"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from moco_engine.plot import line_plot  # noqa: E402
-from moco_engine.tracking import knn_curve  # noqa: E402
+from moco_engine.run.plots import line_plot  # noqa: E402
+from moco_engine.run.tracking import knn_curve  # noqa: E402
 
 
 def main() -> None:

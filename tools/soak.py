@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moco_engine.checkpoint import latest_checkpoint  # noqa: E402
+from moco_engine.run.checkpoint import latest_checkpoint  # noqa: E402
 
 
 def config(steps: int, out: Path) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moco_engine.cli import train_main  # noqa: E402
+from moco_engine.tools.cli import train_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(train_main())

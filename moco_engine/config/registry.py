@@ -1,0 +1,113 @@
+"""Registries: the places a user extends the engine, each a name -> entry table behind one setting.
+
+| setting | registry (its owner) | entry |
+| --- | --- | --- |
+| ``model.arch`` | ``method.backbones.BACKBONES`` | a builder of (backbone, feature width) |
+| ``model.head`` | ``method.heads.HEADS`` | a builder of the projection head |
+| ``loss.name`` | ``method.objectives.LOSSES`` | the objective and its hyper-parameters |
+| ``negatives.kind`` | ``method.negatives.NEGATIVES`` | a builder of the negative source |
+| ``data.name`` | ``data.sources.SOURCES`` | a builder of the train/test splits |
+| ``data.augmentation`` | ``data.recipes.RECIPES`` | a view recipe (``ViewSpec``) |
+
+Each owner creates its registry and registers the built-in entries; a user adds one with
+``REGISTRY.register(name, entry)`` (or the ``moco_engine.register_*`` helpers) before loading a
+config. The config layer sits below every owner, so it names them in :data:`OWNERS` and imports
+an owner by that name the first time its registry is asked for: the one import that runs upward,
+so that ``load_config`` checks each of these settings against every registered name.
+
+An entry says which settings it reads (``reads``: dotted keys or whole groups); a setting that
+some entry of the registry reads and the chosen one does not is ignored by the run, and changing
+it draws one warning (``rules.ignored_settings``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from moco_engine.config.schema import ConfigError
+
+#: Each registry-backed setting and the module that owns its registry.
+OWNERS = {
+    "model.arch": "moco_engine.method.backbones",
+    "model.head": "moco_engine.method.heads",
+    "loss.name": "moco_engine.method.objectives",
+    "negatives.kind": "moco_engine.method.negatives",
+    "data.name": "moco_engine.data.sources",
+    "data.augmentation": "moco_engine.data.recipes",
+}
+
+#: The registries created so far, by setting.
+REGISTRIES: dict[str, Registry] = {}
+
+
+class Registry:
+    """The names one setting may take, each with its entry.
+
+    Args:
+        key: the setting the names are chosen with (``model.arch``).
+        what: what an entry is, for messages ("backbone").
+    """
+
+    def __init__(self, key: str, what: str):
+        if key not in OWNERS:
+            raise ValueError(f"no owner is named for setting {key!r} (config.registry.OWNERS)")
+        self.key, self.what = key, what
+        self.entries: dict[str, Any] = {}
+        REGISTRIES[key] = self
+
+    def register(self, name: str, entry: Any = None, *, replace: bool = False) -> Any:
+        """Register ``entry`` under ``name``; without ``entry``, a decorator that registers what
+        it decorates. A name taken already is refused unless ``replace``."""
+        if entry is None:
+            return lambda fn: self.register(name, fn, replace=replace)
+        if not isinstance(name, str) or not name or any(c.isspace() or c in "=,{}[]" for c in name):
+            raise ValueError(f"{self.what} name {name!r}: give a non-empty name without spaces, '=', ',' or brackets")
+        if name in self.entries and not replace:
+            raise ValueError(f"{self.what} {name!r} is registered already ({self.key}); pass replace=True to replace it")
+        self.entries[name] = entry
+        return entry
+
+    def names(self) -> tuple[str, ...]:
+        """The registered names, in the order they were registered."""
+        return tuple(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __getitem__(self, name: str) -> Any:
+        """The entry of ``name``.
+
+        Raises:
+            ConfigError: no entry of that name; the message lists the registered names.
+        """
+        if name not in self.entries:
+            raise ConfigError(f"config key '{self.key}' = {name!r}: no {self.what} of that name is registered "
+                              f"(registered: {', '.join(self.entries)})")
+        return self.entries[name]
+
+
+def registry(key: str) -> Registry:
+    """The registry of setting ``key``, its owner imported (and so its built-ins registered)."""
+    if key not in REGISTRIES:
+        importlib.import_module(OWNERS[key])
+    return REGISTRIES[key]
+
+
+def reads(entry: Any) -> tuple[str, ...]:
+    """The settings an entry reads (its ``reads`` attribute; none if it has none)."""
+    return tuple(getattr(entry, "reads", ()))
+
+
+def covers(patterns: tuple[str, ...], key: str) -> bool:
+    """Whether dotted ``key`` is one of ``patterns`` or lies in one of their groups."""
+    return any(key == p or key.startswith(p + ".") for p in patterns)
+
+
+def params_of(entry: Any) -> dict[str, Any]:
+    """The hyper-parameters an entry takes from its group's ``params`` (name -> default)."""
+    return dict(getattr(entry, "params", {}) or {})
+

@@ -1,0 +1,377 @@
+"""Every setting of moco_engine as one dataclass schema, and the strict loader.
+
+A run's configuration is built in three layers: the schema's defaults, then YAML files, then
+``key=value`` overrides from the command line (OmegaConf dotlist syntax)::
+
+    cfg = load_config(["configs/experiment/cifar10_demo.yaml"], ["optim.lr=0.1", "queue.size=8192"])
+
+Loading is strict: an unknown key names the closest valid key, a value of the wrong type names
+key and value, and an invalid value (``queue.size=0``) names the rule it breaks. All of these raise
+:class:`ConfigError`, which the command-line tools turn into one line and exit code 2.
+
+The schema's defaults are the embedded default run (``moco-train`` with no arguments): a short
+pretraining of a ResNet-18 (standard stem, cheap at 32 px) on the CIFAR-10 sample shipped inside
+the package, sized to finish in minutes on 2 CPU cores. Recipes set every key they rely on.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigKeyError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+
+class UserError(Exception):
+    """An error the user can fix (bad config, missing data, incompatible checkpoint).
+
+    The command-line tools print its message as one line and exit with code 2, no traceback.
+    """
+
+
+class ConfigError(UserError):
+    """A configuration key or value is wrong."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "embedded"  # embedded | cifar10 | imagefolder | synthetic | any registered source (data/sources.py)
+    root: str = ""  # cifar10: torchvision root; imagefolder: a folder or a .tar/.tar.gz/.tar.xz
+    test_root: str = ""  # where the test split lives when not under `root` (imagefolder)
+    train_split: str = "train"  # imagefolder: sub-folder of the pretraining images
+    test_split: str = "test"  # imagefolder: sub-folder of the kNN query images ("" = none)
+    download: bool = False  # cifar10 only: let torchvision download it
+    augmentation: str = "cifar_light"  # cifar | cifar_light | moco_v1 | moco_v2 | any registered recipe (data/recipes.py; the experiment recipes set theirs)
+    image_size: int = 32  # crop size of the augmentations
+    num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
+    on_bad_image: str = "fail"  # fail (stop, naming the file) | skip (leave unreadable images out, count and warn)
+    drop_last: bool = True  # drop each epoch's last partial batch (off: a ragged last batch is trained on)
+    pipeline: str = "auto"  # cpu (PIL augmentations in loader workers) | device (decoded once, augmented batched on train.device) | auto (device for embedded and cifar10, else cpu)
+    synthetic_size: int = 512  # synthetic: number of training images (test: a quarter)
+    synthetic_classes: int = 4  # synthetic: number of classes
+    params: dict[str, Any] = field(default_factory=dict)  # options of a registered source that the schema lacks (its `params`)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 (torchvision) | any registered backbone (method/backbones.py)
+    cifar_stem: bool = False  # conv1 3x3 stride 1 and no max-pool (for 32 px; 16x the FLOPs)
+    # linear (MoCo v1, the CIFAR-10 demo) | mlp (MoCo v2) | mlp_bn (MoCo v3's projector). Linear by
+    # default: in the short embedded run the MLP head stays on MoCo's collapsed start (BENCHMARKS.md).
+    head: str = "linear"  # or any registered head (method/heads.py)
+    hidden_dim: int = 0  # width of the MLP head's hidden layer (0 = the backbone's width)
+    dim: int = 128  # D, the embedding size of queries, keys and negatives
+    momentum: float = 0.99  # m of the key encoder's EMA
+    momentum_schedule: str = "constant"  # constant | cosine (m rises to 1 over training)
+    bn: str = "shuffle"  # shuffle (key batch permuted across all ranks before f_k) | sync (SyncBN, CUDA) | plain
+    norm: str = "batch"  # batch | group (GroupNorm, 32 groups: no statistics shared between samples)
+    bn_splits: int = 4  # split-BN: BN statistics over this many slices of each batch
+    bn_split_form: str = "auto"  # how split-BN is computed: auto | per_slice | one_pass | strided (norms.SplitBatchNorm)
+    params: dict[str, Any] = field(default_factory=dict)  # options of a registered backbone that the schema lacks (its `params`)
+
+
+@dataclass
+class LossConfig:
+    name: str = "infonce"  # infonce | nt_xent | nce | pair | triplet | lifted | npair | debiased | mochi | any registered loss (method/objectives.py)
+    temperature: float = 0.1  # T
+    symmetric: bool = False  # each crop is once the query (two key passes, both keys enqueued)
+    pair_margin: float = 1.0  # pair: margin on the squared distance of negative pairs
+    triplet_margin: float = 0.2  # triplet: alpha
+    lifted_margin: float = 1.0  # lifted: alpha
+    tau_plus: float = 0.1  # debiased: the class prior of a false negative
+    mochi_hardest: int = 1024  # mochi: the pool of hardest negatives mixed from
+    mochi_mix: int = 1024  # mochi: synthetic negatives mixed from two hard negatives
+    mochi_mix_query: int = 256  # mochi: synthetic negatives mixed from the query and a hard negative
+    byol_hidden_dim: int = 4096  # byol: width of the predictor MLP
+    params: dict[str, Any] = field(default_factory=dict)  # hyper-parameters of a registered loss that the schema lacks
+
+
+@dataclass
+class NegativesConfig:
+    kind: str = "queue"  # queue | memory_bank | in_batch | any registered kind (method/negatives.py)
+
+
+@dataclass
+class QueueConfig:
+    size: int = 1024  # K, the number of negatives (the queue's length; the bank's samples per step)
+    mask_same_instance: bool = False  # drop a query's own older key from its negatives
+    dtype: str = "float32"  # float32 | bfloat16 | float16 storage (logits are always float32)
+
+
+@dataclass
+class MemoryBankConfig:
+    init: str = "random"  # random | encode (one encoding pass of the data set before training)
+    positive: str = "bank"  # bank (Wu et al.'s v_i) | key (the key encoder's output)
+    update: str = "refresh"  # refresh (re-encode all items each epoch) | momentum | both
+    momentum: float = 0.5  # m of the proximal update v_i <- normalize(m v_i + (1 - m) f_i)
+    exclude_own: bool = True  # drop a query's own item from its sampled negatives
+    replacement: bool = True  # sample the K negatives with replacement
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.0075  # the embedded default run's (BENCHMARKS.md: higher rates undo the random features first)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64  # per process
+    lr_scaling: str = "none"  # none | linear (lr = optim.lr x global batch / 256)
+    schedule: str = "cosine"  # cosine | step | constant (after the warm-up)
+    warmup_epochs: float = 0.0  # linear warm-up from 0
+    milestones: list[int] = field(default_factory=lambda: [120, 160])  # step: epochs of lr x gamma
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 7  # the embedded default run: about 2 minutes on 2 CPU cores
+    out_dir: str = "runs/default"  # the run folder: config, checkpoints, metrics
+    resume: str = ""  # "" (start fresh) | auto (latest checkpoint in out_dir, if any) | a path
+    overwrite: bool = False  # allow starting fresh in a folder that holds checkpoints
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    steps_per_epoch: int = 0  # stop each epoch after this many steps (0 = the whole epoch)
+    log_every: int = 10  # steps between metrics.jsonl lines
+    keep_checkpoints: int = 2  # the newest k epoch checkpoints are kept
+    max_nonfinite_skips: int = 0  # skip up to this many steps whose loss is NaN/inf (checked every step) before stopping
+    save_every: int = 1  # epochs between checkpoints (the last epoch and a stop signal always save)
+    channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and on tensor cores
+    compile: bool = False  # torch.compile the encoders (first steps pay the compilation)
+    cuda_graphs: bool = False  # replay the encoders' passes as CUDA graphs (compile mode reduce-overhead; CUDA, one process)
+
+
+@dataclass
+class EvalConfig:
+    at_start: bool = True  # also run kNN before the first step: the random-init baseline a run's figure is judged by
+    knn_every: int = 2  # epochs between kNN evaluations (the last epoch always runs one; 0 = only it)
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_features: str = "backbone"  # backbone | head (normalised either way)
+    batch_size: int = 512
+
+
+@dataclass
+class LinearConfig:
+    """The linear probe of ``moco-eval linear``: MoCo's protocol (a fc on the frozen backbone)."""
+
+    epochs: int = 100
+    lr: float = 30.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [60, 80])  # epochs of lr x gamma
+    gamma: float = 0.1
+    batch_size: int = 256
+    cached: bool = False  # train on features extracted once, without augmentation (fast variant)
+
+
+@dataclass
+class WandbConfig:
+    # "" (not set: the WANDB_MODE environment variable, else disabled; online under `wandb agent`) |
+    # online | offline | disabled. A mode set here wins over WANDB_MODE, as wandb.init(mode=...) does.
+    mode: str = ""
+    project: str = "moco_engine"
+    entity: str = ""  # W&B user or team ("" = the account's default)
+    group: str = ""  # runs of one sweep share a group (moco-sweep sets it)
+    name: str = ""  # "" = the run folder's name
+    tags: list[str] = field(default_factory=list)
+    log_checkpoints: bool = False  # upload each checkpoint as a W&B artifact
+
+
+@dataclass
+class TrackConfig:
+    progress: bool = True  # tqdm progress bar on the console
+    preview: int = 8  # query/key view pairs drawn to augmentations.png at the start (0 = none)
+    # Warn when embed_std·sqrt(D) falls below this (uniform on the sphere: 1). A run stuck on
+    # MoCo's collapsed start sat at 0.018-0.05 for 150 steps; learning runs stayed above 0.11.
+    collapse_threshold: float = 0.05
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    method: str = "moco"  # moco (a contrastive loss over negatives) | byol (a predictor, no negatives)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    memory_bank: MemoryBankConfig = field(default_factory=MemoryBankConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+
+def valid_keys(node: Any = None, prefix: str = "") -> list[str]:
+    """All dotted keys of the schema, e.g. ``["data.name", ..., "track.progress"]``."""
+    node = OmegaConf.structured(Config) if node is None else node
+    keys = []
+    for key, value in node.items_ex(resolve=False) if isinstance(node, DictConfig) else []:
+        full = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            keys += valid_keys(value, full + ".")
+        else:
+            keys.append(full)
+    return keys
+
+
+def _unknown_key_message(full_key: str, source: str) -> str:
+    close = difflib.get_close_matches(full_key, valid_keys(), n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown config key '{full_key}' in {source}{hint}"
+
+
+def _groups() -> dict[str, list[str]]:
+    """Each group of settings (``optim``, ``track.wandb``, ...) and its keys."""
+    out: dict[str, list[str]] = {}
+    for key in valid_keys():
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            out.setdefault(".".join(parts[:i]), []).append(key)
+    return out
+
+
+def _check_groups(layer: Any, source: str, prefix: str = "") -> None:
+    """A group given a plain value (``optim=5``) is named with its keys (OmegaConf would say
+    "config key 'None'")."""
+    groups = _groups()
+    for key, value in (layer.items_ex(resolve=False) if isinstance(layer, DictConfig) else []):
+        full = f"{prefix}{key}"
+        if full in groups and not isinstance(value, DictConfig):
+            keys = groups[full]
+            raise ConfigError(f"config key '{full}' in {source} is a group of settings, not a value: set one of its "
+                              f"keys ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+        if isinstance(value, DictConfig):
+            _check_groups(value, source, full + ".")
+
+
+def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    """Merge one layer into the structured config, turning OmegaConf's errors into one line."""
+    _check_groups(layer, source)
+    try:
+        return OmegaConf.merge(base, layer)
+    except ConfigKeyError as e:
+        raise ConfigError(_unknown_key_message(str(e.full_key or e.key), source)) from None
+    except ValidationError as e:
+        value = OmegaConf.select(layer, str(e.full_key), default=getattr(e, "value", "?"))
+        expected = type(OmegaConf.select(base, str(e.full_key))).__name__
+        raise ConfigError(
+            f"config key '{e.full_key}' in {source}: value {value!r} is not a valid {expected}"
+        ) from None
+    except OmegaConfBaseException as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"invalid config in {source}: {first}") from None
+
+
+def _read_yaml(path: str) -> DictConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        layer = OmegaConf.load(p)
+    except Exception as e:  # yaml.YAMLError and friends: report the file, the line and the problem
+        raise ConfigError(f"cannot parse config file {yaml_problem(e, path)}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not a list")
+    return layer
+
+
+def yaml_problem(e: BaseException, path: str | Path) -> str:
+    """``<file>, line N: <problem>`` of a YAML error (a duplicate key, bad indentation, ...)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is not None and problem:
+        return f"{path}, line {mark.line + 1}: {problem}"
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"{path}: {first}"
+
+
+def _parse_dotlist(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"cannot parse overrides {' '.join(overrides)}: {first}") from None
+
+
+def split_args(words: list[str] | tuple[str, ...]) -> tuple[list[str], list[str], list[str]]:
+    """A command line's config files (``*.yaml``/``*.yml``, no ``=``), its ``key=value``
+    overrides, and its other words (``-m``, ``${args}``, a typo), each in the given order: how
+    ``moco-train`` reads its arguments and ``moco-sweep`` a sweep's command."""
+    files = [w for w in words if w.endswith((".yaml", ".yml")) and "=" not in w]
+    overrides = [w for w in words if "=" in w and not w.startswith(("${", "-")) and w not in files]
+    return files, overrides, [w for w in words if w not in files and w not in overrides]
+
+
+def setting(cfg: Any, key: str) -> Any:
+    """The value of a dotted key (``queue.size``) of a :class:`Config`."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def load_config(
+    yaml_files: list[str] | tuple[str, ...] = (),
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Build the run's :class:`Config`: defaults, then ``base`` (a checkpoint's saved config), then
+    each YAML file in order, then overrides.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type, an unreadable file or an invalid value.
+    """
+    merged = OmegaConf.structured(Config)
+    if base is not None:
+        merged = _merge(merged, OmegaConf.create(base), "the checkpoint's config")
+    for path in yaml_files:
+        merged = _merge(merged, _read_yaml(path), path)
+    if overrides:
+        merged = _merge(merged, _parse_dotlist(list(overrides)), "the command-line overrides")
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except InterpolationResolutionError as e:
+        cause = str(e).splitlines()[0]
+        env = re.search(r"Environment variable '([^']+)' not found", cause)
+        what = f"environment variable {env[1]} is not set" if env else cause
+        raise ConfigError(f"config key '{e.full_key}': {what}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config: {str(e).splitlines()[0]}") from None
+    assert isinstance(cfg, Config)
+    from moco_engine.config.rules import (
+        validate,  # rules.py reads the schema from here: imported when first needed
+    )
+
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (saved in the run folder and read back by :func:`from_dict`)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain Python containers (stored inside every checkpoint)."""
+    out = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(out, dict)
+    return out
+
+
+def from_dict(data: dict[str, Any], source: str = "a checkpoint") -> Config:
+    """Rebuild a :class:`Config` from :func:`to_dict`'s output, strictly."""
+    cfg = OmegaConf.to_object(_merge(OmegaConf.structured(Config), OmegaConf.create(data), source))
+    assert isinstance(cfg, Config)
+    return cfg

@@ -1,0 +1,127 @@
+"""The augmentation recipes of images, each written once as a :class:`ViewSpec`, and their
+registry (``data.augmentation``).
+
+A recipe (``data.augmentation``) is a distribution of random views. It is stated here once, as
+data; the two pipelines are built from that one statement:
+
+- the CPU path (``data.pipeline=cpu``): :func:`view_transform` turns a spec into torchvision's
+  PIL transforms, run per image in loader workers;
+- the device path (``data.pipeline=device``): :mod:`moco_engine.data.augment` draws the same
+  distribution as batched tensor ops (``random_views(images, spec, generator)``).
+
+The evaluation view (no randomness) follows one resize rule, :func:`eval_resize`, on both paths.
+
+Presets:
+
+- ``cifar``: the MoCo CIFAR-10 demo's: RandomResizedCrop, flip, colour jitter 0.4/0.4/0.4/0.1
+  with p=0.8, grayscale p=0.2.
+- ``moco_v1``: MoCo v1's ImageNet recipe (crop scale 0.2-1, grayscale 0.2 then jitter 0.4).
+- ``moco_v2``: MoCo v2's "aug+" (jitter with p=0.8, Gaussian blur with p=0.5).
+- ``cifar_light``: ``cifar`` made easier for runs of a few hundred steps (crops of 35-100% of
+  the image instead of 8-100%, jitter and grayscale half as often): the embedded default run's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torchvision import transforms as T
+
+from moco_engine.config.registry import Registry
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """The distribution of one random view; the fields are the torchvision ops' arguments."""
+
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    gray_before_jitter: bool = False  # MoCo v1 converts to grayscale first, then jitters
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: int = 3
+    mean: tuple[float, float, float] = CIFAR_MEAN
+    std: tuple[float, float, float] = CIFAR_STD
+
+
+def blur_kernel(size: int) -> int:
+    """MoCo v2's blur kernel: odd, about 10% of the image side, at least 3 taps."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+RECIPES = Registry("data.augmentation", "view recipe")
+
+
+def register_recipe(name: str, build: Callable[[int], ViewSpec] | None = None, *, replace: bool = False):
+    """Register ``build(size) -> ViewSpec`` under ``name`` (``data.augmentation=<name>``); a
+    decorator without ``build``. Both input paths draw the views it states."""
+    if build is None:
+        def decorate(fn: Callable) -> Callable:
+            register_recipe(name, fn, replace=replace)
+            return fn
+        return decorate
+    return RECIPES.register(name, build, replace=replace)
+
+
+register_recipe("cifar", lambda size: ViewSpec(size))
+register_recipe("cifar_light", lambda size: ViewSpec(size, scale=(0.35, 1.0), jitter_p=0.4, gray_p=0.1))
+register_recipe("moco_v1", lambda size: ViewSpec(size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0,
+                                                 gray_before_jitter=True, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+register_recipe("moco_v2", lambda size: ViewSpec(size, scale=(0.2, 1.0), blur_p=0.5, blur_kernel=blur_kernel(size),
+                                                 mean=IMAGENET_MEAN, std=IMAGENET_STD))
+
+
+def view_spec(preset: str, size: int) -> ViewSpec:
+    """The :class:`ViewSpec` of a ``data.augmentation`` recipe at crop size ``size``."""
+    return RECIPES[preset](size)
+
+
+def eval_resize(size: int) -> int:
+    """The evaluation view's short side before the centre crop of ``size``: small images
+    (CIFAR) are used whole; large ones get ImageNet's resize-256-crop-224 ratio."""
+    return size if size <= 64 else size * 256 // 224
+
+
+def view_transform(preset: str, size: int) -> Callable:
+    """One random view of a PIL image, as torchvision ops built from :func:`view_spec`.
+
+    The order is crop, flip, the colour ops, blur. torchvision's recipes put the flip elsewhere
+    for the ImageNet presets; the flip commutes with every colour op and the blur, so the
+    distribution of views is the same.
+    """
+    spec = view_spec(preset, size)
+    jitter = T.ColorJitter(*spec.jitter)
+    gray = T.RandomGrayscale(p=spec.gray_p)
+    ops: list[Callable] = [T.RandomResizedCrop(size, scale=spec.scale, ratio=spec.ratio),
+                           T.RandomHorizontalFlip(spec.flip_p)]
+    if spec.gray_before_jitter:
+        ops.append(gray)
+    ops.append(jitter if spec.jitter_p >= 1 else T.RandomApply([jitter], p=spec.jitter_p))
+    if not spec.gray_before_jitter:
+        ops.append(gray)
+    if spec.blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(spec.blur_kernel, sigma=spec.blur_sigma)], p=spec.blur_p))
+    return T.Compose([*ops, T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+
+
+def eval_transform(preset: str, size: int) -> Callable:
+    """The deterministic view of a PIL image used for kNN and linear evaluation."""
+    spec = view_spec(preset, size)
+    return T.Compose([T.Resize(eval_resize(size)), T.CenterCrop(size), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+
+
+def probe_transform(preset: str, size: int) -> Callable:
+    """The linear probe's training augmentation: MoCo's RandomResizedCrop and flip for large
+    images; for small ones (CIFAR) the usual 4-pixel-padded random crop and flip."""
+    spec = view_spec(preset, size)
+    crop = T.RandomCrop(size, padding=size // 8) if size <= 64 else T.RandomResizedCrop(size)
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(spec.mean, spec.std)])

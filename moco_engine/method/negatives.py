@@ -1,0 +1,375 @@
+"""Where negatives come from: the ``NegativeSource`` interface, its three kinds, and their
+registry (``negatives.kind``).
+
+- :class:`Queue`: MoCo's ring buffer of the K most recent keys (He et al. 2020).
+- :class:`MemoryBank`: one stored embedding per data-set item, K of them sampled per step
+  (Wu et al. 2018).
+- :class:`InBatch`: the other items of the batch, end to end with gradients (SimCLR's NT-Xent).
+
+The training step asks the source for the negatives of a batch, computes the loss, steps the
+optimizer, and only then hands the source the batch's keys::
+
+    neg = source.negatives(q, k, idx)   # Negatives((K, D), drop (B, K) or None)
+    loss = info_nce(info_nce_logits(q, k, neg.embeddings, T, neg.drop))
+    loss.backward(); optimizer.step()
+    source.update(k, idx)               # keys (B, D) and their data-set indices (B,)
+
+A source is an ``nn.Module`` whose state lives in persistent buffers, so ``state_dict()`` carries
+it into every checkpoint and ``.to(device)`` keeps it on the training device. It lives outside
+any DDP wrapper: every process updates it identically from the gathered keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moco_engine.config.registry import Registry
+from moco_engine.config.schema import Config, ConfigError
+from moco_engine.runtime import distributed as dist
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Negatives(NamedTuple):
+    """The negatives of one batch.
+
+    Attributes:
+        embeddings: (K, D) shared by every query of the batch.
+        drop: (B, K) bool or None; True where an entry must not count as a negative of that
+            query (it is the query's own item), and its logit becomes -inf.
+    """
+
+    embeddings: Tensor
+    drop: Tensor | None = None
+
+
+class NegativeSource(nn.Module):
+    """The contract every kind of negatives follows (queue, memory bank, in-batch)."""
+
+    #: True when keys must come from the query encoder with gradients (end to end, no EMA).
+    end_to_end = False
+
+    def negatives(self, queries: Tensor, keys: Tensor, indices: Tensor) -> Negatives:
+        """The negatives for queries (B, D) whose positive keys are keys (B, D).
+
+        A stored source returns a detached snapshot that a later :meth:`update` never changes.
+        """
+        raise NotImplementedError
+
+    def positives(self, indices: Tensor) -> Tensor | None:
+        """(B, D) positives supplied by the source itself (the memory bank's v_i), else None."""
+        return None
+
+    def update(self, keys: Tensor, indices: Tensor) -> None:
+        """Take in a batch of keys (B, D) and their data-set indices (B,); any B >= 1."""
+
+    def on_start(self, encode: Callable[[], Tensor]) -> None:
+        """Hook before the first step of a fresh run (not a resumed one); ``encode()`` returns
+        every item's embedding (N, D)."""
+
+    def on_epoch_end(self, epoch: int, encode: Callable[[], Tensor]) -> None:
+        """Hook at the end of every epoch; ``encode()`` returns every item's embedding (N, D)."""
+
+    def metrics(self, indices: Tensor) -> dict[str, Tensor]:
+        """Scalars about the source's state for a batch's indices (B,), as 0-d tensors."""
+        return {}
+
+    def memory_bytes(self) -> int:
+        """Bytes held in the source's buffers."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class Queue(NegativeSource):
+    """MoCo's queue: a ring buffer of the K most recent keys, on the training device.
+
+    Any K >= 1 and any batch size B: a batch wraps around the end of the buffer, a batch larger
+    than K keeps its last K keys, and a ragged last batch is just a smaller B (no ``K % B == 0``
+    rule). The buffer starts as random unit vectors, as in the paper's code. Keys may be stored
+    in bfloat16 or float16 to halve the memory; logits are always formed in float32.
+
+    Each slot also remembers whose key it holds and when it was written, so the queue can report
+    its age and, with ``mask_same_instance``, keep a query's own older key out of its negatives
+    (which matters once K approaches the data set's size).
+
+    Buffers (persistent, in ``state_dict``):
+        keys: (K, D) the stored keys, oldest overwritten first.
+        index: (K,) int64 data-set index of each slot's key (-1: still the random start).
+        written: (K,) int64 value of ``clock`` when the slot was written.
+        clock: () int64, the number of updates so far.
+        ptr: () int64, the slot the next key goes to.
+    """
+
+    def __init__(self, size: int, dim: int, mask_same_instance: bool = False, dtype: str = "float32",
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f"queue needs K >= 1 and D >= 1, got K={size}, D={dim}")
+        self.size = size
+        self.dim = dim
+        self.mask_same_instance = mask_same_instance
+        start = F.normalize(torch.randn(size, dim, generator=generator), dim=1)
+        self.register_buffer("keys", start.to(STORAGE_DTYPES[dtype]))
+        self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("written", torch.zeros(size, dtype=torch.long))
+        self.register_buffer("clock", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    def negatives(self, queries: Tensor | None = None, keys: Tensor | None = None,
+                  indices: Tensor | None = None) -> Negatives:
+        """(K, D) keys; ``update`` writes out of place, so this tensor is never modified later."""
+        drop = None
+        if self.mask_same_instance and indices is not None:
+            drop = self.index[None, :] == indices[:, None]  # (B, K)
+        return Negatives(self.keys, drop)
+
+    @torch.no_grad()
+    def update(self, keys: Tensor, indices: Tensor | None = None) -> None:
+        """Enqueue keys (B, D): slot ``(ptr + i) % K`` gets key i; ptr advances by B."""
+        b = keys.shape[0]
+        if b == 0:
+            return
+        if keys.shape[1] != self.dim:
+            raise ValueError(f"queue holds keys of dimension {self.dim}, got {tuple(keys.shape)}")
+        if indices is None:
+            indices = torch.full((b,), -1, dtype=torch.long, device=keys.device)
+        # Of more than K keys only the last K survive; dropping the rest first keeps the
+        # written slots distinct (index_copy with repeated indices has no defined winner).
+        kept = min(b, self.size)
+        start = self.ptr + (b - kept)
+        slots = (start + torch.arange(kept, device=self.keys.device)) % self.size
+        # Out of place: a snapshot handed out by negatives() may still be saved by autograd.
+        self.keys = self.keys.index_copy(0, slots, keys[-kept:].detach().to(self.keys.dtype))
+        self.index = self.index.index_copy(0, slots, indices[-kept:].to(self.index.device))
+        self.written = self.written.index_fill(0, slots, self.clock)
+        self.clock = self.clock + 1
+        self.ptr = (self.ptr + b) % self.size
+
+    @torch.no_grad()
+    def metrics(self, indices: Tensor) -> dict[str, Tensor]:
+        """fill (share of slots holding real keys), mean and max age (updates since written),
+        and the share of the batch whose own older key is in the queue."""
+        filled = self.index >= 0
+        age = (self.clock - self.written).float()
+        n = filled.sum().clamp(min=1)
+        return {
+            "queue_fill": filled.float().mean(),
+            "queue_age_mean": torch.where(filled, age, 0.0).sum() / n,
+            "queue_age_max": torch.where(filled, age, 0.0).max(),
+            "queue_same_instance": torch.isin(indices, self.index).float().mean(),
+        }
+
+
+class MemoryBank(NegativeSource):
+    """Wu et al. 2018's memory bank: one unit vector v_i per data-set item.
+
+    Each step draws K item indices uniformly (with replacement unless told otherwise), shared by
+    the whole batch; with ``exclude_own`` a query's own item is dropped from its negatives. The
+    positive is the item's bank entry v_i (``positive="bank"``, as in Wu et al.) or the key
+    encoder's output (``"key"``). Entries are updated by ``momentum``, Wu et al.'s proximal step
+    v_i <- normalize(m v_i + (1 - m) f_i) for the batch's items, by ``refresh``, a re-encoding of
+    the whole data set at the end of every epoch, or by ``both``. It starts as random unit vectors,
+    or (``init="encode"``) as the untrained encoder's embeddings of every item.
+
+    Buffers (persistent, in ``state_dict``):
+        bank: (N, D) the stored embeddings.
+        written: (N,) int64 value of ``clock`` at each entry's last write.
+        clock: () int64, the number of updates so far.
+    """
+
+    def __init__(self, num_items: int, dim: int, num_negatives: int, positive: str = "bank",
+                 update: str = "refresh", momentum: float = 0.5, exclude_own: bool = True,
+                 replacement: bool = True, generator: torch.Generator | None = None, init: str = "random") -> None:
+        super().__init__()
+        if not replacement and num_negatives > num_items:
+            raise ValueError(
+                f"cannot draw K={num_negatives} negatives without replacement from N={num_items} items"
+            )
+        self.num_items, self.dim, self.num_negatives = num_items, dim, num_negatives
+        self.positive, self.update_mode, self.momentum = positive, update, momentum
+        self.exclude_own, self.replacement, self.init = exclude_own, replacement, init
+        self.register_buffer("bank", F.normalize(torch.randn(num_items, dim, generator=generator), dim=1))
+        self.register_buffer("written", torch.zeros(num_items, dtype=torch.long))
+        self.register_buffer("clock", torch.zeros((), dtype=torch.long))
+        # NCE's normalising constant (log Z): NaN until the first batch estimates it; kept by
+        # objectives.NCEObjective after each optimizer step.
+        self.register_buffer("log_z", torch.full((), float("nan")))
+
+    def sample(self, device: torch.device) -> Tensor:
+        """K item indices (K,), uniform over the N items."""
+        if self.replacement:
+            return torch.randint(0, self.num_items, (self.num_negatives,), device=device)
+        return torch.randperm(self.num_items, device=device)[: self.num_negatives]
+
+    def negatives(self, queries: Tensor | None = None, keys: Tensor | None = None,
+                  indices: Tensor | None = None) -> Negatives:
+        """K sampled entries (K, D) (a copy: gathering by index never aliases the bank)."""
+        sampled = self.sample(self.bank.device)
+        drop = None
+        if self.exclude_own and indices is not None:
+            drop = sampled[None, :] == indices[:, None]
+        return Negatives(self.bank[sampled], drop)
+
+    def positives(self, indices: Tensor) -> Tensor | None:
+        return self.bank[indices] if self.positive == "bank" else None
+
+    @torch.no_grad()
+    def update(self, keys: Tensor, indices: Tensor) -> None:
+        """The proximal update of the batch's entries (``momentum`` or ``both``).
+
+        keys: (B, D) unit vectors; indices: (B,) their items, repeats allowed (their mean key counts).
+        """
+        if self.update_mode == "refresh":
+            self.clock += 1
+            return
+        keys = keys.detach().float()
+        # An item can come twice in one update (the symmetric loss's two views, DDP's padded
+        # shares): each occurrence is given its item's mean key, so duplicates write the same
+        # value (index_copy_ keeps an unspecified one of them on CUDA). Sums by index_add_ into
+        # the item's first occurrence: exact for a lone key (a matmul by the (B, B) match matrix
+        # would round keys under TF32), and no host sync (torch.unique would need one).
+        first = (indices[:, None] == indices[None, :]).int().argmax(1)  # (B,) first equal position
+        total = torch.zeros_like(keys).index_add_(0, first, keys)
+        count = torch.zeros(len(keys), device=keys.device).index_add_(0, first, torch.ones(len(keys), device=keys.device))
+        keys = total[first] / count[first, None]
+        mixed = self.momentum * self.bank[indices].float() + (1 - self.momentum) * keys
+        self.bank.index_copy_(0, indices, F.normalize(mixed, dim=1).to(self.bank.dtype))
+        self.written.index_fill_(0, indices, self.clock)
+        self.clock += 1
+
+    @torch.no_grad()
+    def on_start(self, encode: Callable[[], Tensor]) -> None:
+        """``init="encode"``: the bank starts as every item's embedding by the untrained encoder."""
+        if self.init == "encode":
+            self.refresh(encode())
+
+    @torch.no_grad()
+    def on_epoch_end(self, epoch: int, encode: Callable[[], Tensor]) -> None:
+        """The per-epoch refresh: every entry replaced by the current encoder's embedding."""
+        if self.update_mode in ("refresh", "both"):
+            self.refresh(encode())
+
+    @torch.no_grad()
+    def refresh(self, embeddings: Tensor) -> None:
+        """Replace the whole bank with embeddings (N, D)."""
+        if embeddings.shape != self.bank.shape:
+            raise ValueError(f"bank holds {tuple(self.bank.shape)}, refresh gave {tuple(embeddings.shape)}")
+        self.bank.copy_(F.normalize(embeddings.float(), dim=1))
+        self.written.fill_(self.clock)
+
+    @torch.no_grad()
+    def metrics(self, indices: Tensor) -> dict[str, Tensor]:
+        """Staleness: updates since the batch's own entries, and on average over the bank, were written."""
+        return {
+            "bank_staleness_batch": (self.clock - self.written[indices]).float().mean(),
+            "bank_staleness_mean": (self.clock - self.written).float().mean(),
+        }
+
+
+class InBatch(NegativeSource):
+    """End-to-end negatives: the other items of the (global) batch, with gradients.
+
+    Both branches are the query encoder (no EMA, no stored state). For a query q_i with positive
+    k_i the negatives are every other key k_j and every other query q_j, as in SimCLR's NT-Xent:
+    2B - 2 negatives per query for a batch of B (gathered over all processes).
+    """
+
+    end_to_end = True
+
+    def negatives(self, queries: Tensor, keys: Tensor, indices: Tensor) -> Negatives:
+        """(2G, D) all keys then all queries of the global batch of G items; each query's own key
+        (its positive) and its own query are dropped."""
+        all_keys = dist.all_gather_with_grad(keys)
+        all_queries = dist.all_gather_with_grad(queries)
+        all_indices = dist.all_gather_cat(indices, same_size=True)  # equal batches on every rank (EpochSampler)
+        own = all_indices[None, :] == indices[:, None]  # (B, G)
+        return Negatives(torch.cat([all_keys, all_queries]), torch.cat([own, own], dim=1))
+
+
+class NoNegatives(NegativeSource):
+    """BYOL's: no negatives and no state (its loss regresses the target network's projection)."""
+
+    def negatives(self, queries: Tensor, keys: Tensor, indices: Tensor) -> Negatives:
+        raise RuntimeError("method=byol uses no negatives")
+
+
+# =============================================================================== the registry
+@dataclass(frozen=True)
+class NegativesEntry:
+    """A registered kind of negatives (``negatives.kind``).
+
+    Attributes:
+        build: ``build(cfg, num_items) -> NegativeSource`` for a data set of ``num_items`` items.
+        reads: the settings it reads among those other kinds read (``queue``, ``memory_bank``).
+        planned: ``planned(cfg, num_items) -> (setting, what, bytes)``: the buffers it will hold,
+            checked against the device's memory before anything is allocated (None: none).
+    """
+
+    build: Callable[[Config, int], NegativeSource]
+    reads: tuple[str, ...] = ()
+    planned: Callable[[Config, int], tuple[str, str, int]] | None = None
+
+
+NEGATIVES = Registry("negatives.kind", "kind of negatives")
+
+
+def register_negatives(name: str, build: Callable | None = None, *, reads: tuple[str, ...] = (),
+                       planned: Callable | None = None, replace: bool = False):
+    """Register ``build(cfg, num_items) -> NegativeSource`` under ``name``; a decorator without ``build``."""
+    if build is None:
+        def decorate(fn: Callable) -> Callable:
+            register_negatives(name, fn, reads=reads, planned=planned, replace=replace)
+            return fn
+        return decorate
+    return NEGATIVES.register(name, NegativesEntry(build, tuple(reads), planned), replace=replace)
+
+
+def queue_bytes(cfg: Config, num_items: int) -> tuple[str, str, int]:
+    """The queue's buffers, the float32 draw of its start included."""
+    k, d = cfg.queue.size, cfg.model.dim
+    storage = STORAGE_DTYPES[cfg.queue.dtype].itemsize
+    return "queue.size", f"the queue of K={k} keys of D={d}", k * d * (4 + storage) + k * 8
+
+
+def bank_bytes(cfg: Config, num_items: int) -> tuple[str, str, int]:
+    """The bank's buffers, the float32 draw of its start included."""
+    d = cfg.model.dim
+    return "negatives.kind", f"the memory bank of N={num_items} items of D={d}", 2 * num_items * d * 4 + num_items * 8
+
+
+@register_negatives("queue", reads=("queue",), planned=queue_bytes)
+def build_queue(cfg: Config, num_items: int) -> Queue:
+    return Queue(cfg.queue.size, cfg.model.dim, cfg.queue.mask_same_instance, cfg.queue.dtype)
+
+
+@register_negatives("memory_bank", reads=("queue.size", "memory_bank"), planned=bank_bytes)
+def build_bank(cfg: Config, num_items: int) -> MemoryBank:
+    """Raises ConfigError: K larger than N where the bank samples without replacement."""
+    bank, k = cfg.memory_bank, cfg.queue.size
+    if not bank.replacement and k > num_items:
+        raise ConfigError(
+            f"config key 'queue.size' = {k}: the memory bank samples without replacement "
+            f"(memory_bank.replacement=false) and the data set has only N={num_items} items"
+        )
+    return MemoryBank(num_items, cfg.model.dim, k, bank.positive, bank.update, bank.momentum, bank.exclude_own,
+                      bank.replacement, init=bank.init)
+
+
+register_negatives("in_batch", lambda cfg, num_items: InBatch())
+
+
+def planned_bytes(cfg: Config, num_items: int) -> tuple[str, str, int]:
+    """(setting, what, bytes) of the source ``cfg`` would build: the key that sizes its buffers,
+    their description, and the bytes they take while being built."""
+    planned = None if cfg.method == "byol" else NEGATIVES[cfg.negatives.kind].planned
+    return planned(cfg, num_items) if planned is not None else ("negatives.kind", "no stored negatives", 0)
+
+
+def build_source(cfg: Config, num_items: int) -> NegativeSource:
+    """The negative source ``negatives.kind`` names (none for BYOL), for ``num_items`` items."""
+    return NoNegatives() if cfg.method == "byol" else NEGATIVES[cfg.negatives.kind].build(cfg, num_items)

@@ -1,0 +1,44 @@
+"""What a run encodes besides its steps: the kNN monitor (the test split against the train
+split) and the whole training set's embeddings (the memory bank's refresh), each on a side
+stream of random numbers, so how often they run never changes the training run."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moco_engine.config.schema import EvalConfig
+from moco_engine.data.loaders import Loaders
+from moco_engine.evaluation.knn import encode_split, knn_monitor
+from moco_engine.runtime import distributed as dist
+from moco_engine.runtime.precision import own_rng
+
+
+class Monitor:
+    """The encodings of one run on ``device`` under autocast to ``amp_dtype`` (None: fp32)."""
+
+    def __init__(self, cfg: EvalConfig, loaders: Loaders, device: torch.device, amp_dtype: torch.dtype | None):
+        self.cfg, self.loaders, self.device, self.amp_dtype = cfg, loaders, device, amp_dtype
+
+    @torch.no_grad()
+    def encode_train_set(self, key_encoder: nn.Module) -> Tensor:
+        """Every training item's embedding (N, D) in index order, made as keys are: by the key
+        encoder (end to end: f_q) with BatchNorm on batch statistics (in eval mode its barely
+        trained running statistics would give embeddings a query could tell apart from keys)."""
+        loaders = self.loaders
+        with own_rng(self.device):
+            return encode_split(key_encoder, loaders.plain_train_shard, loaders.num_items, self.device,
+                                self.amp_dtype, batch_stats=True)[0]
+
+    @torch.no_grad()
+    def knn(self, encoder_q: nn.Module) -> dict[str, float]:
+        """Weighted kNN (k, T from ``eval``) of the test split against the train split's features
+        ({} without a labelled test split)."""
+        loaders, cfg = self.loaders, self.cfg
+        if loaders.test is None:
+            return {}
+        model = encoder_q.backbone if cfg.knn_features == "backbone" else encoder_q
+        # Every rank encodes its shard with the same statistics: their mean, as checkpoints hold.
+        with own_rng(self.device), dist.rank_mean_buffers(encoder_q):
+            return knn_monitor(model, loaders.plain_train_shard, loaders.test_shard, loaders.num_items, loaders.num_test,
+                               loaders.num_classes, cfg.knn_k, cfg.knn_t, self.device, self.amp_dtype)

@@ -1,0 +1,44 @@
+"""Opening a checkpoint's query encoder, for ``moco-eval`` and ``moco-export`` (``tools/cli.py``)
+and from Python::
+
+    cfg, encoder, path = open_checkpoint("runs/cifar10_demo")     # the run's latest checkpoint
+    torch.save(torchvision_state_dict(encoder), "r18.pth")        # evaluation/export.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moco_engine.config.schema import Config, UserError, load_config
+from moco_engine.method.encoders import Encoder, build_encoder
+from moco_engine.run import checkpoint as ckpt
+
+
+def open_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Encoder, Path]:
+    """The query encoder f_q of a checkpoint (a file, or a run folder: its latest checkpoint).
+
+    The config is the one saved in the checkpoint with ``overrides`` on top (e.g. ``data.root``
+    where the data lives on this machine, ``eval.knn_k``, ``linear.epochs``).
+
+    Raises:
+        CheckpointError: no readable checkpoint there.
+        UserError: an override changes the model so the weights no longer fit.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = ckpt.latest_checkpoint(path)
+        if found is None:
+            raise ckpt.CheckpointError(f"no checkpoint in {path / ckpt.CHECKPOINT_DIR}")
+        path, state = found
+    else:
+        state = ckpt.load_checkpoint(path)
+    cfg = load_config([], list(overrides), base=state["config"])
+    # The shape of one input, as the run saved it (checkpoints before it held images only).
+    size = cfg.data.image_size
+    encoder = build_encoder(cfg.model, state.get("input_shape", (3, size, size)))
+    try:
+        encoder.load_state_dict(state["encoder_q"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f"checkpoint {path} does not fit the model these overrides describe: {first}") from None
+    return cfg, encoder, path

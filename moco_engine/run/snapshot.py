@@ -1,0 +1,108 @@
+"""The run's state as a checkpoint holds it: taking it, checking it, putting it back.
+
+A snapshot (format 2) is tensors and plain containers only::
+
+    config                    the resolved config (to_dict)
+    input_shape               one input's shape, as the backbone was built for (moco-eval rebuilds it)
+    epoch, step, step_in_epoch, last_eval, best_eval, wandb_run_id, nonfinite_skips, eval_pending
+    encoder_q, encoder_k, predictor, negatives      model sections (None where the run has none);
+                                                    BatchNorm statistics: the ranks' mean
+    optimizer, scaler         their state_dicts
+    ranks                     per rank: {"rng": random states, "buffers": its own statistics}
+
+Taking one is a collective under torchrun (every rank calls :func:`take`; rank 0 writes it).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from moco_engine.config.schema import Config, to_dict
+from moco_engine.method.step import (
+    MODEL_SECTIONS,
+    StepParts,
+    load_model_state,
+    model_state,
+    statistics,
+)
+from moco_engine.run import checkpoint as ckpt
+from moco_engine.runtime import distributed as dist
+from moco_engine.runtime.precision import rng_state, set_rng_state
+
+FORMAT = 2
+# The Trainer's counters a snapshot carries, with the value a checkpoint that predates one implies.
+COUNTERS = {"epoch": 0, "step": 0, "step_in_epoch": 0, "last_eval": {}, "best_eval": {}, "wandb_run_id": None,
+            "nonfinite_skips": 0, "eval_pending": False}
+# Tensors whose NaN is a sentinel, not a fault: NCE's log Z before its first estimate.
+NAN_SENTINELS = ("negatives.log_z",)
+
+
+def take(parts: StepParts, cfg: Config, device: torch.device, counters: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to continue the run exactly, with ``counters`` (the keys of :data:`COUNTERS`)."""
+    with dist.rank_mean_buffers(parts.encoder_q, parts.encoder_k, parts.predictor):
+        model = model_state(parts)
+    own = {"rng": rng_state(device), "buffers": {name: b.detach().cpu().clone() for name, b in statistics(parts)}}
+    return {
+        "format": FORMAT,
+        "config": to_dict(cfg),
+        "input_shape": parts.input_shape,
+        **{name: counters[name] for name in COUNTERS},
+        **model,
+        "optimizer": parts.optimizer.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "ranks": dist.all_gather_objects(own),
+    }
+
+
+def unusable(state: dict[str, Any]) -> str | None:
+    """Why a snapshot cannot be trained on (its non-finite tensors, named), or None."""
+    bad = ckpt.nonfinite_tensors({k: state.get(k) for k in (*MODEL_SECTIONS, "optimizer")}, allow_nan=NAN_SENTINELS)
+    return f"holds non-finite values ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else None
+
+
+def restore(parts: StepParts, state: dict[str, Any], cfg: Config, device: torch.device, source: str) -> dict[str, Any]:
+    """Load a snapshot into ``parts`` and this rank's random streams; returns its counters.
+
+    Raises:
+        CheckpointError: its tensors (every name and shape of the model and the negatives) do
+            not fit this run; the message names the settings that differ.
+    """
+    problems = ckpt.misfits(state, model_state(parts), MODEL_SECTIONS)
+    if problems:
+        settings = ckpt.differing_settings(state["config"], to_dict(cfg))
+        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise ckpt.CheckpointError(f"{source} is incompatible with this config: {'; '.join(settings) or 'the model differs'} "
+                                   f"({problems[0]}{more})")
+    load_model_state(parts, state)
+    counters = {name: state.get(name, default) for name, default in COUNTERS.items()}
+    counters["last_eval"], counters["best_eval"] = dict(counters["last_eval"]), dict(counters["best_eval"])
+    restore_own(parts, state.get("ranks") or [{"rng": state["rng"]}], cfg, device, counters["step"], source)  # format 1: one process's
+    return counters
+
+
+def restore_own(parts: StepParts, ranks: list[dict[str, Any]], cfg: Config, device: torch.device, step: int,
+                source: str) -> None:
+    """This rank's statistics and random streams from a snapshot of ``len(ranks)`` ranks. On
+    another number of ranks the streams are reseeded and the statistics stay the mean."""
+    rank, world = dist.rank(), dist.world_size()
+    if len(ranks) == world:
+        mine = ranks[rank]
+        saved = mine.get("buffers", {})  # format 1 has none: the model sections' are its own
+        with torch.no_grad():
+            for name, b in statistics(parts):
+                if name in saved:
+                    b.copy_(saved[name])
+        set_rng_state(mine["rng"], device)
+        return
+    # One seed per (step, rank) pair for any world under 7919 (a prime), so no two ranks and
+    # no two resumes share a stream.
+    reseed = cfg.train.seed + 7919 * step + rank
+    torch.manual_seed(reseed)
+    random.seed(reseed)
+    if dist.is_main():
+        print(f"{source} was written by {len(ranks)} process(es), resumed on {world}: every rank starts "
+              "its random streams anew from (train.seed, step, rank) and the BatchNorm statistics from their "
+              "saved mean; the run goes on, not bit-identical to an uninterrupted one", flush=True)

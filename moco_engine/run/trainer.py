@@ -1,0 +1,334 @@
+"""The Trainer: assembles a run from its parts, loops over epochs, evaluates and saves.
+
+The step itself is ``method/step.py``'s (``moco_step``, ``byol_step``: the paper's order), the
+batches ``data/loaders.py``'s, when to log, evaluate, save and stop ``cadence.py``'s, the folder,
+lock and W&B ``folder.py``'s, the signals ``signals.py``'s, the kNN monitor
+``evaluation/knn.py``'s. ``ARCHITECTURE.md`` has the map.
+
+    final = Trainer(cfg).fit()      # or train(cfg)
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moco_engine.config.rules import ignored_warning
+from moco_engine.config.schema import Config
+from moco_engine.data.loaders import build_loaders, preview_pairs
+from moco_engine.method.schedules import lr_at, momentum_at
+from moco_engine.method.step import Skipped, build_parts, byol_step, moco_step
+from moco_engine.run import checkpoint as ckpt
+from moco_engine.run import folder, snapshot
+from moco_engine.run.cadence import Cadence
+from moco_engine.run.monitor import Monitor
+from moco_engine.run.signals import StopNow, StopRequested, StopSignals
+from moco_engine.run.tracking import Meter, Tracker
+from moco_engine.run.watch import Watch
+from moco_engine.runtime import distributed as dist
+from moco_engine.runtime.batches import batch_size, to_device
+from moco_engine.runtime.precision import (
+    autocast_dtype,
+    memory_format,
+    peak_memory_gib,
+    resolve_device,
+)
+
+
+class Trainer:
+    """A MoCo (or BYOL) run: its loaders, its step parts (f_q, f_k, the negative source, the
+    objective, the optimizer) and its counters.
+
+    Args:
+        cfg: the run's config.
+        view: the CPU path's random view of an item in place of the source's or recipe's (tests).
+        signals: the stop signals to honour (``moco-train`` catches them from start-up on).
+    """
+
+    def __init__(self, cfg: Config, view: Callable | None = None, signals: StopSignals | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
+        self.memory_format = memory_format(cfg.train.channels_last)  # of 4-D (image) inputs, as of the encoders
+        self.run_dir = Path(cfg.train.out_dir).expanduser()
+        self.rank, self.world = dist.rank(), dist.world_size()
+        ignored = ignored_warning(cfg)  # also checks every registered name, before the data are read
+        if ignored and dist.is_main():
+            print(ignored, file=sys.stderr, flush=True)
+        torch.manual_seed(cfg.train.seed + self.rank)
+        random.seed(cfg.train.seed + self.rank)
+        self.loaders = build_loaders(cfg, self.device, self.rank, self.world, view)
+        # The model and the queue start identical on every rank; per-rank randomness after them.
+        torch.manual_seed(cfg.train.seed)
+        self.parts = build_parts(cfg, self.device, self.amp_dtype, self.loaders.num_items, self.loaders.input_shape)
+        torch.manual_seed(cfg.train.seed + self.rank)
+        self.step_fn = byol_step if cfg.method == "byol" else moco_step
+
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps taken
+        self.step_in_epoch = 0
+        self.last_eval: dict[str, float] = {}
+        self.best_eval: dict[str, float] = {}  # each kNN figure's best over the whole run, resumes included
+        self.tracker = Tracker(None, enabled=False)
+        self.signals = signals or StopSignals()  # SIGTERM/SIGINT: save the completed state, exit
+        self.cadence = Cadence(cfg, self.signals, self.device, monitor=self.loaders.test is not None)
+        self.wandb_run_id: str | None = None  # kept in checkpoints: a resumed run continues its W&B run
+        self.watch = Watch(cfg, self.run_dir)  # non-finite numbers, skipped steps, collapse
+        self.monitor = Monitor(cfg.eval, self.loaders, self.device, self.amp_dtype)  # kNN, the train set's encoding
+        self.nonfinite_skips = 0  # steps skipped for a NaN/inf loss (train.max_nonfinite_skips)
+        self.eval_pending = False  # an epoch's kNN was due and not finished (a resume runs it first)
+        self.saved: Path | None = None  # the checkpoint holding the current state (saved or resumed from)
+        self.unsaved = False  # steps were taken since the last save
+
+    # The parts most often asked for, by their paper names.
+    encoder_q = property(lambda self: self.parts.encoder_q, doc="f_q")
+    encoder_k = property(lambda self: self.parts.encoder_k, doc="f_k, the EMA of f_q (None: end-to-end negatives)")
+    negatives = property(lambda self: self.parts.negatives, doc="the negative source")
+    predictor = property(lambda self: self.parts.predictor, doc="BYOL's predictor (else None)")
+    optimizer = property(lambda self: self.parts.optimizer, doc="the optimizer of f_q (and the predictor)")
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.epochs * self.loaders.steps_per_epoch
+
+    # ======================================================================== one step
+    def train_step(self, x_q: Any, x_k: Any, indices: Tensor) -> dict[str, Tensor] | None:
+        """One step of the run's method at the schedules' values for the current step, on two
+        views (B, ...) of the items ``indices`` (B,); None for a skipped non-finite step."""
+        cfg = self.cfg
+        lr = lr_at(cfg, self.step, self.loaders.steps_per_epoch, self.world)
+        momentum = momentum_at(cfg.model.momentum, cfg.model.momentum_schedule, self.step, self.total_steps)
+        out = self.step_fn(self.parts, x_q, x_k, indices, lr, momentum)
+        self.step += 1  # a skipped step's batch is used up too: the schedules move on
+        self.unsaved = True
+        if isinstance(out, Skipped):
+            self.count_skip(out.loss)
+            return None
+        return out
+
+    def count_skip(self, loss: Tensor) -> None:
+        """Count a step skipped for its non-finite loss; stop past ``train.max_nonfinite_skips``."""
+        self.nonfinite_skips += 1
+        self.tracker.warn(self.watch.skipped(self.nonfinite_skips, loss.item(), self.step))
+
+    # ======================================================================== epochs
+    def train_epoch(self) -> dict[str, float] | None:
+        """Run (the rest of) the current epoch; returns the epoch's mean metrics, or None when a
+        stop signal ended it early."""
+        cfg, loaders = self.cfg, self.loaders
+        self.encoder_q.train()
+        if self.encoder_k is not None:
+            self.encoder_k.train()
+        loaders.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * cfg.optim.batch_size)
+        self.tracker.start_epoch(self.epoch, cfg.train.epochs, loaders.steps_per_epoch, self.step_in_epoch)
+        meter = Meter()
+        batches = iter(loaders.train)
+        while self.step_in_epoch < loaders.steps_per_epoch:
+            try:
+                (x_q, x_k), _, idx = next(batches)
+            except RuntimeError as e:
+                if not self.cadence.loader_left(e):
+                    raise
+                self.tracker.end_epoch()
+                return None
+            x_q, x_k = to_device(x_q, self.device, self.memory_format), to_device(x_k, self.device, self.memory_format)
+            metrics = self.train_step(x_q, x_k, idx.to(self.device, non_blocking=True))  # None: a skipped step
+            self.step_in_epoch += 1
+            meter.add(metrics, batch_size(x_q))
+            self.tracker.advance()
+            at_log = self.cadence.log_due(self.step, self.step_in_epoch, loaders.steps_per_epoch)
+            stopping = self.cadence.stop_agreed(at_log)
+            window = meter.take_window() if stopping or at_log else None
+            if window is not None:
+                self.log_window(*window)
+            if stopping:
+                self.tracker.end_epoch()
+                return None  # mid-epoch: step_in_epoch tells a resumed run where to go on
+        self.tracker.end_epoch()
+        epoch_time = meter.epoch_seconds()
+        hook_start = time.perf_counter()
+        self.negatives.on_epoch_end(self.epoch, self.encode_interruptibly)
+        hook_time = time.perf_counter() - hook_start
+        self.epoch += 1
+        self.step_in_epoch = 0
+        out = meter.epoch.means()
+        out.update(epoch_s=epoch_time, negatives_bytes=self.negatives.memory_bytes())
+        if hook_time > 1e-3:  # the memory bank's refresh: its cost in seconds and in % of the epoch
+            out.update(refresh_s=hook_time, refresh_pct=100 * hook_time / (epoch_time + hook_time))
+        return out
+
+    def log_window(self, means: dict[str, float], samples: int, elapsed: float) -> None:
+        """Log the mean metrics of the steps since the last log point (fetched in the
+        interval's one host sync), with the schedules' values, throughput and memory."""
+        cfg = self.cfg
+        self.watch.check_loss(means["loss"], self.step)
+        means["lr"] = self.optimizer.param_groups[0]["lr"]
+        means["momentum"] = momentum_at(cfg.model.momentum, cfg.model.momentum_schedule, self.step - 1, self.total_steps)
+        means["samples_per_s"] = samples * self.world / max(elapsed, 1e-9)
+        if self.loaders.images:
+            means["img_per_s"] = means["samples_per_s"]
+        if self.encoder_k is not None:
+            means["qk_weight_dist"] = self.encoder_k.relative_distance(self.encoder_q).item()
+        means["mem_peak_gib"] = peak_memory_gib(self.device)
+        collapsing = self.watch.collapse(means["embed_std"], self.epoch, self.step)
+        if collapsing:
+            self.tracker.warn(collapsing)
+        self.tracker.log("step", means, self.epoch, self.step)
+
+    # ======================================================================== evaluation
+    def encode_interruptibly(self) -> Tensor:
+        """:meth:`encode_train_set` as a stop signal may cut short (it changes no state; the
+        memory bank is refreshed from its result in one step after it)."""
+        with self.signals.interruptible():
+            return self.encode_train_set()
+
+    def encode_train_set(self) -> Tensor:
+        """Every training item's embedding (N, D) by the key encoder (``monitor.py``)."""
+        return self.monitor.encode_train_set(self.encoder_q if self.encoder_k is None else self.encoder_k)
+
+    def evaluate_knn(self) -> dict[str, float]:
+        """Weighted kNN of the test split against the train split's features (``monitor.py``)."""
+        return self.monitor.knn(self.encoder_q)
+
+    # ======================================================================== state
+    def state_dict(self) -> dict[str, Any]:
+        """The run's snapshot (``snapshot.py``): a collective under torchrun."""
+        return snapshot.take(self.parts, self.cfg, self.device, {name: getattr(self, name) for name in snapshot.COUNTERS})
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
+        """Restore a :meth:`state_dict` (refused, naming the settings that differ, if it does not fit)."""
+        for name, value in snapshot.restore(self.parts, state, self.cfg, self.device, source).items():
+            setattr(self, name, value)  # the counters: epoch, step, ... (snapshot.COUNTERS)
+
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0; the others take part in gathering it and return None).
+
+        Raises:
+            NonFiniteLoss: the state holds NaN or ±inf (checked on the device, one sync): it is
+                not written, and the message names the last good checkpoint.
+        """
+        state = self.state_dict()
+        reason = snapshot.unusable(state)  # the same state on every rank: all of them stop alike
+        if reason is not None:
+            raise self.watch.diverged(f"at step {self.step} the state {reason}; it was not saved")
+        self.unsaved = False
+        if not dist.is_main():
+            return None
+        self.saved = ckpt.save_checkpoint(state, self.run_dir, self.step, self.cfg.train.keep_checkpoints)
+        self.tracker.log_artifact(self.saved)
+        return self.saved
+
+    def stop(self) -> None:
+        """Save the completed state if steps were taken since the last save, and raise
+        :class:`~moco_engine.run.signals.StopRequested` (exit 128+N in ``moco-train``)."""
+        new = self.unsaved
+        path = self.save() if new else self.saved
+        # No rank exits before rank 0's checkpoint is on disk (torchrun ends the others as
+        # soon as one worker exits with an error code).
+        dist.barrier()
+        self.tracker.log("stopped", {"signal": self.signals.signum}, self.epoch, self.step)
+        raise StopRequested(self.signals.signum or signal.SIGTERM, self.step, path, new)
+
+    def stop_if_signalled(self) -> None:
+        """Stop (see :meth:`stop`) when any rank caught a signal; a collective under torchrun."""
+        if self.cadence.stop_agreed(True):
+            self.stop()
+
+    # ======================================================================== the run
+    def prepare_run_dir(self) -> None:
+        """Create the run folder; resume from it, or refuse to clobber a run already in it."""
+        folder.make_folder(self.run_dir)
+        resumed = folder.choose_resume(self.cfg.train, self.run_dir, snapshot.unusable)
+        if resumed is not None:
+            path, state = resumed
+            self.load_state_dict(state, source=f"checkpoint {path}")
+            self.saved = path
+            if dist.is_main():
+                print(f"resumed from {path} at epoch {self.epoch}, step {self.step}", flush=True)
+        else:
+            self.negatives.on_start(self.encode_interruptibly)  # e.g. the memory bank's init=encode
+        folder.write_config(self.run_dir, self.cfg)
+
+    def fit(self) -> dict[str, float]:
+        """Pretrain for ``train.epochs`` epochs (continuing a resumed run) and return the final
+        metrics, including the last kNN top-1 when the data set has a test split.
+
+        A stop signal at any moment (a step, evaluation, the memory bank's refresh, a save,
+        start-up) ends it with the completed state saved: :class:`~moco_engine.run.signals.StopRequested`.
+        """
+        folder.make_folder(self.run_dir)
+        with self.signals.catching():
+            if not dist.is_main():
+                return self.fit_locked()
+            with folder.RunLock(self.run_dir):
+                return self.fit_locked()
+
+    def fit_locked(self) -> dict[str, float]:
+        cfg = self.cfg
+        try:
+            with self.signals.interruptible():  # start-up: nothing new to save yet
+                self.prepare_run_dir()
+                self.tracker = Tracker(self.run_dir, progress=cfg.track.progress, enabled=dist.is_main())
+                self.wandb_run_id = folder.start_wandb(cfg, self.run_dir, self.wandb_run_id, self.tracker)
+                if cfg.track.preview and self.step == 0 and dist.is_main() and self.loaders.images:
+                    pairs = preview_pairs(self.loaders, cfg.track.preview, cfg.train.seed)
+                    self.tracker.log_image("augmentations", folder.save_preview(pairs, self.run_dir), 0)
+            if not self.cadence.monitor and (cfg.eval.at_start or cfg.eval.knn_every) and dist.is_main():
+                print(f"kNN monitor off: data.name={cfg.data.name} gives no labelled test split", flush=True)
+            self.stop_if_signalled()
+            if cfg.eval.at_start and self.step == 0:
+                self.run_knn(-1)
+            if self.eval_pending:  # a stop cut the last run's evaluation short
+                self.run_knn(self.epoch - 1)
+            while self.epoch < cfg.train.epochs:
+                epoch_metrics = self.train_epoch()
+                if epoch_metrics is None:
+                    self.stop()
+                done = self.epoch  # epochs completed
+                self.tracker.log("epoch", epoch_metrics, done - 1, self.step)
+                self.eval_pending = self.cadence.eval_due(done)
+                self.stop_if_signalled()  # e.g. during the memory bank's refresh
+                if self.eval_pending:
+                    self.run_knn(done - 1)
+                if self.cadence.save_due(done):
+                    self.save()
+                self.stop_if_signalled()
+            final = {"epochs": self.epoch, "steps": self.step, **self.last_eval}
+            self.tracker.log("final", final, self.epoch - 1, self.step)
+            return final
+        except StopNow:
+            self.stop()
+        finally:
+            self.loaders.close()
+            self.tracker.close()
+
+    def run_knn(self, epoch: int) -> None:
+        """The kNN monitor, logged under ``epoch`` (-1: before training); a stop signal cuts it
+        short (then the resumed run evaluates first)."""
+        with self.signals.interruptible():
+            result = self.evaluate_knn()
+        self.stop_if_signalled()
+        self.last_eval, self.eval_pending = result, False
+        if result:
+            self.tracker.log("eval", result, epoch, self.step)
+            # The run summary a sweep ranks by: the best over every segment of the run (W&B's own
+            # max would cover only the segment since the last resume), of the trained network:
+            # the random one's (epoch -1) is the baseline, not a result.
+            if epoch >= 0:
+                self.best_eval = {k: max(v, self.best_eval.get(k, v)) for k, v in result.items()}
+                self.tracker.summarize({f"eval/{k}": v for k, v in self.best_eval.items()})
+            if dist.is_main():
+                folder.save_knn_plot(self.run_dir)
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run MoCo pretraining as configured; the library's one-call entry point."""
+    return Trainer(cfg).fit()

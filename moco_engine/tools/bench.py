@@ -1,0 +1,407 @@
+"""``moco-bench``: images/s of the engine's MoCo step against a supervised step, in one process.
+
+For a named case (backbone, image size, batch, K) it times, on inputs already in device memory:
+
+- a supervised step of the same backbone and batch (forward, cross-entropy, backward, SGD);
+- the engine's MoCo step (``step.moco_step`` through ``Trainer.train_step``: query and key
+  passes, logits, backward, SGD, EMA, enqueue);
+- the pieces MoCo adds, each alone: the key encoder's forward, the EMA, shuffle-BN's permutation,
+  the queue logits (forward and backward) and the enqueue.
+
+Each figure is the median of ``--repeats`` timed calls after ``--warmup`` untimed ones, with the
+device synchronised around every call; the supervised and MoCo steps are timed in alternation and
+their ratio is the median of the per-round ratios, so a drifting machine moves both alike.
+``--data`` adds the real input path (decode, augment, transfer) alone and together with the step,
+to show whether loading limits training.
+
+Eager cases also count the operators each step dispatches (forward and backward, :mod:`opcount`):
+a launch-bound GPU step's time grows with that count, which any CPU measures. ``--ops`` only
+counts, nothing timed: the supervised step and the MoCo step with each split-BN form and with
+plain BatchNorm, on the case's model at a small batch (seconds on a CPU, even for r18-cifar).
+
+    moco-bench r18-cifar                      # the MoCo CIFAR-10 demo's step
+    moco-bench r18-cifar --data --data-root ../shared/data/cifar10_train_20k.tar.gz
+    moco-bench tiny --device cpu              # seconds on a laptop
+    moco-bench r18-cifar --ops --device cpu   # operators per step, by split-BN form
+    moco-bench r18-cifar --cuda-graphs        # the encoders' passes replayed as CUDA graphs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moco_engine.config.rules import CHOICES, DEVICE
+from moco_engine.config.schema import ModelConfig, UserError, load_config
+from moco_engine.method.backbones import build_backbone
+from moco_engine.method.norms import SplitBatchNorm
+from moco_engine.runtime.precision import autocast
+from moco_engine.tools.cli import with_version
+from moco_engine.tools.opcount import count_ops
+from moco_engine.tools.report import case_table
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark configuration."""
+
+    arch: str
+    cifar_stem: bool
+    image_size: int
+    batch: int
+    queue: int
+    head: str = "mlp"
+    bn_splits: int = 1
+    augmentation: str = "cifar"
+
+
+CASES = {
+    # The MoCo authors' CIFAR-10 demo: CIFAR ResNet-18, batch 512, K 4096, split-BN over 8 slices.
+    "r18-cifar": Case("resnet18", True, 32, 512, 4096, head="linear", bn_splits=8),
+    # MoCo v1/v2 on ImageNet: ResNet-50 at 224 px, batch 256, K 65536 (v1's linear head).
+    "r50-224": Case("resnet50", False, 224, 256, 65536, head="linear", augmentation="moco_v2"),
+    # The 2-core CPU target of BENCHMARKS.md: the demo's model at batch 64.
+    "r18-cifar-cpu": Case("resnet18", True, 32, 64, 4096, head="linear", bn_splits=8),
+    # Seconds on any CPU (the test suite runs it).
+    "tiny": Case("resnet18", False, 32, 16, 256, head="linear"),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def paired_medians(a: Callable[[], object], b: Callable[[], object], repeats: int, warmup: int,
+                   device: torch.device) -> tuple[float, float, float]:
+    """Median seconds of ``a()`` and of ``b()``, and the median of the per-round ratios b / a.
+
+    The two are timed in alternation (a, b, a, b, …), so a machine whose speed drifts (shared
+    cores, clock changes) slows both alike and the ratio stays honest; timing all of ``a`` and
+    then all of ``b`` let a 2-core machine's drift move the ratio by ±20%.
+    """
+    for _ in range(warmup):
+        a()
+        b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for fn, times in ((a, times_a), (b, times_b)):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    ratios = [tb / ta for ta, tb in zip(times_a, times_b)]
+    return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
+
+
+def _peak_memory(device: torch.device, fn: Callable[[], object]) -> float | None:
+    """Peak device memory (GiB) of one call of ``fn``; None on CPU (no allocator statistics)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def build_trainer(case: Case, args: argparse.Namespace):
+    """A Trainer for ``case``: synthetic data (the step's inputs are random tensors) unless
+    ``--data`` asks for the real input path."""
+    from moco_engine.run.trainer import Trainer
+
+    data = ["data.name=synthetic", f"data.synthetic_size={case.batch}", "data.num_workers=0"]
+    if args.data:
+        data = (["data.name=imagefolder", f"data.root={args.data_root}"] if args.data_root else ["data.name=embedded"])
+        data += [f"data.num_workers={args.workers}", f"data.pipeline={args.pipeline}"]
+    cfg = load_config([], data + [
+        f"data.image_size={case.image_size}", f"data.augmentation={case.augmentation}",
+        f"model.arch={case.arch}", f"model.cifar_stem={case.cifar_stem}", f"model.head={case.head}",
+        f"model.bn_splits={case.bn_splits}", f"model.bn_split_form={args.split_bn}",
+        f"queue.size={case.queue}", f"optim.batch_size={case.batch}",
+        f"train.device={args.device}", f"train.precision={args.precision}",
+        f"train.channels_last={not args.no_channels_last}", f"train.compile={args.compile}",
+        f"train.cuda_graphs={args.cuda_graphs}",
+        "train.out_dir=runs/bench", "track.progress=false",
+    ])
+    return Trainer(cfg)
+
+
+def supervised_step(trainer, case: Case, x, labels) -> Callable[[], None]:
+    """The supervised baseline: the same backbone (plain BatchNorm) and a linear classifier."""
+    backbone, width = build_backbone(ModelConfig(arch=case.arch, cifar_stem=case.cifar_stem), trainer.loaders.input_shape)
+    model = torch.nn.Sequential(backbone, torch.nn.Linear(width, 1000)).to(trainer.device, memory_format=trainer.memory_format)
+    graphed = trainer.cfg.train.cuda_graphs  # compared like with like: graphed when the MoCo step is
+    if trainer.cfg.train.compile or graphed:
+        model.compile(mode="reduce-overhead" if graphed else None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> None:
+        if graphed:
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast(trainer.device, trainer.amp_dtype):
+            loss = F.cross_entropy(model(x).float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def breakdown(trainer, x, idx, repeats: int, warmup: int) -> dict[str, float]:
+    """Seconds of each piece MoCo adds to a supervised step, timed alone."""
+    from moco_engine.method.losses import info_nce, info_nce_logits
+    from moco_engine.runtime import distributed as dist
+
+    device, cfg = trainer.device, trainer.cfg
+    b, dim = x.shape[0], cfg.model.dim
+    q = F.normalize(torch.randn(b, dim, device=device), dim=1).requires_grad_()
+    k = F.normalize(torch.randn(b, dim, device=device), dim=1)
+
+    def key_forward():
+        with torch.no_grad(), autocast(device, trainer.amp_dtype):
+            trainer.encoder_k(x)
+
+    def shuffle():
+        shuffled, restore = dist.shuffle_batch(x)
+        return restore(k)
+
+    def queue_logits():
+        neg = trainer.negatives.negatives(q, k, idx)
+        with autocast(device, trainer.amp_dtype):
+            loss = info_nce(info_nce_logits(q, k, neg.embeddings, cfg.loss.temperature, neg.drop))
+        loss.backward()
+
+    def enqueue():
+        trainer.negatives.update(k, idx)
+
+    pieces = {
+        "key forward": key_forward,
+        "EMA": lambda: trainer.encoder_k.update(trainer.encoder_q, 0.99),
+        "shuffle": shuffle,
+        "queue logits": queue_logits,
+        "enqueue": enqueue,
+    }
+    return {name: median_seconds(fn, repeats, warmup, device) for name, fn in pieces.items()}
+
+
+def data_path(trainer, steps: int, warmup: int) -> dict[str, float]:
+    """Seconds per batch of the input path alone, and of input path plus step (loader order)."""
+    device = trainer.device
+
+    def batches():
+        while True:
+            trainer.loaders.sampler.set_epoch(trainer.epoch)
+            for (x_q, x_k), _, idx in trainer.loaders.train:
+                yield (x_q.to(device, memory_format=trainer.memory_format, non_blocking=True),
+                       x_k.to(device, memory_format=trainer.memory_format, non_blocking=True),
+                       idx.to(device, non_blocking=True))
+            trainer.epoch += 1
+
+    def timed_loop(work: Callable) -> float:
+        it = batches()
+        for _ in range(warmup):
+            work(*next(it))
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            work(*next(it))
+        _sync(device)
+        return (time.perf_counter() - start) / steps
+
+    # Enough batches to drain what the loader's workers prefetched during the warm-up, so the
+    # figure is the input path's sustained rate, not the emptying of its queue.
+    steps = max(steps, 8 * trainer.cfg.data.num_workers)
+    alone = timed_loop(lambda *batch: None)
+    with_step = timed_loop(trainer.train_step)
+    return {"data": alone, "data + step": with_step}
+
+
+def run_case(name: str, args: argparse.Namespace) -> dict:
+    """Measure one case; returns every figure (seconds, GiB, images/s) as a dict."""
+    case = CASES[name]
+    if args.bn_splits:
+        case = replace(case, bn_splits=args.bn_splits)
+    if args.queue:
+        case = replace(case, queue=args.queue)
+    if args.ops:
+        return {"case": name, **asdict(case), "ops_by_form": form_op_counts(case, args)}
+    trainer = build_trainer(case, args)
+    device = trainer.device
+    shape = (case.batch, 3, case.image_size, case.image_size)
+    x_q = torch.randn(shape, device=device).contiguous(memory_format=trainer.memory_format)
+    x_k = torch.randn(shape, device=device).contiguous(memory_format=trainer.memory_format)
+    idx = torch.arange(case.batch, device=device)
+    labels = torch.randint(0, 1000, (case.batch,), device=device)
+
+    sup_fn = supervised_step(trainer, case, x_q, labels)
+    moco_fn = lambda: trainer.train_step(x_q, x_k, idx)  # noqa: E731
+    supervised_s, moco_s, ratio = paired_medians(sup_fn, moco_fn, args.repeats, args.warmup, device)
+    result = {
+        "case": name, **asdict(case), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "precision": str(trainer.amp_dtype or "fp32").replace("torch.", ""), "compile": trainer.cfg.train.compile,
+        "cuda_graphs": trainer.cfg.train.cuda_graphs,
+        "split_bn": SplitBatchNorm.resolve_form(args.split_bn, device),  # what "auto" meant here
+        "supervised_s": supervised_s,
+        "supervised_peak_gib": _peak_memory(device, sup_fn),
+        "moco_s": moco_s,
+        "moco_peak_gib": _peak_memory(device, moco_fn),
+        "ratio": ratio, "repeats": args.repeats,  # the median of paired ratios, not the ratio of medians
+    }
+    result["breakdown_s"] = breakdown(trainer, x_k, idx, args.repeats, args.warmup)
+    eager = not (trainer.cfg.train.compile or trainer.cfg.train.cuda_graphs)  # compiled kernels are no ATen ops
+    result["ops"] = {"supervised": count_ops(sup_fn).as_dict(), "moco": count_ops(moco_fn).as_dict()} if eager else None
+    if args.data:
+        result["data_s"] = data_path(trainer, args.repeats, args.warmup)
+    if args.profile:
+        result["profile"] = profile(moco_fn, device)
+    return result
+
+
+def form_op_counts(case: Case, args: argparse.Namespace) -> dict[str, dict]:
+    """The operators one eager step dispatches: the supervised step, then the MoCo step with
+    plain BatchNorm ("plain") and with each split-BN form, on ``case``'s model at a batch of 8
+    samples per slice (the counts do not grow with the batch: every form's operators are per
+    layer and per slice, not per sample). Each step runs once before it is counted (the first
+    call makes the optimizer's momentum buffers)."""
+    splits = max(case.bn_splits, 2)
+    small = replace(case, batch=8 * splits, queue=min(case.queue, 1024))
+    eager = {**vars(args), "compile": False, "cuda_graphs": False, "data": False}
+    counts = {}
+    for form in ("plain", *(f for f in SplitBatchNorm.FORMS if f != "auto")):
+        variant = replace(small, bn_splits=1 if form == "plain" else splits)
+        trainer = build_trainer(variant, argparse.Namespace(**{**eager, "split_bn": "auto" if form == "plain" else form}))
+        shape = (variant.batch, 3, variant.image_size, variant.image_size)
+        x_q, x_k = (torch.randn(shape, device=trainer.device).contiguous(memory_format=trainer.memory_format) for _ in range(2))
+        idx = torch.arange(variant.batch, device=trainer.device)
+        steps = {"moco": partial(trainer.train_step, x_q, x_k, idx)}
+        if form == "plain":
+            labels = torch.randint(0, 1000, (variant.batch,), device=trainer.device)
+            steps = {"supervised": supervised_step(trainer, variant, x_q, labels), **steps}
+        for step_name, step in steps.items():
+            step()
+            row = "supervised" if step_name == "supervised" else f"MoCo, {form if form == 'plain' else 'split-BN ' + form}"
+            counts[row] = {"batch": variant.batch, "bn_splits": variant.bn_splits, **count_ops(step).as_dict()}
+    return counts
+
+
+def profile(fn: Callable[[], object], device: torch.device, steps: int = 5) -> str:
+    """torch.profiler's table of the most expensive ops over ``steps`` calls of ``fn``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=25)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, in one line naming the option, what argparse's types let through.
+
+    Raises:
+        UserError: a count out of range, an unknown pipeline or precision, a --json path
+            whose folder does not exist (found before minutes of timing, not after).
+    """
+    rules = [
+        (args.repeats >= 1, "--repeats", args.repeats, "must be >= 1 (the median of that many timed calls)"),
+        (args.warmup >= 0, "--warmup", args.warmup, "must be >= 0"),
+        (args.workers >= 0, "--workers", args.workers, "must be >= 0"),
+        (args.bn_splits >= 0, "--bn-splits", args.bn_splits, "must be >= 0 (0 = the case's own)"),
+        (args.queue >= 0, "--queue", args.queue, "must be >= 0 (0 = the case's own)"),
+        (args.pipeline in ("cpu", "device"), "--pipeline", args.pipeline, "must be cpu or device"),
+        (args.precision in CHOICES["train.precision"], "--precision", args.precision,
+         f"must be one of {', '.join(CHOICES['train.precision'])}"),
+        (DEVICE.match(args.device) is not None, "--device", args.device, "not a device (auto, cpu, cuda or cuda:N)"),
+        (not args.json or Path(args.json).expanduser().resolve().parent.is_dir(), "--json", args.json,
+         "its folder does not exist"),
+    ]
+    for ok, option, value, rule in rules:
+        if not ok:
+            raise UserError(f"moco-bench {option} {value}: {rule}")
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    """``moco-bench``'s options (the proof kit's tests check its command lines with it)."""
+    parser = argparse.ArgumentParser(prog="moco-bench", description=__doc__.splitlines()[0])
+    with_version(parser)
+    parser.add_argument("cases", nargs="*", default=["r18-cifar"], help=f"one or more of: {', '.join(CASES)}")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay both models' passes as CUDA graphs (train.cuda_graphs; CUDA only)")
+    parser.add_argument("--queue", type=int, default=0, help="override the case's queue size K")
+    parser.add_argument("--ops", action="store_true",
+                        help="only count operators per step (supervised; MoCo with plain BN and each split-BN form)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--data", action="store_true", help="also time the real input path")
+    parser.add_argument("--data-root", default="", help="--data: an image folder or .tar archive (default: the embedded sample)")
+    parser.add_argument("--pipeline", default="cpu", help="--data: cpu (loader workers) | device (augmented on the device)")
+    parser.add_argument("--workers", type=int, default=4, help="--data: loader processes of the cpu pipeline")
+    parser.add_argument("--bn-splits", type=int, default=0, help="override the case's split-BN slices (1 = plain BN)")
+    parser.add_argument("--split-bn", default="auto", choices=SplitBatchNorm.FORMS,
+                        help="split-BN's form: one native batch_norm per slice, one pass of reductions and a "
+                        "scale-and-shift, or one native batch_norm over a strided (N/s, s*C, H, W) view "
+                        "(model.bn_split_form; auto: per_slice on CPU, strided on GPUs: the fewest operators)")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the MoCo step")
+    parser.add_argument("--json", default="", help="also write the figures to this JSON file")
+    return parser
+
+
+def _bench(argv: list[str]) -> int:
+    args = bench_parser().parse_args(argv)
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        raise UserError(f"unknown benchmark case {unknown[0]!r}; choose from {', '.join(CASES)}")
+    check_arguments(args)
+    results = []
+    for name in args.cases:
+        results.append(run_case(name, args))
+        print(case_table(results[-1]) + "\n", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    """``moco-bench [CASE ...] [options]``"""
+    from moco_engine.tools.cli import run_guarded
+
+    return run_guarded(_bench, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(bench_main())

@@ -1,0 +1,201 @@
+"""Console entry points: parse arguments, load the config, call the library.
+
+Expected errors (:class:`~moco_engine.config.schema.UserError`: bad config, missing data, incompatible
+checkpoint) become one line on stderr and exit code 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from moco_engine.config.schema import UserError, load_config, split_args
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3  # the loss became NaN or infinite
+
+
+def run_guarded(main: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
+    """Run a command's ``main(args)``; a :class:`UserError` or an ``OSError`` (the disk, the
+    file system) becomes one line on stderr (rank 0 only under torchrun) and exit code 2, a
+    Ctrl-C exit code 130. Every console entry point goes through it."""
+    # A warning is one line too ("warning: ..."), not Python's file:line and source excerpt.
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    try:
+        return main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # Ctrl-C where no handler saves anything (moco-eval, moco-bench)
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except UserError as e:
+        message = str(e)
+    except OSError as e:  # the environment's fault (disk full, a read-only folder): name the file
+        message = f"{e.filename or 'I/O'}: {e.strerror or e}" if e.filename or e.strerror else str(e)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+        print(f"error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def with_version(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--version`` (the package's version) to a command's parser."""
+    from moco_engine import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def config_groups_help() -> str:
+    """The epilog of commands that take settings: the groups, and where every key is listed."""
+    from moco_engine.config.schema import Config
+
+    groups = ", ".join(f.name for f in dataclasses.fields(Config))
+    return (f"settings are key=value over the groups {groups}; configs/base.yaml lists every key with its "
+            "default and a comment, and README.md's 'The settings that matter' the important ones")
+
+
+def _train(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moco-train",
+        description="MoCo pretraining. With no arguments: a short run on the CIFAR-10 sample shipped "
+        "inside the package. Example: moco-train configs/experiment/cifar10_demo.yaml queue.size=8192",
+        epilog=config_groups_help(),
+    )
+    with_version(parser)
+    parser.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                        help="YAML config files (merged in order), then key=value overrides")
+    files, overrides, others = split_args(parser.parse_args(args).items)
+    cfg = load_config(files, overrides + others)  # another word is refused there, named
+
+    from moco_engine.run.folder import agent_folder
+    from moco_engine.run.signals import StopNow, StopRequested, StopSignals
+    from moco_engine.run.trainer import Trainer
+    from moco_engine.run.watch import NonFiniteLoss
+    from moco_engine.runtime import distributed as dist  # torch loads only once the config is valid
+    from moco_engine.runtime.precision import resolve_device
+
+    agent = agent_folder(cfg.train)
+    if dist.restarted() and not cfg.train.resume:
+        cfg.train.resume = "auto"  # torchrun --max-restarts restarted us: go on from the checkpoint
+    dist.setup(resolve_device(cfg.train.device).type)
+    main_process = dist.is_main()  # asked now: after teardown every process looks like rank 0
+    if agent and main_process:
+        print(agent, flush=True)
+    signals = StopSignals()  # from start-up (decoding the data set can take minutes) to the end
+    try:
+        with signals.catching():
+            try:
+                with signals.interruptible():
+                    trainer = Trainer(cfg, signals=signals)
+            except StopNow:
+                raise StopRequested(signals.signum, 0, None) from None
+            final = trainer.fit()
+    except StopRequested as stop:
+        if main_process:
+            print(stop, file=sys.stderr)
+        return 128 + stop.signum  # the shell's convention for "ended by signal N"
+    except NonFiniteLoss as e:
+        if main_process:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    finally:
+        dist.teardown()
+    if "knn_top1" in final and main_process:
+        print("\n".join(closing_lines(final, trainer.run_dir)), flush=True)
+    return 0
+
+
+def closing_lines(final: dict, run_dir: Path) -> list[str]:
+    """What a finished ``moco-train`` prints: the kNN figure against the random network's (when
+    ``eval.at_start`` measured it), where the curve is, and the commands that come next."""
+    from moco_engine.run.folder import KNN_PLOT_FILE
+    from moco_engine.run.tracking import METRICS_FILE, knn_curve
+
+    start = [top1 for epoch, top1 in knn_curve(run_dir / METRICS_FILE) if epoch == 0]
+    versus = (f"; {start[-1]:.2f}% at random initialisation ({final['knn_top1'] - start[-1]:+.2f} points)"
+              if start else "")
+    lines = [f"kNN top-1: {final['knn_top1']:.2f}% after {final['epochs']} epochs ({run_dir}){versus}"]
+    if (run_dir / KNN_PLOT_FILE).exists():
+        lines.append(f"kNN curve: {run_dir / KNN_PLOT_FILE}")
+    return lines + [
+        "Next:",
+        f"  moco-eval linear {run_dir} linear.cached=true       # MoCo's linear probe on the frozen backbone",
+        f"  moco-export {run_dir} --format both                 # weights for torchvision and detectron2",
+        "  moco-train configs/experiment/cifar10_demo.yaml configs/data/cifar10_full.yaml train.compile=true"
+        "   # the CIFAR-10 demo on a GPU (README.md)",
+    ]
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``moco-train [CONFIG.yaml ...] [key=value ...]``"""
+    return run_guarded(_train, argv)
+
+
+def _eval(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moco-eval",
+        description="Evaluate a checkpoint's backbone: weighted kNN or MoCo's linear probe. The results go to "
+        "<checkpoint>.<mode>.json beside the checkpoint (-1, -2, ... when that exists). Example: moco-eval linear runs/cifar10_demo linear.cached=true",
+        epilog=config_groups_help(),
+    )
+    with_version(parser)
+    parser.add_argument("mode", choices=["knn", "linear"])
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its latest checkpoint)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="changes to the checkpoint's saved config (data.root, eval.knn_k, linear.epochs, ...)")
+    ns = parser.parse_args(args)
+    from moco_engine.evaluation.pretrained import evaluate_knn, evaluate_linear
+    from moco_engine.run.pretrained import open_checkpoint
+
+    cfg, encoder, path = open_checkpoint(ns.checkpoint, ns.overrides)
+    result = (evaluate_knn if ns.mode == "knn" else evaluate_linear)(cfg, encoder)
+    result = {"checkpoint": str(path), "mode": ns.mode, **result}
+    out = path.with_name(f"{path.stem}.{ns.mode}.json")
+    n = 1
+    while out.exists():  # an earlier evaluation's results stay; this one gets the next free name
+        out, n = path.with_name(f"{path.stem}.{ns.mode}-{n}.json"), n + 1
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{ns.mode}: top-1 {result.get('top1', result.get('knn_top1')):.2f}%, top-5 "
+          f"{result.get('top5', result.get('knn_top5')):.2f}% ({out})")
+    return 0
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """``moco-eval knn|linear CHECKPOINT [key=value ...]``"""
+    return run_guarded(_eval, argv)
+
+
+def _export(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moco-export",
+        description="Export a checkpoint's query backbone as a torchvision ResNet state_dict (.pth) and/or a "
+        "detectron2 pretrained model (.pkl).",
+    )
+    with_version(parser)
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its latest checkpoint)")
+    parser.add_argument("--format", choices=["torchvision", "detectron2", "both"], default="both")
+    parser.add_argument("--out", default="", help="output path without suffix (default: beside the checkpoint)")
+    ns = parser.parse_args(args)
+    from moco_engine.evaluation.export import export
+    from moco_engine.run.pretrained import open_checkpoint
+
+    _, encoder, path = open_checkpoint(ns.checkpoint)
+    formats = ["torchvision", "detectron2"] if ns.format == "both" else [ns.format]
+    stem = Path(ns.out).expanduser() if ns.out else path.with_suffix("")
+    for written in export(encoder, stem, formats):
+        print(written)
+    return 0
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``moco-export CHECKPOINT [--format torchvision|detectron2|both] [--out PATH]``"""
+    return run_guarded(_export, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

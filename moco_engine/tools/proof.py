@@ -1,0 +1,357 @@
+"""The GPU proof kit: one prepared call that measures the engine on a GPU and writes what it found.
+
+    tools/gpu_proof.sh quick OUT_DIR     # tests and moco-bench cases, at most 4 minutes on a GPU
+    tools/gpu_proof.sh demo OUT_DIR      # the CIFAR-10 demo, 200 epochs, at most 8 minutes
+    tools/gpu_proof.sh cpu OUT_DIR       # both, with tiny cases, on a CPU (the test suite runs it)
+
+GPU time comes rarely and briefly, so the kit is built not to lose any of it:
+
+- every job (a test run, one ``moco-bench`` case, the training run, the probe) runs in a process
+  of its own, so a crash or a compiler failure costs that job alone;
+- the mode has a time budget (``--budget``) and each job a cap: a job that would start with too
+  little time left is listed as not run, and one that overruns is sent SIGTERM (a training run
+  then saves and exits) and, 30 s later, SIGKILL;
+- the report (``proof_<mode>.json`` and ``.md``, and one log of every job's output) is rewritten
+  after each job, so a call cut short still brings back what finished;
+- a SIGTERM or SIGINT to the kit (the device tool's timeout) is passed on to the running job,
+  whose own session would otherwise outlive the kit, and no further job starts.
+
+The jobs are ``moco-bench`` and ``moco-train`` themselves (one implementation for the kit and the
+commands); this module only orders, times and reports them. ``README.md`` ("Proving it on a GPU")
+says which wheels to bring and the one call to make.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODES = ("quick", "demo", "cpu")
+#: The checkout the kit runs from: its configs/ and tests/ are the jobs' (jobs run in the work folder).
+ROOT = Path(__file__).resolve().parents[2]
+#: The reference run of issue 20: the MoCo authors' demo code on the same JPEG CIFAR-10, one H100
+#: (kNN top-1 % after the epoch).
+REFERENCE = {10: 47.2, 30: 67.4, 100: 75.4, 200: 77.7}
+#: The targets of issue 20 that the demo checks.
+DEMO_TARGETS = {"epoch_s": 1.6, "wall_s": 360.0, "knn_top1": 77.7}
+BUDGETS = {"quick": 240.0, "demo": 480.0, "cpu": 240.0}
+MIN_START_S = 10.0  # a job is not started with less time than this left
+GRACE_S = 30.0  # from SIGTERM to SIGKILL: a training run's save
+
+
+class Stopped:
+    """A SIGTERM or SIGINT to the kit (the device tool's timeout, Ctrl-C): passed on to the
+    running job's process group, whose own session would otherwise outlive the kit; no job
+    starts after it, and the report says so."""
+
+    signum: int | None = None
+    child: subprocess.Popen | None = None
+
+    @classmethod
+    def handle(cls, signum: int, frame) -> None:
+        cls.signum = signum
+        if cls.child is not None and cls.child.poll() is None:
+            os.killpg(cls.child.pid, signal.SIGTERM)
+
+
+@dataclass
+class Job:
+    """One command of the kit. ``needs_cuda`` jobs are listed as skipped on a CPU."""
+
+    name: str
+    argv: list[str]
+    cap_s: float
+    needs_cuda: bool = False
+    json_out: Path | None = None  # where the command writes its figures (moco-bench --json)
+    status: str = "not run"
+    seconds: float = 0.0
+    returncode: int | None = None
+    result: object = None
+    notes: list[str] = field(default_factory=list)
+
+
+def module(name: str, *args: str) -> list[str]:
+    """The command line of ``python -m moco_engine.tools.<name> args``, with this interpreter."""
+    return [sys.executable, "-m", f"moco_engine.tools.{name}", *args]
+
+
+def entry(function: str, *args: str) -> list[str]:
+    """The command line of one of the package's console scripts (``cli.eval_main``, ...)."""
+    mod, fn = function.rsplit(".", 1)
+    return [sys.executable, "-c", f"import sys; from moco_engine.tools.{mod} import {fn}; sys.exit({fn}(sys.argv[1:]))", *args]
+
+
+# ======================================================================================= jobs
+def bench_job(name: str, case: str, out: Path, *options: str, cap_s: float = 60.0, needs_cuda: bool = False,
+              repeats: int = 20) -> Job:
+    json_out = out / f"bench_{name}.json"
+    argv = module("bench", case, "--repeats", str(repeats), "--warmup", str(min(5, repeats)), "--json", str(json_out), *options)
+    return Job(name, argv, cap_s, needs_cuda, json_out)
+
+
+def quick_jobs(out: Path, data: Path, cpu: bool) -> list[Job]:
+    """The quick mode's jobs, most telling first (what the budget leaves out is at the end)."""
+    def tests(name: str, select: str, cap_s: float) -> Job:
+        return Job(name, [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-k", select, "-o", "addopts=-ra", "-p",
+                          "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py")], cap_s)
+
+    # The tests that compile (CUDA graphs) come later: they take minutes, the others seconds.
+    eager_tests, graph_tests = tests("gpu tests", "not cuda_graphs", 90.0), tests("gpu tests, CUDA graphs", "cuda_graphs", 200.0)
+    if cpu:  # the tiny case through the same commands: the timed step with the input path, the counts
+        return [
+            eager_tests,
+            bench_job("tiny-strided", "tiny", out, "--bn-splits", "4", "--split-bn", "strided", "--data", "--pipeline",
+                      "device", "--workers", "0", repeats=1),
+            bench_job("tiny-cuda-graphs", "tiny", out, "--bn-splits", "4", "--cuda-graphs", repeats=1, needs_cuda=True),
+            bench_job("tiny-ops", "tiny", out, "--ops", "--bn-splits", "4"),
+        ]
+    g = dict(needs_cuda=True)
+    compiled = dict(cap_s=150.0, needs_cuda=True)
+    jobs = [
+        eager_tests,
+        bench_job("r18-strided", "r18-cifar", out, "--split-bn", "strided", **g),
+        bench_job("r18-one_pass", "r18-cifar", out, "--split-bn", "one_pass", **g),
+        bench_job("r18-plain-bn", "r18-cifar", out, "--bn-splits", "1", **g),
+        bench_job("r18-strided-cuda-graphs", "r18-cifar", out, "--split-bn", "strided", "--cuda-graphs", **compiled),
+        bench_job("r18-strided-compiled", "r18-cifar", out, "--split-bn", "strided", "--compile", **compiled),
+        bench_job("r50-224", "r50-224", out, cap_s=90.0, **g),
+        graph_tests,
+        bench_job("r18-per_slice", "r18-cifar", out, "--split-bn", "per_slice", **g),
+        # The strided form's view is free in NCHW; under channels_last it copies to NCHW and back.
+        bench_job("r18-strided-nchw", "r18-cifar", out, "--split-bn", "strided", "--no-channels-last", **g),
+        bench_job("r18-ops", "r18-cifar", out, "--ops", **g),
+        bench_job("r18-queue-65536", "r18-cifar", out, "--split-bn", "strided", "--queue", "65536", **g),
+        bench_job("r18-data", "r18-cifar", out, "--data", "--data-root", str(data), "--pipeline", "device",
+                  cap_s=150.0, needs_cuda=True),  # decoding the 60,000 JPEGs first
+        bench_job("r18-one_pass-cuda-graphs", "r18-cifar", out, "--split-bn", "one_pass", "--cuda-graphs", **compiled),
+        bench_job("r18-one_pass-compiled", "r18-cifar", out, "--split-bn", "one_pass", "--compile", **compiled),
+        bench_job("r18-per_slice-compiled", "r18-cifar", out, "--split-bn", "per_slice", "--compile", **compiled),
+        bench_job("r50-224-compiled", "r50-224", out, "--compile", cap_s=200.0, needs_cuda=True),
+        bench_job("r18-per_slice-cuda-graphs", "r18-cifar", out, "--split-bn", "per_slice", "--cuda-graphs", **compiled),
+    ]
+    for job in jobs:
+        if "--data-root" in job.argv and not data.exists():
+            job.status = f"skipped: no archive at {data}"
+    return jobs
+
+
+def demo_jobs(work: Path, data: Path, cpu: bool, budget_s: float) -> list[Job]:
+    """The demo's training run (all but a minute of the budget) and its cached probe."""
+    run = work / "demo"
+    if cpu:  # synthetic images, a few steps: the same run, probe and report
+        recipe = ["data.name=synthetic", "data.synthetic_size=64", "data.pipeline=device", "model.cifar_stem=false",
+                  "model.bn_splits=2", "optim.batch_size=16", "queue.size=64", "train.epochs=2", "eval.knn_every=1",
+                  "train.device=cpu"]
+        probe = ["linear.epochs=2", "linear.cached=true"]
+    else:
+        recipe = [f"data.root={data}", "train.compile=true", "train.save_every=20", "train.log_every=97"]
+        probe = ["linear.cached=true"]
+    train = Job("demo train", entry("cli.train_main", str(ROOT / "configs" / "experiment" / "cifar10_demo.yaml"),
+                                    str(ROOT / "configs" / "data" / "cifar10_full.yaml"), *recipe, f"train.out_dir={run}",
+                                    "train.resume=auto", "track.progress=false", "track.preview=0",
+                                    "track.wandb.mode=disabled"), max(budget_s - 60.0, 30.0))
+    return [train, Job("demo probe", entry("cli.eval_main", "linear", str(run), *probe), 60.0)]
+
+
+# ===================================================================================== running
+def run_job(job: Job, deadline: float, log, cwd: Path) -> None:
+    """Run ``job`` in ``cwd`` within its cap and the mode's deadline; record its status and seconds."""
+    left = deadline - time.monotonic()
+    if Stopped.signum is not None:
+        job.status = f"not run: the kit got signal {Stopped.signum}"
+        return
+    if left < MIN_START_S:
+        job.status = "not run: time budget spent"
+        return
+    limit = min(job.cap_s, left)
+    log.write(f"\n===== {job.name}: {' '.join(job.argv)}\n")
+    log.flush()
+    start = time.monotonic()
+    # A session of its own: SIGTERM reaches the job and its workers, not the kit.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    child = Stopped.child = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                             cwd=cwd, env={**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"})
+    try:
+        job.returncode = child.wait(timeout=limit)
+        job.status = "ok" if job.returncode == 0 else f"failed (exit {job.returncode})"
+        if Stopped.signum is not None:
+            job.status = f"stopped by signal {Stopped.signum} to the kit (exit {job.returncode})"
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGTERM)
+        try:
+            job.returncode = child.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            job.returncode = child.wait()
+        job.status = f"stopped at its limit of {limit:.0f} s"
+    job.seconds = time.monotonic() - start
+    if job.json_out is not None and job.json_out.exists():
+        job.result = json.loads(job.json_out.read_text())
+
+
+def run_jobs(jobs: list[Job], budget_s: float, out: Path, work: Path, mode: str, on_cuda: bool, finish) -> dict:
+    """Run ``jobs`` in order, in ``work``, within ``budget_s``; after each, ``finish(jobs)``
+    rewrites the report."""
+    deadline = time.monotonic() + budget_s
+    report: dict = {}
+    with open(out / f"proof_{mode}.log", "a") as log:
+        for job in jobs:
+            if job.needs_cuda and not on_cuda:
+                job.status = "skipped: needs CUDA"
+            elif not job.status.startswith("skipped"):
+                run_job(job, deadline, log, work)
+            report = finish(jobs)
+    return report
+
+
+# ===================================================================================== reports
+def bench_rows(jobs: list[Job]) -> list[str]:
+    """One markdown row per timed ``moco-bench`` case."""
+    rows = ["| job | MoCo / supervised | MoCo images/s | supervised ms | MoCo ms | operators (sup / MoCo) | status |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for job in jobs:
+        if job.json_out is None:
+            continue
+        r = (job.result or [{}])[0]
+        if "moco_s" in r:
+            ops = r.get("ops") or {}
+            counts = f"{ops['supervised']['compute']:,} / {ops['moco']['compute']:,}" if ops else "(compiled)"
+            rows.append(f"| {job.name} | {r['ratio']:.2f} | {r['batch'] / r['moco_s']:,.0f} | {r['supervised_s'] * 1e3:.2f} "
+                        f"| {r['moco_s'] * 1e3:.2f} | {counts} | {job.status} |")
+        elif "ops_by_form" in r:
+            forms = ", ".join(f"{k}: {v['compute']:,}" for k, v in r["ops_by_form"].items())
+            rows.append(f"| {job.name} | | | | | {forms} | {job.status} |")
+        else:
+            rows.append(f"| {job.name} | | | | | | {job.status} |")
+    return rows
+
+
+def environment() -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__, "python": sys.version.split()[0],
+            "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)", "cuda": cuda}
+
+
+def write_report(out: Path, mode: str, env: dict, jobs: list[Job], extra: dict | None = None,
+                 lines: list[str] | None = None) -> dict:
+    report = {"mode": mode, **env, **(extra or {}),
+              "jobs": [{"name": j.name, "command": " ".join(j.argv), "status": j.status, "seconds": round(j.seconds, 1),
+                        "returncode": j.returncode, "result": j.result, "notes": j.notes} for j in jobs]}
+    (out / f"proof_{mode}.json").write_text(json.dumps(report, indent=1) + "\n")
+    md = [f"# moco_engine proof, mode {mode}", "", f"{env['date']}, {env['device']}, torch {env['torch']}, "
+          f"Python {env['python']}", "", "| job | status | seconds |", "| --- | --- | --- |"]
+    md += [f"| {j.name} | {j.status} | {j.seconds:.0f} |" for j in jobs]
+    (out / f"proof_{mode}.md").write_text("\n".join(md + [""] + (lines or [])) + "\n")
+    return report
+
+
+def demo_summary(run: Path, jobs: list[Job], out: Path) -> tuple[dict, list[str]]:
+    """The demo's figures (curve, wall, epoch time, probe) against the reference and targets."""
+    from moco_engine.run.plots import line_plot
+    from moco_engine.run.tracking import METRICS_FILE, knn_curve, read_metrics
+
+    metrics = run / METRICS_FILE
+    curve = dict(knn_curve(metrics))
+    epoch_s = [r["epoch_s"] for r in read_metrics(metrics, "epoch")]
+    probes = sorted(run.rglob("*.linear*.json"), key=lambda p: p.stat().st_mtime)
+    probe = json.loads(probes[-1].read_text()) if probes else None
+    train = jobs[0]
+    last = max(curve) if curve else None
+    figures = {"knn_curve": curve, "epochs_done": last, "wall_s": round(train.seconds, 1),
+               "median_epoch_s": statistics.median(epoch_s) if epoch_s else None,
+               "probe_top1": probe.get("top1") if probe else None}
+    met = lambda ok: "met" if ok else "not met"  # noqa: E731
+    lines = ["| epoch | kNN top-1 % (this run) | reference | difference |", "| --- | --- | --- | --- |"]
+    for epoch in sorted(set(curve) | set(REFERENCE)):
+        ours, ref = curve.get(epoch), REFERENCE.get(epoch)
+        diff = f"{ours - ref:+.2f}" if ours is not None and ref is not None else ""
+        lines.append(f"| {epoch} | {'' if ours is None else f'{ours:.2f}'} | {'' if ref is None else ref} | {diff} |")
+    lines += ["", "| target (issue 20) | measured | verdict |", "| --- | --- | --- |"]
+    if figures["median_epoch_s"] is not None:
+        lines.append(f"| an epoch (data and step) <= {DEMO_TARGETS['epoch_s']} s | {figures['median_epoch_s']:.2f} s (median) | "
+                     f"{met(figures['median_epoch_s'] <= DEMO_TARGETS['epoch_s'])} |")
+    whole = last == 200
+    lines.append(f"| 200 epochs <= {DEMO_TARGETS['wall_s'] / 60:.0f} min wall | {train.seconds:.0f} s for {last or 0} epochs "
+                 f"| {met(whole and train.seconds <= DEMO_TARGETS['wall_s'])} |")
+    if last is not None:
+        lines.append(f"| kNN top-1 >= {DEMO_TARGETS['knn_top1']} at epoch 200 | {curve[last]:.2f} at epoch {last} | "
+                     f"{met(whole and curve[last] >= DEMO_TARGETS['knn_top1'])} |")
+    if probe:
+        lines += ["", f"Linear probe (cached features): top-1 {probe['top1']:.2f}%, top-5 {probe['top5']:.2f}%."]
+    if curve:
+        series = {"moco_engine (this run)": sorted(curve.items()), "reference (authors' demo code, H100)": sorted(REFERENCE.items())}
+        line_plot(series, out / "demo_knn.png", "CIFAR-10 demo recipe: kNN top-1", "epochs", "kNN top-1 accuracy (%)")
+        lines += ["", "![kNN curve](demo_knn.png)"]
+    if metrics.exists():
+        (out / "demo_metrics.jsonl").write_text(metrics.read_text())
+    return figures, lines
+
+
+# ======================================================================================= main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/gpu_proof.sh", description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=MODES)
+    parser.add_argument("out", help="the folder the reports go to ($OUT on the GPU machine: at most 8 files come back)")
+    parser.add_argument("--data", default=str(ROOT / ".data" / "cifar10.tar.gz"),
+                        help="CIFAR-10's full JPEG archive (the demo and --data bench; default: the checkout's .data/)")
+    parser.add_argument("--work", default="", help="where the demo's run folder goes (default: a folder under /tmp)")
+    parser.add_argument("--budget", type=float, default=0.0, help="seconds for the whole mode (default: quick 240, demo 480)")
+    parser.add_argument("--only", default="", help="comma-separated job names: run only these")
+    args = parser.parse_args(argv)
+    import torch
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, Stopped.handle)
+    if not (ROOT / "configs").is_dir():
+        print(f"error: the kit runs from a checkout of moco_engine ({ROOT} has no configs/)", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data).resolve()
+    cpu = args.mode == "cpu"
+    on_cuda = torch.cuda.is_available() and not cpu
+    budget = args.budget or BUDGETS[args.mode]
+    env = environment()
+    work = Path(args.work or f"/tmp/moco_proof_{os.getpid()}").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    status = 0
+    for part in (("quick", "demo") if cpu else (args.mode,)):
+        start = time.monotonic()
+        if part == "quick":
+            jobs = quick_jobs(work, data, cpu)
+        else:
+            if not cpu and not data.exists():
+                print(f"error: --data {data}: no such archive (README.md, 'Proving it on a GPU', says how to make it)",
+                      file=sys.stderr)
+                return 2
+            jobs = demo_jobs(work, data, cpu, budget)
+        if args.only:
+            jobs = [j for j in jobs if j.name in args.only.split(",")]
+        name = f"{part}_cpu" if cpu else part
+
+        def finish(done: list[Job], part=part, name=name) -> dict:
+            if part == "quick":
+                return write_report(out, name, env, done, lines=bench_rows(done))
+            figures, lines = demo_summary(work / "demo", done, out)
+            return write_report(out, name, env, done, figures, lines)
+
+        run_jobs(jobs, budget - (time.monotonic() - start), out, work, name, on_cuda, finish)
+        failed = [j.name for j in jobs if j.status.startswith(("failed", "stopped"))]
+        print(f"{name}: {sum(j.status == 'ok' for j in jobs)} of {len(jobs)} jobs ok"
+              f"{'; failed or stopped: ' + ', '.join(failed) if failed else ''} ({out / f'proof_{name}.md'})", flush=True)
+        status = status or (1 if failed else 0)
+    return 128 + Stopped.signum if Stopped.signum is not None else status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
