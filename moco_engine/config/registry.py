@@ -27,9 +27,10 @@ from typing import Any
 
 from moco_engine.config.schema import ConfigError
 
-#: Each registry-backed setting and the module that owns its registry.
+#: Each registry-backed setting and the module that owns its registry (then any other modules
+#: that register built-in entries in it).
 OWNERS = {
-    "model.arch": "moco_engine.method.backbones",
+    "model.arch": ("moco_engine.method.backbones", "moco_engine.method.vit", "moco_engine.method.timm_backbones"),
     "model.head": "moco_engine.method.heads",
     "loss.name": "moco_engine.method.objectives",
     "negatives.kind": "moco_engine.method.negatives",
@@ -54,14 +55,16 @@ class Registry:
             raise ValueError(f"no owner is named for setting {key!r} (config.registry.OWNERS)")
         self.key, self.what = key, what
         self.entries: dict[str, Any] = {}
+        self.complete = False  # every module of its OWNERS imported
         REGISTRIES[key] = self
 
     def register(self, name: str, entry: Any = None, *, replace: bool = False) -> Any:
         """Register ``entry`` under ``name``; without ``entry``, a decorator that registers what
-        it decorates. A name taken already is refused unless ``replace``."""
+        it decorates. A name taken already is refused unless ``replace``. A name ending in ":"
+        is a family: ``"timm:"`` stands for every ``timm:<model>``, its entry reading the rest."""
         if entry is None:
             return lambda fn: self.register(name, fn, replace=replace)
-        if not isinstance(name, str) or not name or any(c.isspace() or c in "=,{}[]" for c in name):
+        if not isinstance(name, str) or not name.rstrip(":") or any(c.isspace() or c in "=,{}[]" for c in name):
             raise ValueError(f"{self.what} name {name!r}: give a non-empty name without spaces, '=', ',' or brackets")
         if name in self.entries and not replace:
             raise ValueError(f"{self.what} {name!r} is registered already ({self.key}); pass replace=True to replace it")
@@ -76,7 +79,11 @@ class Registry:
         return iter(self.entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.entries
+        try:
+            self[name]
+        except ConfigError:
+            return False
+        return True
 
     def __getitem__(self, name: str) -> Any:
         """The entry of ``name``.
@@ -84,16 +91,23 @@ class Registry:
         Raises:
             ConfigError: no entry of that name; the message lists the registered names.
         """
-        if name not in self.entries:
+        family = name.split(":", 1)[0] + ":" if ":" in name else None
+        if name not in self.entries and family in self.entries and name != family:
+            return self.entries[family]
+        if name not in self.entries or name.endswith(":"):
+            shown = [n + "<name>" if n.endswith(":") else n for n in self.entries]
             raise ConfigError(f"config key '{self.key}' = {name!r}: no {self.what} of that name is registered "
-                              f"(registered: {', '.join(self.entries)})")
+                              f"(registered: {', '.join(shown)})")
         return self.entries[name]
 
 
 def registry(key: str) -> Registry:
     """The registry of setting ``key``, its owner imported (and so its built-ins registered)."""
-    if key not in REGISTRIES:
-        importlib.import_module(OWNERS[key])
+    if key not in REGISTRIES or not REGISTRIES[key].complete:
+        owners = OWNERS[key]
+        for module in (owners,) if isinstance(owners, str) else owners:
+            importlib.import_module(module)
+        REGISTRIES[key].complete = True
     return REGISTRIES[key]
 
 

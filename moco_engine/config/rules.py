@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "memory_bank.init": ("random", "encode"),
     "memory_bank.positive": ("bank", "key"),
     "memory_bank.update": ("refresh", "momentum", "both"),
+    "optim.name": ("sgd", "lars", "adamw"),
     "optim.schedule": ("cosine", "step", "constant"),
     "optim.lr_scaling": ("none", "linear"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -79,6 +80,7 @@ def validate(cfg: Config) -> None:
     need(cfg.model.hidden_dim >= 0, "model.hidden_dim", cfg.model.hidden_dim, "must be >= 0")
     need(0.0 <= cfg.model.momentum <= 1.0, "model.momentum", cfg.model.momentum, "m must lie in [0, 1]")
     need(cfg.model.bn_splits >= 1, "model.bn_splits", cfg.model.bn_splits, "must be >= 1")
+    need(cfg.model.patch_size >= 1, "model.patch_size", cfg.model.patch_size, "must be >= 1")
     need(cfg.model.bn != "sync" or cfg.model.bn_splits == 1, "model.bn_splits", cfg.model.bn_splits,
          "must be 1 with model.bn=sync (SyncBN normalises over the global batch)")
     need(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "T must be > 0")
@@ -95,6 +97,7 @@ def validate(cfg: Config) -> None:
         f"cannot exceed optim.batch_size ({cfg.optim.batch_size})",
     )
     need(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", cfg.optim.warmup_epochs, "must be >= 0")
+    need(cfg.optim.trust_coefficient > 0, "optim.trust_coefficient", cfg.optim.trust_coefficient, "must be > 0")
     need(cfg.train.epochs >= 1, "train.epochs", cfg.train.epochs, "must be >= 1")
     need(cfg.train.steps_per_epoch >= 0, "train.steps_per_epoch", cfg.train.steps_per_epoch, "must be >= 0")
     need(cfg.train.log_every >= 1, "train.log_every", cfg.train.log_every, "must be >= 1")

@@ -76,6 +76,9 @@ class ModelConfig:
     norm: str = "batch"  # batch | group (GroupNorm, 32 groups: no statistics shared between samples)
     bn_splits: int = 4  # split-BN: BN statistics over this many slices of each batch
     bn_split_form: str = "auto"  # how split-BN is computed: auto | per_slice | one_pass | strided (norms.SplitBatchNorm)
+    patch_size: int = 16  # vit_*: the side of a patch (p x p pixels a token)
+    freeze_patch_embed: bool = False  # vit_*: keep the random patch projection (moco-v3's stop-gradient on it)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # timm:<name>: its constructor's options (img_size, ...)
     params: dict[str, Any] = field(default_factory=dict)  # options of a registered backbone that the schema lacks (its `params`)
 
 
@@ -119,13 +122,17 @@ class MemoryBankConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"  # sgd | lars (MoCo v3's ResNet recipes) | adamw (its ViT recipes); method/optimizers.py
     lr: float = 0.0075  # the embedded default run's (BENCHMARKS.md: higher rates undo the random features first)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 64  # per process
     lr_scaling: str = "none"  # none | linear (lr = optim.lr x global batch / 256)
     schedule: str = "cosine"  # cosine | step | constant (after the warm-up)
-    warmup_epochs: float = 0.0  # linear warm-up from 0
+    warmup_epochs: float = 0.0  # linear warm-up (fractional epochs allowed)
+    warmup_from_zero: bool = False  # the warm-up's first step at lr 0 (MoCo v3's adjust_learning_rate), not lr/warmup
+    trust_coefficient: float = 0.001  # lars: eta of the trust ratio eta·|p|/|d|
+    lars_clip: bool = False  # lars: cap the trust ratio at lr (solo-learn's clipping)
     milestones: list[int] = field(default_factory=lambda: [120, 160])  # step: epochs of lr x gamma
     gamma: float = 0.1
 

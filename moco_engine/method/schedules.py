@@ -8,7 +8,8 @@ from moco_engine.config.schema import Config
 
 
 def lr_at(cfg: Config, step: int, steps_per_epoch: int, world: int = 1) -> float:
-    """Learning rate at global ``step``: linear warm-up, then cosine to 0, step decay or constant.
+    """Learning rate at global ``step``: linear warm-up, then cosine to 0, step decay or constant
+    (``optim.warmup_from_zero``: MoCo v3's warm-up from exactly 0).
 
     With ``optim.lr_scaling=linear`` the peak is optim.lr × global batch / 256 (Goyal et al.),
     the global batch being ``optim.batch_size`` × ``world`` processes.
@@ -16,9 +17,16 @@ def lr_at(cfg: Config, step: int, steps_per_epoch: int, world: int = 1) -> float
     base, total = cfg.optim.lr, cfg.train.epochs * steps_per_epoch
     if cfg.optim.lr_scaling == "linear":
         base = base * cfg.optim.batch_size * world / 256
-    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return base * (step + 1) / warmup
+    if cfg.optim.warmup_from_zero:
+        # MoCo v3's adjust_learning_rate (main_moco.py): lr·e/warmup at fractional epoch e =
+        # step / steps_per_epoch, exactly 0 at the first step; the cosine after it alike.
+        warmup: float = cfg.optim.warmup_epochs * steps_per_epoch
+        if step < warmup:
+            return base * step / warmup
+    else:
+        warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
+        if step < warmup:
+            return base * (step + 1) / warmup
     if cfg.optim.schedule == "cosine":
         progress = (step - warmup) / max(total - warmup, 1)
         return base * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))

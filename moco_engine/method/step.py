@@ -42,6 +42,7 @@ from moco_engine.method.encoders import (
 from moco_engine.method.losses import byol_loss, info_nce_logits, instance_accuracy
 from moco_engine.method.negatives import NegativeSource, build_source, planned_bytes
 from moco_engine.method.objectives import Objective, build_objective
+from moco_engine.method.optimizers import build_optimizer
 from moco_engine.runtime import distributed as dist
 from moco_engine.runtime.precision import autocast, available_memory, memory_format
 
@@ -65,7 +66,7 @@ class StepParts:
         keys: x (B, ...) -> k (B, D), chosen when the parts are built.
         negatives: the negative source (queue, memory bank, in-batch, or none for BYOL).
         objective: the loss of one direction, bound from ``cfg.loss``.
-        optimizer, scaler: SGD over f_q (and the predictor); the fp16 loss scaler.
+        optimizer, scaler: ``optim.name``'s optimizer over f_q (and the predictor); the fp16 loss scaler.
         device, amp_dtype: where the step runs and its autocast dtype (None: fp32).
         temperature: T of the logits.
         symmetric: each crop is once the query (two directions, both keys enqueued).
@@ -175,8 +176,7 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
                                           **no_sync)
         if cfg.train.compile:
             model_q = torch.compile(model_q)
-    optimizer = torch.optim.SGD(online.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg.optim, online.parameters())
     return StepParts(
         model_q=model_q, encoder_q=encoder_q, encoder_k=encoder_k, predictor=predictor,
         keys=key_function(model_q, encoder_k, cfg.model.bn == "shuffle", cfg.train.cuda_graphs), negatives=negatives,
