@@ -222,3 +222,22 @@ def test_device_views_differ_between_ranks_and_a_resumed_epoch_draws_the_same_on
     rank0, rank1 = first_views(0), first_views(1)
     assert not torch.equal(rank0[0], rank1[0])  # the same image gets other crops on another rank
     assert torch.equal(first_views(1, skip=2)[0], rank1[1])  # resumed after a step: the same draws
+
+
+def test_moco_v3s_two_views_differ_as_its_recipe_says_and_solarize_is_pils():
+    from PIL import Image, ImageOps
+
+    from moco_engine.data.recipes import ViewSpec, view_specs
+
+    first, second = view_specs("moco_v3", 224)
+    assert (first.blur_p, first.solarize_p, second.blur_p, second.solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    assert first.scale == (0.08, 1.0) and view_specs("moco_v3", 224, crop_min=0.2)[1].scale == (0.2, 1.0)
+    assert first.jitter == (0.4, 0.4, 0.2, 0.1) and first.jitter_p == 0.8 and first.gray_p == 0.2
+    # The device path's solarize is PIL's: every value >= 128 inverted (a whole-image view, nothing else random).
+    pixels = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
+    only = ViewSpec(8, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0, solarize_p=1.0,
+                    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    ours = random_views(pixels, only, gen(0))
+    pil = ImageOps.solarize(Image.fromarray(pixels[0].permute(1, 2, 0).numpy()), threshold=128)
+    theirs = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).float() / 255
+    assert (ours[0] - theirs).abs().max() < 1e-5

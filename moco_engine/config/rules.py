@@ -20,7 +20,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.bn": ("shuffle", "sync", "plain"),
     "model.norm": ("batch", "group"),
     "model.bn_split_form": ("auto", "per_slice", "one_pass", "strided"),
-    "method": ("moco", "byol"),
+    "method": ("moco", "moco_v3", "byol"),
     "queue.dtype": ("float32", "bfloat16", "float16"),
     "memory_bank.init": ("random", "encode"),
     "memory_bank.positive": ("bank", "key"),
@@ -62,8 +62,10 @@ def validate(cfg: Config) -> None:
         need(value in choices, key, value, f"must be one of {', '.join(choices)}")
     chosen = chosen_entries(cfg)  # every registry-backed name: registered, or one line listing those that are
     needs = chosen["loss.name"].needs
-    need(cfg.method == "byol" or not needs or cfg.negatives.kind in needs, "loss.name", cfg.loss.name,
+    need(cfg.method != "moco" or not needs or cfg.negatives.kind in needs, "loss.name", cfg.loss.name,
          f"it needs negatives.kind={' or '.join(needs)}, not {cfg.negatives.kind}")
+    need(cfg.method != "moco_v3" or cfg.negatives.kind != "in_batch", "negatives.kind", cfg.negatives.kind,
+         "method=moco_v3 takes its keys from the momentum encoder: momentum_batch, or a queue or memory bank beside them")
     for key in PARAMS:
         group = key.split(".")[0]
         declared = params_of(chosen[key])
@@ -106,6 +108,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", cfg.train.keep_checkpoints, "must be >= 1")
     need(bool(cfg.train.out_dir), "train.out_dir", cfg.train.out_dir, "must name a folder")
     need(cfg.data.image_size >= 8, "data.image_size", cfg.data.image_size, "must be >= 8")
+    need(0 <= cfg.data.crop_min < 1, "data.crop_min", cfg.data.crop_min, "must lie in [0, 1)")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0")
     need(cfg.data.synthetic_size >= 2, "data.synthetic_size", cfg.data.synthetic_size, "must be >= 2")
     need(cfg.data.synthetic_classes >= 2, "data.synthetic_classes", cfg.data.synthetic_classes, "must be >= 2")
@@ -160,8 +163,10 @@ def ignored_by_choice(cfg: Config) -> dict[str, list[str]]:
 
     if cfg.method == "byol":
         ignore("method=byol", [k for k in changed if covers(("negatives", "queue", "memory_bank", "loss.name"), k)])
+    if cfg.method == "moco_v3":  # its own loss, both directions always
+        ignore("method=moco_v3", [k for k in changed if covers(("loss.name", "loss.symmetric"), k)])
     for key, entry in chosen_entries(cfg).items():
-        if cfg.method == "byol" and key in ("negatives.kind", "loss.name"):
+        if (cfg.method == "byol" and key in ("negatives.kind", "loss.name")) or (cfg.method == "moco_v3" and key == "loss.name"):
             continue
         governed = tuple(r for other in registry(key).entries.values() for r in reads(other))
         ignore(f"{key}={setting(cfg, key)}", [k for k in changed if covers(governed, k) and not covers(reads(entry), k)])

@@ -52,6 +52,7 @@ class DataConfig:
     download: bool = False  # cifar10 only: let torchvision download it
     augmentation: str = "cifar_light"  # cifar | cifar_light | moco_v1 | moco_v2 | any registered recipe (data/recipes.py; the experiment recipes set theirs)
     image_size: int = 32  # crop size of the augmentations
+    crop_min: float = 0.0  # the crops' smallest scale in place of the recipe's (0: the recipe's own; MoCo v3's ResNets: 0.2)
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
     on_bad_image: str = "fail"  # fail (stop, naming the file) | skip (leave unreadable images out, count and warn)
     drop_last: bool = True  # drop each epoch's last partial batch (off: a ragged last batch is trained on)
@@ -79,6 +80,8 @@ class ModelConfig:
     patch_size: int = 16  # vit_*: the side of a patch (p x p pixels a token)
     freeze_patch_embed: bool = False  # vit_*: keep the random patch projection (moco-v3's stop-gradient on it)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # timm:<name>: its constructor's options (img_size, ...)
+    zero_init_residual: bool = False  # resnet*: each residual block's last BN starts at scale 0 (MoCo v3's ResNets)
+    predictor_last_bn: bool = False  # method=moco_v3: a BN(affine=False) after the predictor (MoCo v3's ViTs)
     params: dict[str, Any] = field(default_factory=dict)  # options of a registered backbone that the schema lacks (its `params`)
 
 
@@ -205,7 +208,7 @@ class TrackConfig:
 
 @dataclass
 class Config:
-    method: str = "moco"  # moco (a contrastive loss over negatives) | byol (a predictor, no negatives)
+    method: str = "moco"  # moco (a contrastive loss over negatives) | moco_v3 (a predictor; the batch's momentum keys) | byol (a predictor, no negatives)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

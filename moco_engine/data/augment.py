@@ -201,6 +201,7 @@ class ViewParams:
     order: Tensor  # (n, 4) colour-jitter op order
     blur: Tensor  # (n,) bool
     sigma: Tensor  # (n,) blur sigma
+    solarize: Tensor | None = None  # (n,) bool; drawn only by specs that solarize
 
 
 def draw_params(n: int, height: int, width: int, spec: ViewSpec, generator: torch.Generator) -> ViewParams:
@@ -215,7 +216,8 @@ def draw_params(n: int, height: int, width: int, spec: ViewSpec, generator: torc
     factors, order = jitter_params(n, spec, generator)
     lo, hi = spec.blur_sigma
     sigma = lo + (hi - lo) * torch.rand(n, device=device, generator=generator)
-    return ViewParams(boxes, flip, gray, factors, order, coin(spec.blur_p), sigma)
+    blur = coin(spec.blur_p)
+    return ViewParams(boxes, flip, gray, factors, order, blur, sigma, coin(spec.solarize_p) if spec.solarize_p > 0 else None)
 
 
 def apply_views(x: Tensor, p: ViewParams, spec: ViewSpec) -> Tensor:
@@ -231,6 +233,8 @@ def apply_views(x: Tensor, p: ViewParams, spec: ViewSpec) -> Tensor:
         x = torch.where(_per_sample(p.gray), grayscale(x).expand_as(x), x)
     if spec.blur_p > 0:
         x = torch.where(_per_sample(p.blur), gaussian_blur(x, p.sigma, spec.blur_kernel), x)
+    if p.solarize is not None:  # PIL's solarize(threshold=128): a value v >= 128/255 becomes 1 - v
+        x = torch.where(_per_sample(p.solarize), torch.where(x >= 128 / 255, 1.0 - x, x), x)
     return (x - _const(spec.mean, x.device).view(1, 3, 1, 1)) / _const(spec.std, x.device).view(1, 3, 1, 1)
 
 

@@ -52,22 +52,30 @@ class DeviceTwoViews:
 
     The order is :class:`EpochSampler`'s (the same shuffle, rank split and mid-epoch skip as the
     CPU path), cut into batches (the last partial one dropped unless ``drop_last=False``).
-    Both views of a batch are made in one call on the 2B images.
+    Both views of a batch are made in one call on the 2B images (two, for a recipe whose views differ).
     """
 
-    def __init__(self, images: Tensor, targets: list[int], spec: ViewSpec, batch_size: int,
+    def __init__(self, images: Tensor, targets: list[int], spec: ViewSpec | tuple[ViewSpec, ViewSpec], batch_size: int,
                  sampler: EpochSampler, seed: int, compile: bool = False, drop_last: bool = True):
         self.images = images  # (N, 3, H, W) uint8
         # Compiled, the ~150 small ops of a batch's views become a few fused kernels: on a GPU
         # the eager version is bound by the host's time to launch them, not by the GPU.
         self.apply = torch.compile(apply_views, dynamic=False) if compile else apply_views
         self.targets = torch.tensor(targets, device=images.device)
-        self.spec, self.batch_size, self.sampler, self.seed = spec, batch_size, sampler, seed
+        # The two views' specs: one recipe's (MoCo v3's views differ).
+        self.specs = spec if isinstance(spec, tuple) else (spec, spec)
+        self.spec, self.batch_size, self.sampler, self.seed = self.specs[0], batch_size, sampler, seed
         self.drop_last = drop_last
 
     def apply_to(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """One view of each of ``images`` (n, 3, H, W) uint8 under ``generator``, as a step draws them."""
-        return random_views(images, self.spec, generator, self.apply)
+        """The views of ``images`` (2n, 3, H, W) uint8 under ``generator``, as a step draws them:
+        its first half under the first view's spec, its second half under the second's (one
+        call, the same draws, when the two specs are one)."""
+        if self.specs[0] == self.specs[1]:
+            return random_views(images, self.spec, generator, self.apply)
+        n = len(images) // 2
+        return torch.cat([random_views(images[:n], self.specs[0], generator, self.apply),
+                          random_views(images[n:], self.specs[1], generator, self.apply)])
 
     def __len__(self) -> int:
         share = self.sampler.share_size()
@@ -84,7 +92,7 @@ class DeviceTwoViews:
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
             batch = self.images[idx]
             g = step_generator(device, self.seed, epoch, first_step + k, self.sampler.rank)
-            views = random_views(torch.cat([batch, batch]), self.spec, g, self.apply)
+            views = self.apply_to(torch.cat([batch, batch]), g)
             yield (views[: len(idx)], views[len(idx) :]), self.targets[idx], idx
 
 

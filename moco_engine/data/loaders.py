@@ -33,8 +33,8 @@ from moco_engine.data.recipes import (
     ViewSpec,
     eval_transform,
     probe_transform,
-    view_spec,
-    view_transform,
+    view_specs,
+    view_transforms,
 )
 from moco_engine.data.sampling import EpochSampler, Indexed, ReshuffledEpochs, TwoViews, make_loader
 from moco_engine.data.sources import SOURCES, build_splits
@@ -131,13 +131,14 @@ def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world: int =
             f"({num_items} items), so no full batch can be drawn"
         )
     sampler = EpochSampler(num_items, cfg.train.seed, True, rank, world)
-    spec = view_spec(cfg.data.augmentation, cfg.data.image_size) if splits.images else None
+    specs = view_specs(cfg.data.augmentation, cfg.data.image_size, cfg.data.crop_min) if splits.images else None
+    spec = specs[0] if specs else None
     pipeline = resolve_pipeline(cfg.data)
     if pipeline == "device" and spec is None:
         raise UserError(f"config key 'data.pipeline' = 'device': the device path makes image views, and "
                         f"data.name={cfg.data.name} gives items that are not images; use data.pipeline=cpu")
     if pipeline == "device":
-        train, plain = _device_loaders(cfg, splits, spec, sampler, device, rank, world)
+        train, plain = _device_loaders(cfg, splits, specs, sampler, device, rank, world)
     else:
         train, plain = _cpu_loaders(cfg, splits, sampler, device, rank, world, view)
     steps = len(train)
@@ -161,18 +162,20 @@ def input_shape(cfg: DataConfig, splits: Splits) -> Any:
     return {k: tuple(v.shape) for k, v in view.items()} if isinstance(view, dict) else tuple(view.shape)
 
 
-def transforms(cfg: DataConfig, splits: Splits) -> tuple[Callable, Callable]:
-    """(one random view, the plain view) of an item: the source's own, else the recipe's."""
+def transforms(cfg: DataConfig, splits: Splits) -> tuple[Callable, Callable, Callable]:
+    """(the first view, the second view, the plain view) of an item: the source's own view
+    twice, else the recipe's two."""
     if not splits.images:
-        return splits.view, splits.plain
-    return view_transform(cfg.augmentation, cfg.image_size), eval_transform(cfg.augmentation, cfg.image_size)
+        return splits.view, splits.view, splits.plain
+    first, second = view_transforms(cfg.augmentation, cfg.image_size, cfg.crop_min)
+    return first, second, eval_transform(cfg.augmentation, cfg.image_size)
 
 
 def plain_loader(cfg: Config, splits: Splits, split: ItemSet, batch_size: int, sampler: Sampler | None = None,
                  pin_memory: bool = False) -> DataLoader:
     """The plain (deterministic) views of ``split`` in index order (or ``sampler``'s), as
     ``(x, targets, indices)`` batches: what evaluation encodes."""
-    return make_loader(Indexed(split, transforms(cfg.data, splits)[1]), batch_size, cfg.data.num_workers,
+    return make_loader(Indexed(split, transforms(cfg.data, splits)[2]), batch_size, cfg.data.num_workers,
                        sampler=sampler, pin_memory=pin_memory)
 
 
@@ -188,8 +191,9 @@ def probe_loader(cfg: Config, splits: Splits, batch_size: int) -> DataLoader:
 def _cpu_loaders(cfg: Config, splits: Splits, sampler: EpochSampler, device: torch.device, rank: int, world: int,
                  view: Callable | None) -> tuple[Iterable, dict]:
     pin = device.type == "cuda"
-    view = view or transforms(cfg.data, splits)[0]
-    train = make_loader(Indexed(splits.train, TwoViews(view), cfg.train.seed), cfg.optim.batch_size,
+    first, second, _ = transforms(cfg.data, splits)
+    views = TwoViews(view) if view is not None else TwoViews(first, second)
+    train = make_loader(Indexed(splits.train, views, cfg.train.seed), cfg.optim.batch_size,
                         cfg.data.num_workers, sampler, drop_last=cfg.data.drop_last, pin_memory=pin)
 
     def plain(split, shard=None):
@@ -204,10 +208,11 @@ def _cpu_loaders(cfg: Config, splits: Splits, sampler: EpochSampler, device: tor
     return train, out
 
 
-def _device_loaders(cfg: Config, splits: Splits, spec: ViewSpec, sampler: EpochSampler, device: torch.device,
-                    rank: int, world: int) -> tuple[Iterable, dict]:
+def _device_loaders(cfg: Config, splits: Splits, specs: tuple[ViewSpec, ViewSpec], sampler: EpochSampler,
+                    device: torch.device, rank: int, world: int) -> tuple[Iterable, dict]:
     images = to_device_tensor(splits.train, device)
-    train = DeviceTwoViews(images, splits.train.targets, spec, cfg.optim.batch_size, sampler, cfg.train.seed,
+    spec = specs[0]
+    train = DeviceTwoViews(images, splits.train.targets, specs, cfg.optim.batch_size, sampler, cfg.train.seed,
                            compile=cfg.train.compile or cfg.train.cuda_graphs, drop_last=cfg.data.drop_last)
     size, bs = cfg.data.image_size, cfg.eval.batch_size
 

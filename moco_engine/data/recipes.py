@@ -17,6 +17,8 @@ Presets:
   with p=0.8, grayscale p=0.2.
 - ``moco_v1``: MoCo v1's ImageNet recipe (crop scale 0.2-1, grayscale 0.2 then jitter 0.4).
 - ``moco_v2``: MoCo v2's "aug+" (jitter with p=0.8, Gaussian blur with p=0.5).
+- ``moco_v3``: MoCo v3's, its two views different (blur on the first, rarer blur and solarize
+  on the second).
 - ``cifar_light``: ``cifar`` made easier for runs of a few hundred steps (crops of 35-100% of
   the image instead of 8-100%, jitter and grayscale half as often): the embedded default run's.
 """
@@ -24,7 +26,7 @@ Presets:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torchvision import transforms as T
 
@@ -49,6 +51,7 @@ class ViewSpec:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel: int = 3
+    solarize_p: float = 0.0  # PIL's solarize: every channel value >= 128 (of 255) inverted
     mean: tuple[float, float, float] = CIFAR_MEAN
     std: tuple[float, float, float] = CIFAR_STD
 
@@ -61,9 +64,11 @@ def blur_kernel(size: int) -> int:
 RECIPES = Registry("data.augmentation", "view recipe")
 
 
-def register_recipe(name: str, build: Callable[[int], ViewSpec] | None = None, *, replace: bool = False):
+def register_recipe(name: str, build: Callable[[int], ViewSpec | tuple[ViewSpec, ViewSpec]] | None = None, *,
+                    replace: bool = False):
     """Register ``build(size) -> ViewSpec`` under ``name`` (``data.augmentation=<name>``); a
-    decorator without ``build``. Both input paths draw the views it states."""
+    decorator without ``build``. Both input paths draw the views it states. A recipe whose two
+    views differ returns a pair: (the first view's spec, the second's)."""
     if build is None:
         def decorate(fn: Callable) -> Callable:
             register_recipe(name, fn, replace=replace)
@@ -80,9 +85,28 @@ register_recipe("moco_v2", lambda size: ViewSpec(size, scale=(0.2, 1.0), blur_p=
                                                  mean=IMAGENET_MEAN, std=IMAGENET_STD))
 
 
+@register_recipe("moco_v3")
+def moco_v3(size: int) -> tuple[ViewSpec, ViewSpec]:
+    """MoCo v3's two views (main_moco.py's augmentation1 and augmentation2): crops of 8-100%
+    (``data.crop_min`` 0.2 for its ResNets), jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale
+    0.2, flip; Gaussian blur σ ∈ [0.1, 2] with p 1.0 on the first view and 0.1 on the second;
+    solarize with p 0.2 on the second only."""
+    first = ViewSpec(size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, blur_kernel=blur_kernel(size),
+                     mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return first, replace(first, blur_p=0.1, solarize_p=0.2)
+
+
+def view_specs(preset: str, size: int, crop_min: float = 0.0) -> tuple[ViewSpec, ViewSpec]:
+    """The specs of the two views of a ``data.augmentation`` recipe at crop size ``size`` (the
+    same one twice for a symmetric recipe); ``crop_min`` > 0 replaces the crops' smallest scale."""
+    built = RECIPES[preset](size)
+    pair = built if isinstance(built, tuple) else (built, built)
+    return tuple(replace(s, scale=(crop_min, s.scale[1])) if crop_min > 0 else s for s in pair)
+
+
 def view_spec(preset: str, size: int) -> ViewSpec:
-    """The :class:`ViewSpec` of a ``data.augmentation`` recipe at crop size ``size``."""
-    return RECIPES[preset](size)
+    """The :class:`ViewSpec` of a recipe's first view (its normalisation is both views')."""
+    return view_specs(preset, size)[0]
 
 
 def eval_resize(size: int) -> int:
@@ -91,14 +115,14 @@ def eval_resize(size: int) -> int:
     return size if size <= 64 else size * 256 // 224
 
 
-def view_transform(preset: str, size: int) -> Callable:
-    """One random view of a PIL image, as torchvision ops built from :func:`view_spec`.
+def view_transform(preset: str, size: int, spec: ViewSpec | None = None) -> Callable:
+    """One random view of a PIL image, as torchvision ops built from :func:`view_spec` (or ``spec``).
 
-    The order is crop, flip, the colour ops, blur. torchvision's recipes put the flip elsewhere
-    for the ImageNet presets; the flip commutes with every colour op and the blur, so the
-    distribution of views is the same.
+    The order is crop, flip, the colour ops, blur, solarize. torchvision's recipes put the flip
+    elsewhere for the ImageNet presets; the flip commutes with every colour op, the blur and the
+    solarize, so the distribution of views is the same.
     """
-    spec = view_spec(preset, size)
+    spec = spec or view_spec(preset, size)
     jitter = T.ColorJitter(*spec.jitter)
     gray = T.RandomGrayscale(p=spec.gray_p)
     ops: list[Callable] = [T.RandomResizedCrop(size, scale=spec.scale, ratio=spec.ratio),
@@ -109,8 +133,16 @@ def view_transform(preset: str, size: int) -> Callable:
     if not spec.gray_before_jitter:
         ops.append(gray)
     if spec.blur_p > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(spec.blur_kernel, sigma=spec.blur_sigma)], p=spec.blur_p))
+        blur = T.GaussianBlur(spec.blur_kernel, sigma=spec.blur_sigma)
+        ops.append(blur if spec.blur_p >= 1 else T.RandomApply([blur], p=spec.blur_p))
+    if spec.solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=spec.solarize_p))
     return T.Compose([*ops, T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+
+
+def view_transforms(preset: str, size: int, crop_min: float = 0.0) -> tuple[Callable, Callable]:
+    """The two views' transforms of a recipe (:func:`view_specs`)."""
+    return tuple(view_transform(preset, size, spec) for spec in view_specs(preset, size, crop_min))
 
 
 def eval_transform(preset: str, size: int) -> Callable:

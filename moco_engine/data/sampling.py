@@ -26,13 +26,14 @@ from moco_engine.data.items import ItemSet
 
 
 class TwoViews:
-    """Two independent random views (x_q, x_k) of one item."""
+    """Two independent random views (x_q, x_k) of one item: ``transform`` twice, or, for a
+    recipe whose views differ (MoCo v3's), ``transform`` then ``second``."""
 
-    def __init__(self, transform: Callable):
-        self.transform = transform
+    def __init__(self, transform: Callable, second: Callable | None = None):
+        self.transform, self.second = transform, second or transform
 
     def __call__(self, item: Any) -> tuple[Any, Any]:
-        return self.transform(item), self.transform(item)
+        return self.transform(item), self.second(item)
 
 
 class Indexed(Dataset):

@@ -52,7 +52,7 @@ class SourceEntry:
 SOURCES = Registry("data.name", "data source")
 
 #: What every image source reads: its views are a recipe at a crop size, on either input path.
-IMAGE_SETTINGS = ("data.augmentation", "data.image_size", "data.pipeline")
+IMAGE_SETTINGS = ("data.augmentation", "data.image_size", "data.pipeline", "data.crop_min")
 
 
 def register_data_source(name: str, build: Callable | None = None, *, reads: tuple[str, ...] = (),

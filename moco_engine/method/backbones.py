@@ -86,7 +86,8 @@ def resnet(depth: int) -> Callable[[ModelConfig, Any], Backbone]:
         if not isinstance(input_shape, tuple) or len(input_shape) != 3 or input_shape[0] != 3:
             raise ConfigError(f"config key 'model.arch' = {cfg.arch!r}: a ResNet takes RGB images (3, H, W); "
                               f"the data give items of shape {input_shape}")
-        net = getattr(torchvision.models, f"resnet{depth}")(weights=None,
+        # zero_init_residual (MoCo v3's ResNets): each block's last BN starts at scale 0.
+        net = getattr(torchvision.models, f"resnet{depth}")(weights=None, zero_init_residual=cfg.zero_init_residual,
                                                             norm_layer=group_norm if cfg.norm == "group" else None)
         width = net.fc.in_features
         net.fc = nn.Identity()
@@ -100,4 +101,4 @@ def resnet(depth: int) -> Callable[[ModelConfig, Any], Backbone]:
 
 
 for _depth in (18, 34, 50):
-    register_backbone(f"resnet{_depth}", resnet(_depth), reads=("model.cifar_stem", "model.norm"))
+    register_backbone(f"resnet{_depth}", resnet(_depth), reads=("model.cifar_stem", "model.norm", "model.zero_init_residual"))

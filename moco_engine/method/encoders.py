@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from moco_engine.config.schema import ModelConfig
 from moco_engine.method.backbones import build_backbone
-from moco_engine.method.heads import build_head
+from moco_engine.method.heads import build_head, v3_mlp
 from moco_engine.method.norms import split_bn
 
 
@@ -41,13 +41,27 @@ class Encoder(nn.Module):
         return F.normalize(self.head(self.backbone(x)), dim=1)
 
 
-def build_predictor(dim: int, hidden: int) -> nn.Module:
-    """BYOL's predictor q_θ: fc-BN-ReLU-fc, (B, D) -> (B, D)."""
-    return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+def build_predictor(cfg: ModelConfig, method: str, byol_hidden: int) -> nn.Module:
+    """The predictor after f_q's projector, (B, D) -> (B, D).
+
+    - BYOL's q_θ: fc-BN-ReLU-fc of width ``loss.byol_hidden_dim``.
+    - MoCo v3's: its 2-layer MLP (``heads.v3_mlp``) of width ``model.hidden_dim``, with the last
+      BN for ViTs and without it for ResNets (``model.predictor_last_bn``).
+
+    Under SyncBN or split-BN it is converted as the encoder is (moco-v3 converts the whole
+    model, predictor included, to SyncBatchNorm).
+    """
+    if method == "moco_v3":
+        predictor = v3_mlp(2, cfg.dim, cfg.hidden_dim or cfg.dim, cfg.dim, last_bn=cfg.predictor_last_bn)
+    else:
+        predictor = nn.Sequential(nn.Linear(cfg.dim, byol_hidden), nn.BatchNorm1d(byol_hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(byol_hidden, cfg.dim))
+    return batch_norm_as_configured(predictor, cfg) if method == "moco_v3" else predictor
 
 
 class OnlineNetwork(nn.Module):
-    """BYOL's online branch: the query encoder's backbone and projector, then the predictor.
+    """The online branch of BYOL and MoCo v3: the query encoder's backbone and projector, then
+    the predictor.
 
     ``forward(x)`` returns (prediction (B, D), projection (B, D)), neither normalised.
     """
@@ -66,10 +80,15 @@ def build_encoder(cfg: ModelConfig, input_shape: Any) -> Encoder:
     """The query encoder f_q described by ``cfg`` for inputs of ``input_shape`` (one item's, no
     batch dimension; see ``backbones.py``); the key encoder is its :class:`MomentumEncoder`."""
     backbone, width = build_backbone(cfg, input_shape)
-    encoder = Encoder(backbone, build_head(cfg.head, width, cfg.dim, cfg.hidden_dim), width)
+    return batch_norm_as_configured(Encoder(backbone, build_head(cfg.head, width, cfg.dim, cfg.hidden_dim), width), cfg)
+
+
+def batch_norm_as_configured(module: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """``module`` with its BatchNorms as ``model.bn`` and ``model.bn_splits`` ask: SyncBatchNorm,
+    split-BN, or as they are."""
     if cfg.bn == "sync":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
-    return split_bn(encoder, cfg.bn_splits, cfg.bn_split_form) if cfg.bn_splits > 1 else encoder
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return split_bn(module, cfg.bn_splits, cfg.bn_split_form) if cfg.bn_splits > 1 else module
 
 
 class MomentumEncoder(nn.Module):

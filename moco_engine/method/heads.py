@@ -35,19 +35,34 @@ def mlp(width: int, dim: int, hidden_dim: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
 
+def v3_mlp(layers: int, width: int, hidden: int, dim: int, last_bn: bool = True) -> nn.Sequential:
+    """MoCo v3's MLP (``_build_mlp`` of its moco/builder.py): every hidden layer is
+    Linear(bias=False) -> BatchNorm1d -> ReLU, the last Linear has no bias and, with ``last_bn``,
+    a BatchNorm1d(affine=False) after it. (B, width) -> (B, dim)."""
+    modules: list[nn.Module] = []
+    for layer in range(layers):
+        fan_in = width if layer == 0 else hidden
+        fan_out = dim if layer == layers - 1 else hidden
+        modules.append(nn.Linear(fan_in, fan_out, bias=False))
+        if layer < layers - 1:
+            modules += [nn.BatchNorm1d(fan_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            modules.append(nn.BatchNorm1d(fan_out, affine=False))
+    return nn.Sequential(*modules)
+
+
 @register_head("mlp_bn")
 def mlp_bn(width: int, dim: int, hidden_dim: int = 0) -> nn.Module:
-    """MoCo v3's projector, fc-BN-ReLU-fc-BN (no affine on the last BN). Centring the embeddings
-    removes the common direction that randomly initialised ReLU networks give all inputs, so
-    short runs start learning at once instead of first escaping that collapse."""
-    hidden = hidden_dim or width
-    return nn.Sequential(
-        nn.Linear(width, hidden, bias=False),
-        nn.BatchNorm1d(hidden),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, dim, bias=False),
-        nn.BatchNorm1d(dim, affine=False),
-    )
+    """MoCo v3's projector of ResNets: 2 layers, fc-BN-ReLU-fc-BN (no affine on the last BN).
+    Centring the embeddings removes the common direction that randomly initialised ReLU networks
+    give all inputs, so short runs start learning at once instead of first escaping that collapse."""
+    return v3_mlp(2, width, hidden_dim or width, dim)
+
+
+@register_head("mlp3_bn")
+def mlp3_bn(width: int, dim: int, hidden_dim: int = 0) -> nn.Module:
+    """MoCo v3's projector of ViTs: 3 layers (D -> hidden -> hidden -> dim), the last BN too."""
+    return v3_mlp(3, width, hidden_dim or width, dim)
 
 
 def build_head(kind: str, width: int, dim: int, hidden_dim: int = 0) -> nn.Module:

@@ -254,6 +254,23 @@ def mochi_loss(
     return info_nce(torch.cat([logits, extra], dim=1))
 
 
+def moco_v3_loss(q: Tensor, keys: Tensor, offset: int, temperature: float,
+                 drop: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """MoCo v3's ctr(q, k) (``contrastive_loss`` of moco-v3's moco/builder.py): unit queries q
+    (B, D) of this process against keys (G, D), the global batch's momentum keys (then any
+    stored negatives); query i's positive is key ``offset + i`` (offset = B·rank).
+
+    logits = q·keysᵀ / T (B, G), float32; loss = CrossEntropy(logits, arange(B) + offset)·2T.
+    ``drop`` (B, G) marks entries that are no negatives of a query (-inf). Returns (loss (),
+    logits (B, G)).
+    """
+    logits = _up(q) @ _up(keys).t() / temperature
+    if drop is not None:
+        logits = logits.masked_fill(drop, float("-inf"))
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    return F.cross_entropy(logits, labels) * (2 * temperature), logits
+
+
 def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
     """BYOL's regression loss (Grill et al. 2020): 2 − 2·cos(prediction, target), both (B, D),
     the target without gradients; scalar mean over the batch."""

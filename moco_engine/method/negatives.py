@@ -1,10 +1,11 @@
-"""Where negatives come from: the ``NegativeSource`` interface, its three kinds, and their
-registry (``negatives.kind``).
+"""Where negatives come from: the ``NegativeSource`` interface, its kinds, and their registry
+(``negatives.kind``).
 
 - :class:`Queue`: MoCo's ring buffer of the K most recent keys (He et al. 2020).
 - :class:`MemoryBank`: one stored embedding per data-set item, K of them sampled per step
   (Wu et al. 2018).
 - :class:`InBatch`: the other items of the batch, end to end with gradients (SimCLR's NT-Xent).
+- :class:`MomentumBatch`: the other items' momentum keys, no gradients (MoCo v3's).
 
 The training step asks the source for the negatives of a batch, computes the loss, steps the
 optimizer, and only then hands the source the batch's keys::
@@ -54,6 +55,9 @@ class NegativeSource(nn.Module):
 
     #: True when keys must come from the query encoder with gradients (end to end, no EMA).
     end_to_end = False
+    #: True when it keeps negatives of its own (the queue, the bank): MoCo v3 appends them to the
+    #: batch's momentum keys.
+    stored = False
 
     def negatives(self, queries: Tensor, keys: Tensor, indices: Tensor) -> Negatives:
         """The negatives for queries (B, D) whose positive keys are keys (B, D).
@@ -104,6 +108,8 @@ class Queue(NegativeSource):
         clock: () int64, the number of updates so far.
         ptr: () int64, the slot the next key goes to.
     """
+
+    stored = True
 
     def __init__(self, size: int, dim: int, mask_same_instance: bool = False, dtype: str = "float32",
                  generator: torch.Generator | None = None) -> None:
@@ -181,6 +187,8 @@ class MemoryBank(NegativeSource):
         written: (N,) int64 value of ``clock`` at each entry's last write.
         clock: () int64, the number of updates so far.
     """
+
+    stored = True
 
     def __init__(self, num_items: int, dim: int, num_negatives: int, positive: str = "bank",
                  update: str = "refresh", momentum: float = 0.5, exclude_own: bool = True,
@@ -291,6 +299,18 @@ class InBatch(NegativeSource):
         return Negatives(torch.cat([all_keys, all_queries]), torch.cat([own, own], dim=1))
 
 
+class MomentumBatch(NegativeSource):
+    """The momentum keys of the other items of the (global) batch, without gradients: MoCo v3's
+    negatives, and for ``method=moco`` MoCo without a queue. Unlike :class:`InBatch` (SimCLR's)
+    the keys come from f_k, and the queries are not negatives."""
+
+    def negatives(self, queries: Tensor, keys: Tensor, indices: Tensor) -> Negatives:
+        """(G, D) the keys of the global batch of G items; each query's own key is dropped."""
+        all_keys = dist.all_gather_cat(keys.detach(), same_size=True)
+        all_indices = dist.all_gather_cat(indices, same_size=True)  # equal batches on every rank (EpochSampler)
+        return Negatives(all_keys, all_indices[None, :] == indices[:, None])
+
+
 class NoNegatives(NegativeSource):
     """BYOL's: no negatives and no state (its loss regresses the target network's projection)."""
 
@@ -361,6 +381,7 @@ def build_bank(cfg: Config, num_items: int) -> MemoryBank:
 
 
 register_negatives("in_batch", lambda cfg, num_items: InBatch())
+register_negatives("momentum_batch", lambda cfg, num_items: MomentumBatch())
 
 
 def planned_bytes(cfg: Config, num_items: int) -> tuple[str, str, int]:

@@ -39,7 +39,7 @@ from moco_engine.method.encoders import (
     build_encoder,
     build_predictor,
 )
-from moco_engine.method.losses import byol_loss, info_nce_logits, instance_accuracy
+from moco_engine.method.losses import byol_loss, info_nce_logits, instance_accuracy, moco_v3_loss
 from moco_engine.method.negatives import NegativeSource, build_source, planned_bytes
 from moco_engine.method.objectives import Objective, build_objective
 from moco_engine.method.optimizers import build_optimizer
@@ -62,7 +62,7 @@ class StepParts:
             (f_q, then the predictor), returning (prediction, projection).
         encoder_q: f_q itself, x (B, ...) -> (B, D) unit vectors: the EMA's source.
         encoder_k: f_k, the EMA of f_q; None with end-to-end (in-batch) negatives.
-        predictor: BYOL's predictor, else None.
+        predictor: BYOL's or MoCo v3's predictor, else None.
         keys: x (B, ...) -> k (B, D), chosen when the parts are built.
         negatives: the negative source (queue, memory bank, in-batch, or none for BYOL).
         objective: the loss of one direction, bound from ``cfg.loss``.
@@ -74,6 +74,10 @@ class StepParts:
         graphed: the encoders replay CUDA graphs (``train.cuda_graphs``): each step marks its
             start, so a graph's outputs are known to be free for reuse from then on.
         input_shape: one input's shape (no batch dimension), as the backbone was built for.
+        ema_ahead: the EMA after step t uses the momentum of step t + ema_ahead. MoCo v3 applies
+            its EMA inside the forward pass, just before the keys of step t + 1, with m_{t+1}
+            (moco-v3's main_moco.py and builder.py); after the optimizer step of t it is the same
+            update, so its keys are the official's exactly. 0 for MoCo v1/v2 and BYOL.
 
     A view x is a tensor (B, ...) or a dict of such tensors (``runtime/batches.py``): the step
     only hands it to the encoders.
@@ -95,6 +99,7 @@ class StepParts:
     check_finite: bool
     graphed: bool = False
     input_shape: Any = None
+    ema_ahead: int = 0
 
 
 def key_function(model_q: nn.Module, encoder_k: MomentumEncoder | None, shuffle: bool,
@@ -147,8 +152,8 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
     # End-to-end negatives take their keys from f_q: no momentum copy is built.
     encoder_k = None if negatives.end_to_end else MomentumEncoder(encoder_q)
     predictor, online = None, encoder_q
-    if cfg.method == "byol":  # the online branch adds a predictor after f_q's projector (f_k is BYOL's target)
-        predictor = build_predictor(cfg.model.dim, cfg.loss.byol_hidden_dim).to(device)
+    if cfg.method in ("byol", "moco_v3"):  # a predictor after f_q's projector; f_k (without it) is the EMA of f_q
+        predictor = build_predictor(cfg.model, cfg.method, cfg.loss.byol_hidden_dim).to(device)
         online = OnlineNetwork(encoder_q, predictor)
     if cfg.train.compile or cfg.train.cuda_graphs:
         # In place, so state_dict keys stay those of the plain modules (checkpoints portable).
@@ -185,6 +190,7 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         device=device, amp_dtype=amp_dtype, temperature=cfg.loss.temperature, symmetric=cfg.loss.symmetric,
         check_finite=cfg.train.max_nonfinite_skips > 0, graphed=cfg.train.cuda_graphs, input_shape=input_shape,
+        ema_ahead=1 if cfg.method == "moco_v3" else 0,
     )
 
 
@@ -268,6 +274,57 @@ def moco_step(parts: StepParts, x_q: Any, x_k: Any, indices: Tensor, lr: float,
                            dist.all_gather_cat(indices.repeat(len(directions)), same_size=True))
     return {**contrastive_metrics(first_logits.detach(), first_q.detach(), parts.temperature), "loss": loss.detach(),
             **source_metrics}
+
+
+def moco_v3_step(parts: StepParts, x_1: Any, x_2: Any, indices: Tensor, lr: float,
+                 momentum: float) -> dict[str, Tensor] | Skipped:
+    """One MoCo v3 step (Chen, Xie & He 2021; moco-v3's moco/builder.py) on two views x_1, x_2
+    (B, ...) of the items ``indices`` (B,)::
+
+        q_i = normalize(predictor(f_q(x_i)))     each view its own forward pass (its own BN statistics)
+        k_i = normalize(f_k(x_i))                no gradients, gathered from every process
+        L = ctr(q_1, k_2) + ctr(q_2, k_1)        ctr: losses.moco_v3_loss (labels offset by rank, ×2T)
+
+    A stored source (queue, memory bank) appends its K entries, as they were before this step's
+    enqueue, to the batch's keys as further negatives; then both views' keys are enqueued.
+    """
+    begin(parts)
+    set_lr(parts.optimizer, lr)
+    source_metrics = parts.negatives.metrics(indices)
+    guard = BufferGuard(parts) if parts.check_finite else None
+    offset = indices.shape[0] * dist.rank()  # equal batches on every rank (EpochSampler)
+    with autocast(parts.device, parts.amp_dtype):
+        q_1 = F.normalize(parts.model_q(x_1)[0], dim=1)  # (B, D), with gradients
+        q_2 = F.normalize(parts.model_q(x_2)[0], dim=1)
+        k_1, k_2 = parts.keys(x_1), parts.keys(x_2)  # (B, D) unit, no gradients
+        stored = parts.negatives.negatives(q_1, k_1, indices) if parts.negatives.stored else None
+        losses, logits = [], []
+        for q, k in ((q_1, k_2), (q_2, k_1)):
+            keys, drop = dist.all_gather_cat(k.float(), same_size=True), None  # (G, D)
+            if stored is not None:  # (G + K, D); a query's own item among the stored ones dropped
+                keys = torch.cat([keys, stored.embeddings.float()])
+                if stored.drop is not None:
+                    drop = torch.cat([torch.zeros(q.shape[0], keys.shape[0] - stored.drop.shape[1], dtype=torch.bool,
+                                                  device=q.device), stored.drop], dim=1)
+            loss_i, logits_i = moco_v3_loss(q, keys, offset, parts.temperature, drop)
+            losses.append(loss_i)
+            logits.append(logits_i)
+    loss = losses[0] + losses[1]
+
+    if guard is not None and not guard.finite(loss):
+        return Skipped(loss.detach())
+    optimize(parts, loss)
+
+    parts.encoder_k.update(parts.encoder_q, momentum)  # θ_k ← m·θ_k + (1 − m)·θ_q (not the predictor)
+    if parts.negatives.stored:
+        parts.negatives.update(dist.all_gather_cat(torch.cat([k_1, k_2]).float(), same_size=True),
+                               dist.all_gather_cat(indices.repeat(2), same_size=True))
+    # The metrics see the first direction's logits as [positive, negatives] (positive dropped from them).
+    first = logits[0].detach()
+    positive = torch.arange(first.shape[0], device=first.device) + offset
+    own = F.one_hot(positive, first.shape[1]).bool()
+    as_moco = torch.cat([first.gather(1, positive[:, None]), first.masked_fill(own, float("-inf"))], dim=1)
+    return {**contrastive_metrics(as_moco, q_1.detach(), parts.temperature), "loss": loss.detach(), **source_metrics}
 
 
 def byol_step(parts: StepParts, x_1: Any, x_2: Any, indices: Tensor, lr: float,

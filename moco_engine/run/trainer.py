@@ -25,7 +25,7 @@ from moco_engine.config.rules import ignored_warning
 from moco_engine.config.schema import Config
 from moco_engine.data.loaders import build_loaders, preview_pairs
 from moco_engine.method.schedules import lr_at, momentum_at
-from moco_engine.method.step import Skipped, build_parts, byol_step, moco_step
+from moco_engine.method.step import Skipped, build_parts, byol_step, moco_step, moco_v3_step
 from moco_engine.run import checkpoint as ckpt
 from moco_engine.run import folder, snapshot
 from moco_engine.run.cadence import Cadence
@@ -70,7 +70,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.parts = build_parts(cfg, self.device, self.amp_dtype, self.loaders.num_items, self.loaders.input_shape)
         torch.manual_seed(cfg.train.seed + self.rank)
-        self.step_fn = byol_step if cfg.method == "byol" else moco_step
+        self.step_fn = {"moco": moco_step, "moco_v3": moco_v3_step, "byol": byol_step}[cfg.method]
 
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
@@ -105,7 +105,8 @@ class Trainer:
         views (B, ...) of the items ``indices`` (B,); None for a skipped non-finite step."""
         cfg = self.cfg
         lr = lr_at(cfg, self.step, self.loaders.steps_per_epoch, self.world)
-        momentum = momentum_at(cfg.model.momentum, cfg.model.momentum_schedule, self.step, self.total_steps)
+        momentum = momentum_at(cfg.model.momentum, cfg.model.momentum_schedule, self.step + self.parts.ema_ahead,
+                               self.total_steps)
         out = self.step_fn(self.parts, x_q, x_k, indices, lr, momentum)
         self.step += 1  # a skipped step's batch is used up too: the schedules move on
         self.unsaved = True
@@ -171,7 +172,8 @@ class Trainer:
         cfg = self.cfg
         self.watch.check_loss(means["loss"], self.step)
         means["lr"] = self.optimizer.param_groups[0]["lr"]
-        means["momentum"] = momentum_at(cfg.model.momentum, cfg.model.momentum_schedule, self.step - 1, self.total_steps)
+        means["momentum"] = momentum_at(cfg.model.momentum, cfg.model.momentum_schedule,
+                                        self.step - 1 + self.parts.ema_ahead, self.total_steps)
         means["samples_per_s"] = samples * self.world / max(elapsed, 1e-9)
         if self.loaders.images:
             means["img_per_s"] = means["samples_per_s"]
