@@ -106,6 +106,7 @@ def test_under_batchnorm_the_monitors_knn_is_what_moco_eval_gets_from_the_checkp
     assert result["knn_top1"] == r0["knn"]["knn_top1"] and result["knn_top5"] == r0["knn"]["knn_top5"]
 
 
+@pytest.mark.slow  # two more launches
 def test_resuming_on_another_number_of_processes_says_what_it_does(straight_cpu, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(straight_cpu[0] / "run", run)
@@ -150,7 +151,7 @@ def test_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(tmp_path):
     torch.testing.assert_close(keys(two), keys(one), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+@pytest.mark.parametrize("pipeline", ["cpu", pytest.param("device", marks=pytest.mark.slow)])
 def test_sharded_bank_refresh_gives_every_rank_the_same_bank(tmp_path, pipeline):
     # 97 items: shards of 49, the second padded with a repeat of item 96 (equal batches on every
     # rank, as SyncBN needs), cut off again after the gather.

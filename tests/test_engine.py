@@ -35,9 +35,10 @@ def test_lr_schedule_warmup_cosine_and_steps():
     assert [lr_at(steps, s * 5, 5) for s in (0, 2, 3, 4)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
 
 
-# About a minute each on 2 cores: the queue's in the default run, the other two marked slow.
-@pytest.mark.parametrize("kind", ["queue", pytest.param("memory_bank", marks=pytest.mark.slow),
-                                  pytest.param("in_batch", marks=pytest.mark.slow)])
+# One to three minutes each on 2 cores: all three slow (the default run's training tests are the
+# exactness ones; test_extending trains end to end).
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["queue", "memory_bank", "in_batch"])
 def test_a_short_run_of_each_kind_lowers_its_loss(tmp_path, kind):
     # MoCo's loss first climbs towards ln(K+1) as real keys replace the queue's random start, and
     # under the CIFAR crops a ResNet needs hundreds of steps to come down from there. With a mild

@@ -11,11 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from moco_engine.tools import proof
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a minute or more on 2 cores; the shell script's test runs the kit in the default run
 def test_cpu_mode_runs_the_kit_end_to_end_and_writes_both_reports(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     assert proof.main(["cpu", str(out), "--work", str(work)]) == 0

@@ -59,6 +59,7 @@ def test_bad_parameters_are_errors_naming_them(tmp_path, parameters, message):
         read_sweep(sweep_file(tmp_path, parameters))
 
 
+@pytest.mark.slow  # a minute on 2 cores; the run-summary test keeps a sweep run in the default run
 def test_smoke_sweep_runs_offline_with_wandb_and_skips_finished_runs(tmp_path):
     path = sweep_file(tmp_path, "  queue.size: {values: [16, 48]}")
     out = tmp_path / "out"
