@@ -1,7 +1,8 @@
 """One optimizer step, in the paper's order, and the parts it is made of.
 
 :func:`build_parts` assembles what a step touches (f_q, f_k, the negatives, the objective, the
-optimizer) once; :func:`moco_step` and :func:`byol_step` then read top to bottom. Each returns
+optimizer) once; :func:`moco_step`, :func:`moco_v3_step` and :func:`byol_step` then read top to
+bottom. Each returns
 the step's metrics as 0-d tensors on the device (no host sync), or :class:`Skipped` for a step
 whose loss was not finite (only with ``train.max_nonfinite_skips``)::
 
