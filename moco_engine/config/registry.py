@@ -9,9 +9,9 @@
 | ``data.name`` | ``data.sources.SOURCES`` | a builder of the train/test splits |
 | ``data.augmentation`` | ``data.recipes.RECIPES`` | a view recipe (``ViewSpec``) |
 
-Each owner creates its registry and registers the built-in entries; a user adds one with
-``REGISTRY.register(name, entry)`` (or the ``moco_engine.register_*`` helpers) before loading a
-config. The config layer sits below every owner, so it names them in :data:`OWNERS` and imports
+Each owner creates its registry and registers the built-in entries; a user adds one with the
+``moco_engine.register_*`` helpers (each makes its registry's entry and calls ``Registry.add``)
+before loading a config. The config layer sits below every owner, so it names them in :data:`OWNERS` and imports
 an owner by that name the first time its registry is asked for: the one import that runs upward,
 so that ``load_config`` checks each of these settings against every registered name.
 
@@ -23,6 +23,7 @@ it draws one warning (``rules.ignored_settings``).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 from moco_engine.config.schema import ConfigError
@@ -58,18 +59,26 @@ class Registry:
         self.complete = False  # every module of its OWNERS imported
         REGISTRIES[key] = self
 
-    def register(self, name: str, entry: Any = None, *, replace: bool = False) -> Any:
-        """Register ``entry`` under ``name``; without ``entry``, a decorator that registers what
-        it decorates. A name taken already is refused unless ``replace``. A name ending in ":"
-        is a family: ``"timm:"`` stands for every ``timm:<model>``, its entry reading the rest."""
-        if entry is None:
-            return lambda fn: self.register(name, fn, replace=replace)
+    def register(self, name: str, entry: Any, *, replace: bool = False) -> Any:
+        """Register ``entry`` under ``name`` (a name taken already is refused unless ``replace``).
+        A name ending in ":" is a family: ``"timm:"`` stands for every ``timm:<model>``, its
+        entry reading the rest."""
         if not isinstance(name, str) or not name.rstrip(":") or any(c.isspace() or c in "=,{}[]" for c in name):
             raise ValueError(f"{self.what} name {name!r}: give a non-empty name without spaces, '=', ',' or brackets")
         if name in self.entries and not replace:
             raise ValueError(f"{self.what} {name!r} is registered already ({self.key}); pass replace=True to replace it")
         self.entries[name] = entry
         return entry
+
+    def add(self, name: str, build: Callable | None, entry_of: Callable[[Callable], Any], replace: bool = False) -> Any:
+        """Register ``entry_of(build)`` under ``name``; without ``build``, a decorator that does
+        so and hands back what it decorates (the form of every ``register_*`` helper)."""
+        if build is None:
+            def decorate(fn: Callable) -> Callable:
+                self.register(name, entry_of(fn), replace=replace)
+                return fn
+            return decorate
+        return self.register(name, entry_of(build), replace=replace)
 
     def names(self) -> tuple[str, ...]:
         """The registered names, in the order they were registered."""

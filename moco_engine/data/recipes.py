@@ -69,12 +69,7 @@ def register_recipe(name: str, build: Callable[[int], ViewSpec | tuple[ViewSpec,
     """Register ``build(size) -> ViewSpec`` under ``name`` (``data.augmentation=<name>``); a
     decorator without ``build``. Both input paths draw the views it states. A recipe whose two
     views differ returns a pair: (the first view's spec, the second's)."""
-    if build is None:
-        def decorate(fn: Callable) -> Callable:
-            register_recipe(name, fn, replace=replace)
-            return fn
-        return decorate
-    return RECIPES.register(name, build, replace=replace)
+    return RECIPES.add(name, build, lambda fn: fn, replace)
 
 
 register_recipe("cifar", lambda size: ViewSpec(size))

@@ -2,7 +2,7 @@
 
 A builder takes the data settings and the run's seed and returns :class:`~moco_engine.data.items.Splits`::
 
-    @SOURCES.register("points")                 # or moco_engine.register_data_source
+    @register_data_source("points")             # moco_engine.register_data_source
     def points(cfg: DataConfig, seed: int) -> Splits:
         x = torch.randn(1000, 8, generator=torch.Generator().manual_seed(seed))
         noisy = lambda v: v + 0.1 * torch.randn_like(v)
@@ -58,12 +58,7 @@ IMAGE_SETTINGS = ("data.augmentation", "data.image_size", "data.pipeline", "data
 def register_data_source(name: str, build: Callable | None = None, *, reads: tuple[str, ...] = (),
                          in_memory: bool = False, params: dict[str, Any] | None = None, replace: bool = False):
     """Register ``build(cfg.data, seed) -> Splits`` under ``name``; a decorator without ``build``."""
-    if build is None:
-        def decorate(fn: Callable) -> Callable:
-            register_data_source(name, fn, reads=reads, in_memory=in_memory, params=params, replace=replace)
-            return fn
-        return decorate
-    return SOURCES.register(name, SourceEntry(build, tuple(reads), in_memory, dict(params or {})), replace=replace)
+    return SOURCES.add(name, build, lambda fn: SourceEntry(fn, tuple(reads), in_memory, dict(params or {})), replace)
 
 
 def build_splits(cfg: DataConfig, seed: int = 0) -> Splits:

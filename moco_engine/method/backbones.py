@@ -3,7 +3,7 @@
 A builder takes the model's settings and the shape of one input, and returns the backbone with
 its feature width::
 
-    @BACKBONES.register("mlp")                  # or moco_engine.register_backbone
+    @register_backbone("mlp")                   # moco_engine.register_backbone
     def mlp(cfg: ModelConfig, input_shape: tuple[int, ...]) -> Backbone:
         d = input_shape[0]                      # one view of an item: (d,)
         return Backbone(nn.Sequential(nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, 256)), width=256)
@@ -52,12 +52,7 @@ BACKBONES = Registry("model.arch", "backbone")
 def register_backbone(name: str, build: Callable | None = None, *, reads: tuple[str, ...] = (),
                       params: dict[str, Any] | None = None, replace: bool = False):
     """Register a backbone builder under ``name`` (``model.arch=<name>``); a decorator without ``build``."""
-    if build is None:
-        def decorate(fn: Callable) -> Callable:
-            register_backbone(name, fn, reads=reads, params=params, replace=replace)
-            return fn
-        return decorate
-    return BACKBONES.register(name, BackboneEntry(build, tuple(reads), dict(params or {})), replace=replace)
+    return BACKBONES.add(name, build, lambda fn: BackboneEntry(fn, tuple(reads), dict(params or {})), replace)
 
 
 def build_backbone(cfg: ModelConfig, input_shape: Any) -> Backbone:

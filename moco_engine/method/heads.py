@@ -3,7 +3,7 @@
 A builder takes the backbone's width, the embedding size D and the hidden width, and returns a
 module mapping features (B, width) to embeddings (B, D)::
 
-    @HEADS.register("two_layer")                # or moco_engine.register_head
+    @register_head("two_layer")                 # moco_engine.register_head
     def two_layer(width: int, dim: int, hidden_dim: int) -> nn.Module:
         return nn.Sequential(nn.Linear(width, hidden_dim or width), nn.GELU(), nn.Linear(hidden_dim or width, dim))
 """
@@ -19,7 +19,7 @@ HEADS = Registry("model.head", "projection head")
 
 def register_head(name: str, build=None, *, replace: bool = False):
     """Register ``build(width, dim, hidden_dim) -> nn.Module`` under ``name``; a decorator without ``build``."""
-    return HEADS.register(name, build, replace=replace)
+    return HEADS.add(name, build, lambda fn: fn, replace)
 
 
 @register_head("linear")

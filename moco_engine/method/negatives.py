@@ -341,12 +341,7 @@ NEGATIVES = Registry("negatives.kind", "kind of negatives")
 def register_negatives(name: str, build: Callable | None = None, *, reads: tuple[str, ...] = (),
                        planned: Callable | None = None, replace: bool = False):
     """Register ``build(cfg, num_items) -> NegativeSource`` under ``name``; a decorator without ``build``."""
-    if build is None:
-        def decorate(fn: Callable) -> Callable:
-            register_negatives(name, fn, reads=reads, planned=planned, replace=replace)
-            return fn
-        return decorate
-    return NEGATIVES.register(name, NegativesEntry(build, tuple(reads), planned), replace=replace)
+    return NEGATIVES.add(name, build, lambda fn: NegativesEntry(fn, tuple(reads), planned), replace)
 
 
 def queue_bytes(cfg: Config, num_items: int) -> tuple[str, str, int]:

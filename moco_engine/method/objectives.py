@@ -121,17 +121,12 @@ def register_loss(name: str, fn: Callable | None = None, *, form: str = "pairwis
         params: defaults of those the schema lacks; they are set with ``loss.params.<name>=...``.
         needs: the negatives kinds it works with (empty: any).
     """
-    if fn is None:
-        def decorate(f: Callable) -> Callable:
-            register_loss(name, f, form=form, hyper=hyper, params=params, needs=needs, replace=replace)
-            return f
-        return decorate
     forms = {"pairwise": pairwise, "logits": on_logits, "objective": lambda f: f}
     if form not in forms:
         raise ValueError(f"loss {name!r}: form must be one of {', '.join(forms)}, not {form!r}")
     params = dict(params or {})
     hyper = tuple(hyper) + tuple(p for p in params if p not in hyper)
-    return LOSSES.register(name, LossEntry(forms[form](fn), hyper, params, tuple(needs)), replace=replace)
+    return LOSSES.add(name, fn, lambda f: LossEntry(forms[form](f), hyper, params, tuple(needs)), replace)
 
 
 def pairwise(fn: Callable[..., Tensor]) -> Callable[..., Objective]:
