@@ -17,10 +17,11 @@ from moco_engine import Trainer, load_config
 from moco_engine.config.schema import LossConfig
 from moco_engine.method.encoders import Encoder, MomentumEncoder, OnlineNetwork
 from moco_engine.method.heads import v3_mlp
+from moco_engine.method.moco_v3 import moco_v3_step
 from moco_engine.method.negatives import MomentumBatch, Queue
 from moco_engine.method.objectives import build_objective
 from moco_engine.method.schedules import momentum_at
-from moco_engine.method.step import StepParts, key_function, moco_v3_step
+from moco_engine.method.step import StepParts, key_function
 
 B, D, K, T, LR, M = 4, 5, 6, 0.2, 0.5, 0.75
 
@@ -101,14 +102,48 @@ def test_the_ema_after_step_t_uses_the_momentum_of_step_t_plus_1(tmp_path):
         torch.testing.assert_close(pk, m_1 * k0 + (1 - m_1) * pq.detach())
 
 
-def test_a_moco_v3_run_and_a_moco_run_without_a_queue_train_and_resume(tmp_path, capsys):
-    v3_trainer(tmp_path / "v3", "loss.name=triplet").fit()  # its own loss: loss.name is ignored, with a warning
+def assert_same_state(a, b):
+    for section in ("encoder_q", "encoder_k", "predictor", "negatives", "optimizer"):
+        flat_a, flat_b = torch.utils._pytree.tree_leaves(a[section]), torch.utils._pytree.tree_leaves(b[section])
+        assert len(flat_a) == len(flat_b), section
+        for x, y in zip(flat_a, flat_b):
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, section
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_a_moco_v3_run_resumed_is_bit_identical_to_a_straight_one(tmp_path, arch, capsys):
+    vit = ["model.patch_size=8", "model.head=mlp3_bn", "model.predictor_last_bn=true", "model.freeze_patch_embed=true",
+           "optim.name=adamw", "optim.lr=1e-3"] if arch == "vit_tiny" else []
+    extra = [f"model.arch={arch}", *vit, "optim.batch_size=8", "model.momentum_schedule=cosine"]
+    straight = v3_trainer(tmp_path / "a", *extra, "loss.name=triplet")  # its own loss: loss.name ignored, named
+    straight.fit()
     assert "method=moco_v3 ignores loss.name=triplet" in capsys.readouterr().err
-    resumed = v3_trainer(tmp_path / "v3", "train.epochs=3", "train.resume=auto")
+    stopped = v3_trainer(tmp_path / "b", *extra, "loss.name=triplet")  # the same run, stopped after its first epoch
+    stopped.prepare_run_dir()
+    stopped.train_epoch()
+    stopped.save()
+    del stopped
+    resumed = v3_trainer(tmp_path / "b", *extra, "loss.name=triplet", "train.resume=auto")
     resumed.fit()
-    assert resumed.step == 9 and resumed.predictor is not None
+    assert resumed.step == straight.step == 6 and resumed.predictor is not None
+    assert_same_state(straight.state_dict(), resumed.state_dict())
+
+
+def test_moco_without_a_queue_trains_on_the_batchs_momentum_keys(tmp_path):
     moco = Trainer(load_config([], [*TINY, "negatives.kind=momentum_batch", f"train.out_dir={tmp_path / 'm'}"]))
     assert moco.fit()["steps"] == 6 and moco.negatives.memory_bytes() == 0
+
+
+@pytest.mark.slow  # three launches of 2 processes
+@pytest.mark.distributed
+def test_moco_v3_under_torchrun_stopped_and_resumed_is_bit_identical(tmp_path):
+    from test_distributed import EXACT, assert_same_ranks, stopped_and_resumed, torchrun
+
+    v3 = ["method=moco_v3", "negatives.kind=momentum_batch", "model.head=mlp_bn", "model.hidden_dim=32",
+          "loss.temperature=0.2", "model.momentum_schedule=cosine"]
+    straight, _ = torchrun(tmp_path / "straight", *EXACT, *v3)
+    assert straight[0]["world"] == 2 and straight[0]["step"] == 6
+    assert_same_ranks(straight, stopped_and_resumed(tmp_path / "stopped", *v3))
 
 
 def test_moco_v3_refuses_end_to_end_negatives():

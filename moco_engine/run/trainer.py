@@ -24,8 +24,9 @@ from torch import Tensor
 from moco_engine.config.rules import ignored_warning
 from moco_engine.config.schema import Config
 from moco_engine.data.loaders import build_loaders, preview_pairs
+from moco_engine.method.moco_v3 import moco_v3_step
 from moco_engine.method.schedules import lr_at, momentum_at
-from moco_engine.method.step import Skipped, build_parts, byol_step, moco_step, moco_v3_step
+from moco_engine.method.step import Skipped, build_parts, byol_step, moco_step
 from moco_engine.run import checkpoint as ckpt
 from moco_engine.run import folder, snapshot
 from moco_engine.run.cadence import Cadence
