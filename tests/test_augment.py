@@ -233,6 +233,10 @@ def test_moco_v3s_two_views_differ_as_its_recipe_says_and_solarize_is_pils():
     assert (first.blur_p, first.solarize_p, second.blur_p, second.solarize_p) == (1.0, 0.0, 0.1, 0.2)
     assert first.scale == (0.08, 1.0) and view_specs("moco_v3", 224, crop_min=0.2)[1].scale == (0.2, 1.0)
     assert first.jitter == (0.4, 0.4, 0.2, 0.1) and first.jitter_p == 0.8 and first.gray_p == 0.2
+    # solo-learn's CIFAR form (asymmetric.yaml): the same, without blur; solarize on the second view
+    cifar = view_specs("moco_v3_cifar", 32)
+    assert [(s.blur_p, s.solarize_p, s.scale, s.jitter) for s in cifar] == [
+        (0.0, 0.0, (0.08, 1.0), first.jitter), (0.0, 0.2, (0.08, 1.0), first.jitter)]
     # The device path's solarize is PIL's: every value >= 128 inverted (a whole-image view, nothing else random).
     pixels = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
     only = ViewSpec(8, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0, solarize_p=1.0,

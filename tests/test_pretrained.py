@@ -18,6 +18,7 @@ from moco_engine.evaluation.export import (
     torchvision_state_dict,
 )
 from moco_engine.method.encoders import build_encoder
+from moco_engine.run.pretrained import open_checkpoint
 from moco_engine.run.trainer import train
 from moco_engine.tools.cli import eval_main, export_main
 
@@ -91,6 +92,24 @@ def test_moco_export_writes_both_formats_and_never_overwrites(run, tmp_path, cap
     assert export_main([str(run), "--out", str(stem), "--format", "torchvision"]) == 2
     assert pth.read_bytes() == before
     assert "exists" in capsys.readouterr().err
+
+
+def test_moco_export_timm_loads_strictly_into_timm_resnet_with_equal_features(run, tmp_path):
+    timm = pytest.importorskip("timm")
+    assert export_main([str(run), "--format", "timm", "--out", str(tmp_path / "net")]) == 0
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    model.load_state_dict(torch.load(tmp_path / "net_timm.pth", weights_only=True), strict=True)
+    _, encoder, _ = open_checkpoint(run)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model.eval()(x) - encoder.backbone.eval()(x)).abs().max().item() == 0.0
+
+
+def test_moco_export_moco_v3_of_another_method_is_one_line(run, capsys):
+    assert export_main([str(run), "--format", "moco_v3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "method=moco_v3" in err and "'moco'" in err and "\n" not in err
+    assert not list((run / "checkpoints").glob("*moco_v3*"))
 
 
 @pytest.mark.fault("tools")

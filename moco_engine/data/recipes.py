@@ -19,6 +19,9 @@ Presets:
 - ``moco_v2``: MoCo v2's "aug+" (jitter with p=0.8, Gaussian blur with p=0.5).
 - ``moco_v3``: MoCo v3's, its two views different (blur on the first, rarer blur and solarize
   on the second).
+- ``moco_v3_cifar``: MoCo v3's two views for 32 px as solo-learn's CIFAR recipes draw them
+  (``scripts/pretrain/cifar/augmentations/asymmetric.yaml``): no blur, solarize 0.2 on the
+  second view, CIFAR normalisation.
 - ``cifar_light``: ``cifar`` made easier for runs of a few hundred steps (crops of 35-100% of
   the image instead of 8-100%, jitter and grayscale half as often): the embedded default run's.
 """
@@ -89,6 +92,15 @@ def moco_v3(size: int) -> tuple[ViewSpec, ViewSpec]:
     first = ViewSpec(size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, blur_kernel=blur_kernel(size),
                      mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return first, replace(first, blur_p=0.1, solarize_p=0.2)
+
+
+@register_recipe("moco_v3_cifar")
+def moco_v3_cifar(size: int) -> tuple[ViewSpec, ViewSpec]:
+    """solo-learn's views for MoCo v3 on CIFAR (its ``asymmetric.yaml``): ``moco_v3``'s crops,
+    jitter, grayscale and flip; no blur (a 32 px image has little to blur); solarize with p 0.2 on
+    the second view only; normalised by solo-learn's CIFAR-10 statistics."""
+    first = ViewSpec(size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), std=(0.247, 0.243, 0.261))
+    return first, replace(first, solarize_p=0.2)
 
 
 def view_specs(preset: str, size: int, crop_min: float = 0.0) -> tuple[ViewSpec, ViewSpec]:

@@ -173,27 +173,30 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 def _export(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="moco-export",
-        description="Export a checkpoint's query backbone as a torchvision ResNet state_dict (.pth) and/or a "
-        "detectron2 pretrained model (.pkl).",
+        description="Export a checkpoint's query backbone: a torchvision state_dict (.pth), a detectron2 "
+        "pretrained model (.pkl), a timm state_dict (_timm.pth), or moco-v3's own checkpoint (_moco_v3.pth.tar, "
+        "for its main_lincls.py). both = torchvision and detectron2.",
     )
     with_version(parser)
     parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its latest checkpoint)")
-    parser.add_argument("--format", choices=["torchvision", "detectron2", "both"], default="both")
+    parser.add_argument("--format", choices=["torchvision", "detectron2", "timm", "moco_v3", "both"], default="both")
     parser.add_argument("--out", default="", help="output path without suffix (default: beside the checkpoint)")
     ns = parser.parse_args(args)
     from moco_engine.evaluation.export import export
+    from moco_engine.run.checkpoint import load_checkpoint
     from moco_engine.run.pretrained import open_checkpoint
 
     _, encoder, path = open_checkpoint(ns.checkpoint)
     formats = ["torchvision", "detectron2"] if ns.format == "both" else [ns.format]
     stem = Path(ns.out).expanduser() if ns.out else path.with_suffix("")
-    for written in export(encoder, stem, formats):
+    state = load_checkpoint(path) if ns.format == "moco_v3" else None  # f_k and the predictor too
+    for written in export(encoder, stem, formats, state):
         print(written)
     return 0
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
-    """``moco-export CHECKPOINT [--format torchvision|detectron2|both] [--out PATH]``"""
+    """``moco-export CHECKPOINT [--format torchvision|detectron2|timm|moco_v3|both] [--out PATH]``"""
     return run_guarded(_export, argv)
 
 
