@@ -80,3 +80,35 @@ def test_linear_probe_trains_only_the_fc_and_checks_the_backbone():
 
     with pytest.raises(RuntimeError, match="backbone changed"):
         linear_probe(Drifting(), batches, batches, 6, 2, LinearConfig(epochs=1), torch.device("cpu"))
+
+
+def test_the_probe_schedules_are_the_two_main_lincls_by_hand_and_the_fc_steps_at_those_rates():
+    """MoCo v1/v2: lr 30, x0.1 at epochs 60 and 80. MoCo v3 (ViT): 3 x 1024/256 = 12, then
+    12·½(1 + cos(π·e/90)) in epoch e."""
+    import math
+
+    from moco_engine.config.schema import LinearConfig, load_config
+    from moco_engine.evaluation.probe import fit_linear, probe_lr
+
+    v1 = load_config(["configs/linear/moco.yaml"]).linear
+    assert [probe_lr(v1, e) for e in (0, 59, 60, 79, 80, 99)] == [30.0, 30.0, 30.0 * 0.1, 30.0 * 0.1,
+                                                                   30.0 * 0.1 ** 2, 30.0 * 0.1 ** 2]
+    v3 = load_config(["configs/linear/moco_v3_vit.yaml"]).linear
+    assert probe_lr(v3, 0) == 12.0 and probe_lr(v3, 45) == 12.0 * 0.5 * (1 + math.cos(math.pi / 2))
+    assert abs(probe_lr(v3, 89) - 12 * 0.5 * (1 + math.cos(math.pi * 89 / 90))) < 1e-15
+    assert load_config(["configs/linear/moco_v3_resnet.yaml"]).linear.lr * 1024 / 256 == probe_lr(
+        load_config(["configs/linear/moco_v3_resnet.yaml"]).linear, 0)
+    # One sample, one step per epoch, no momentum: each epoch moves the bias by exactly lr_e x its gradient.
+    cfg = LinearConfig(epochs=3, lr=0.5, lr_scaling="linear", schedule="cosine", momentum=0.0, batch_size=512)
+    seen = []
+
+    def batches(epoch):
+        seen.append(epoch)
+        yield torch.zeros(1, 2), torch.tensor([0])
+
+    fc = fit_linear(batches, 2, 2, cfg, torch.device("cpu"))
+    bias, p = torch.zeros(2), torch.full((2,), 0.5)
+    for e in range(3):  # zero features: only the bias learns; softmax gradient p - onehot
+        p = torch.softmax(bias, 0)
+        bias = bias - probe_lr(cfg, e) * (p - torch.tensor([1.0, 0.0]))
+    assert seen == [0, 1, 2] and torch.allclose(fc.bias.detach(), bias, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,15 @@ def test_moco_eval_knn_and_linear_write_json_beside_the_checkpoint(run, capsys):
     assert cached["variant"] == "cached" and augmented["variant"] == "augmented"
     assert 0 <= augmented["top1"] <= augmented["top5"] <= 100
     assert "knn: top-1" in capsys.readouterr().out
+
+
+def test_moco_eval_takes_a_probe_protocol_file_under_its_overrides(run, capsys):
+    protocol = str(Path(__file__).parents[1] / "configs" / "linear" / "moco_v3_resnet.yaml")
+    assert eval_main(["linear", str(run), protocol, "linear.cached=true", "linear.epochs=2"]) == 0
+    out = capsys.readouterr().out.split("(")[-1].rstrip(")\n")
+    result = json.loads(Path(out).read_text())
+    assert (result["schedule"], result["lr_scaling"], result["batch_size"], result["epochs"]) == ("cosine", "linear",
+                                                                                                  1024, 2)
 
 
 def test_moco_eval_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys):

@@ -28,6 +28,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("sgd", "lars", "adamw"),
     "optim.schedule": ("cosine", "step", "constant"),
     "optim.lr_scaling": ("none", "linear"),
+    "linear.schedule": ("step", "cosine"),
+    "linear.lr_scaling": ("none", "linear"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "eval.knn_features": ("backbone", "head"),
     "track.wandb.mode": ("", "online", "offline", "disabled"),

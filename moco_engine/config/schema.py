@@ -171,13 +171,16 @@ class EvalConfig:
 
 @dataclass
 class LinearConfig:
-    """The linear probe of ``moco-eval linear``: MoCo's protocol (a fc on the frozen backbone)."""
+    """The linear probe of ``moco-eval linear``: MoCo v1/v2's protocol by default (a fc on the
+    frozen backbone); MoCo v3's is ``configs/linear/moco_v3_vit.yaml`` and ``moco_v3_resnet.yaml``."""
 
     epochs: int = 100
     lr: float = 30.0
+    lr_scaling: str = "none"  # none | linear (lr x linear.batch_size / 256, MoCo v3's main_lincls.py)
+    schedule: str = "step"  # step (lr x gamma at the milestones, MoCo v1/v2's) | cosine (a half cosine per epoch, v3's)
     momentum: float = 0.9
     weight_decay: float = 0.0
-    milestones: list[int] = field(default_factory=lambda: [60, 80])  # epochs of lr x gamma
+    milestones: list[int] = field(default_factory=lambda: [60, 80])  # step: epochs of lr x gamma
     gamma: float = 0.1
     batch_size: int = 256
     cached: bool = False  # train on features extracted once, without augmentation (fast variant)

@@ -55,4 +55,5 @@ def evaluate_linear(cfg: Config, encoder: Encoder) -> dict[str, Any]:
     else:
         result = linear_probe(backbone, probe_loader(cfg, splits, lin.batch_size), test_loader, encoder.width,
                               num_classes, lin, device, seed=cfg.train.seed, dtype=dtype)
-    return {**result, "variant": "cached" if lin.cached else "augmented", "epochs": lin.epochs, "lr": lin.lr}
+    return {**result, "variant": "cached" if lin.cached else "augmented", "epochs": lin.epochs, "lr": lin.lr,
+            "lr_scaling": lin.lr_scaling, "schedule": lin.schedule, "batch_size": lin.batch_size}

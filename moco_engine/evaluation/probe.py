@@ -1,14 +1,22 @@
 """The linear probe: MoCo's linear classification protocol on a frozen backbone.
 
 A fully connected layer, initialised N(0, 0.01), trained on the frozen backbone's features
-(backbone in eval mode, so not even its BatchNorm statistics move) with SGD at lr 30, momentum
-0.9, no weight decay, 100 epochs and the lr divided by 10 at epochs 60 and 80. ``cached`` is the
-fast variant: the features of the un-augmented training images are extracted once and the fc is
-trained on them.
+(backbone in eval mode, so not even its BatchNorm statistics move) with SGD, momentum 0.9, no
+weight decay. Two schedules, each its paper's ``main_lincls.py``:
+
+- MoCo v1/v2 (facebookresearch/moco): lr 30, 100 epochs, the lr divided by 10 at epochs 60 and
+  80 (``linear.schedule=step``);
+- MoCo v3 (facebookresearch/moco-v3): lr = base x batch / 256 (``linear.lr_scaling=linear``;
+  base 0.1 for ResNets, 3 for ViTs, batch 1024), 90 epochs, the lr of epoch e
+  lr·½(1 + cos(π·e/epochs)) (``linear.schedule=cosine``, its ``adjust_learning_rate``).
+
+``cached`` is the fast variant: the features of the un-augmented training images are extracted
+once and the fc is trained on them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,6 +27,15 @@ from torch import Tensor, nn
 from moco_engine.evaluation.knn import topk_accuracy
 from moco_engine.runtime.batches import to_device
 from moco_engine.runtime.precision import autocast
+
+
+def probe_lr(cfg, epoch: int) -> float:
+    """The probe's lr in ``epoch`` (from 0) under ``linear.*``: ``lr`` (x ``batch_size`` / 256
+    with linear scaling), then ``gamma`` per milestone passed (step) or the half cosine (cosine)."""
+    lr = cfg.lr * (cfg.batch_size / 256 if cfg.lr_scaling == "linear" else 1.0)
+    if cfg.schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    return lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
 
 
 def fit_linear(
@@ -34,8 +51,8 @@ def fit_linear(
     Args:
         batches: epoch -> iterable of (features (B, width) float32, labels (B,)) on ``device``.
         width: feature size; num_classes: C.
-        cfg: a :class:`~moco_engine.config.schema.LinearConfig` (epochs, lr, momentum, weight_decay,
-            milestones, gamma).
+        cfg: a :class:`~moco_engine.config.schema.LinearConfig` (epochs, lr, lr_scaling, schedule,
+            momentum, weight_decay, milestones, gamma, batch_size).
 
     Returns:
         the trained ``nn.Linear(width, C)``.
@@ -46,15 +63,16 @@ def fit_linear(
         fc.weight.normal_(0.0, 0.01, generator=generator)
         fc.bias.zero_()
     fc.to(device)
-    optimizer = torch.optim.SGD(fc.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
+    optimizer = torch.optim.SGD(fc.parameters(), lr=probe_lr(cfg, 0), momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
     for epoch in range(cfg.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = probe_lr(cfg, epoch)
         for features, labels in batches(epoch):
             loss = F.cross_entropy(fc(features), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        schedule.step()
     return fc
 
 

@@ -14,11 +14,13 @@ from moco_engine.method.encoders import Encoder, build_encoder
 from moco_engine.run import checkpoint as ckpt
 
 
-def open_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Encoder, Path]:
+def open_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                    yaml_files: list[str] | tuple[str, ...] = ()) -> tuple[Config, Encoder, Path]:
     """The query encoder f_q of a checkpoint (a file, or a run folder: its latest checkpoint).
 
-    The config is the one saved in the checkpoint with ``overrides`` on top (e.g. ``data.root``
-    where the data lives on this machine, ``eval.knn_k``, ``linear.epochs``).
+    The config is the one saved in the checkpoint with ``yaml_files`` (e.g. a probe protocol,
+    ``configs/linear/moco_v3_vit.yaml``) and then ``overrides`` on top (e.g. ``data.root`` where
+    the data lives on this machine, ``eval.knn_k``, ``linear.epochs``).
 
     Raises:
         CheckpointError: no readable checkpoint there.
@@ -32,7 +34,7 @@ def open_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         path, state = found
     else:
         state = ckpt.load_checkpoint(path)
-    cfg = load_config([], list(overrides), base=state["config"])
+    cfg = load_config(list(yaml_files), list(overrides), base=state["config"])
     # The shape of one input, as the run saved it (checkpoints before it held images only).
     size = cfg.data.image_size
     encoder = build_encoder(cfg.model, state.get("input_shape", (3, size, size)))

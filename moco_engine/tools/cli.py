@@ -146,13 +146,15 @@ def _eval(args: list[str]) -> int:
     with_version(parser)
     parser.add_argument("mode", choices=["knn", "linear"])
     parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its latest checkpoint)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="changes to the checkpoint's saved config (data.root, eval.knn_k, linear.epochs, ...)")
+    parser.add_argument("overrides", nargs="*", metavar="FILE.yaml|key=value",
+                        help="changes to the checkpoint's saved config: YAML files in order (a probe protocol, "
+                        "e.g. configs/linear/moco_v3_vit.yaml), then key=value (data.root, eval.knn_k, linear.epochs, ...)")
     ns = parser.parse_args(args)
     from moco_engine.evaluation.pretrained import evaluate_knn, evaluate_linear
     from moco_engine.run.pretrained import open_checkpoint
 
-    cfg, encoder, path = open_checkpoint(ns.checkpoint, ns.overrides)
+    files = [a for a in ns.overrides if a.endswith((".yaml", ".yml")) and "=" not in a]
+    cfg, encoder, path = open_checkpoint(ns.checkpoint, [a for a in ns.overrides if a not in files], files)
     result = (evaluate_knn if ns.mode == "knn" else evaluate_linear)(cfg, encoder)
     result = {"checkpoint": str(path), "mode": ns.mode, **result}
     out = path.with_name(f"{path.stem}.{ns.mode}.json")
@@ -166,7 +168,7 @@ def _eval(args: list[str]) -> int:
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
-    """``moco-eval knn|linear CHECKPOINT [key=value ...]``"""
+    """``moco-eval knn|linear CHECKPOINT [FILE.yaml ...] [key=value ...]``"""
     return run_guarded(_eval, argv)
 
 
