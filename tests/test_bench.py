@@ -30,6 +30,21 @@ def test_moco_bench_runs_the_tiny_case_and_prints_its_table(tmp_path, monkeypatc
     assert "| supervised | " in printed.split("| step | operators")[1]
 
 
+def test_moco_bench_times_a_moco_v3_vit_case_against_its_floor_of_eight_thirds(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench.json"
+    assert bench_main(["vit-t-cifar", "--device", "cpu", "--batch", "4", "--repeats", "1", "--warmup", "1",
+                       "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert (r["method"], r["arch"], r["patch_size"], r["batch"]) == ("moco_v3", "vit_tiny", 4, 4)
+    assert r["floor"] == 8 / 3 and set(r["breakdown_s"]) == {"key forward", "EMA"}
+    # Two views through f_q (forward and backward) and f_k (forward): over twice a supervised step's operators.
+    assert r["ops"]["moco"]["compute"] > 2 * r["ops"]["supervised"]["compute"]
+    printed = capsys.readouterr().out
+    assert "vit_tiny/4, 32 px, batch 4, MoCo v3 (the batch's keys)" in printed
+    assert "the floor is 2.67 (two views through f_q and f_k)" in printed
+
+
 def test_count_ops_counts_the_backward_and_sorts_views_from_kernels():
     conv = torch.nn.Conv2d(3, 4, 3)
     x = torch.randn(2, 3, 8, 8)

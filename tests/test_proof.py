@@ -119,7 +119,7 @@ def test_every_gpu_job_is_a_valid_command_line(tmp_path):
     for form in ("strided", "one_pass", "per_slice"):
         assert {f"r18-{form}", f"r18-{form}-compiled", f"r18-{form}-cuda-graphs"} <= names
     assert {"r18-plain-bn", "r18-strided-nchw", "r50-224", "r50-224-compiled", "r18-queue-65536", "r18-ops",
-            "r18-data"} <= names
+            "r18-data", "vit-s-224", "vit-t-cifar"} <= names
     for job in (j for j in jobs if j not in tests):
         assert job.argv[1:3] == ["-m", "moco_engine.tools.bench"] and job.status == "not run"
         args = bench_parser().parse_args(job.argv[3:])

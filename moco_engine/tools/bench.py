@@ -1,12 +1,19 @@
 """``moco-bench``: images/s of the engine's MoCo step against a supervised step, in one process.
 
-For a named case (backbone, image size, batch, K) it times, on inputs already in device memory:
+For a named case (method, backbone, image size, batch, K) it times, on inputs already in device
+memory:
 
 - a supervised step of the same backbone and batch (forward, cross-entropy, backward, SGD);
-- the engine's MoCo step (``step.moco_step`` through ``Trainer.train_step``: query and key
-  passes, logits, backward, SGD, EMA, enqueue);
-- the pieces MoCo adds, each alone: the key encoder's forward, the EMA, shuffle-BN's permutation,
-  the queue logits (forward and backward) and the enqueue.
+- the engine's step (``Trainer.train_step``): MoCo v1/v2's ``step.moco_step`` (query and key
+  passes, logits, backward, SGD, EMA, enqueue) or MoCo v3's ``moco_v3.moco_v3_step`` (both views
+  through f_q and its predictor and through f_k, the symmetric loss, backward, the optimizer, EMA);
+- the pieces MoCo adds, each alone: the key encoder's forward, the EMA, and for v1/v2 shuffle-BN's
+  permutation, the queue logits (forward and backward) and the enqueue.
+
+Each case has a floor: the least a step can cost in supervised steps of one view at the same
+batch, counting a forward pass as a third of a forward-backward. MoCo v1/v2 (one query
+forward-backward, one key forward): 4/3. MoCo v3 (two views through f_q forward and backward, two
+through f_k forward): 8/3. The table reports the measured ratio against it.
 
 Each figure is the median of ``--repeats`` timed calls after ``--warmup`` untimed ones, with the
 device synchronised around every call; the supervised and MoCo steps are timed in alternation and
@@ -22,6 +29,7 @@ plain BatchNorm, on the case's model at a small batch (seconds on a CPU, even fo
     moco-bench r18-cifar                      # the MoCo CIFAR-10 demo's step
     moco-bench r18-cifar --data --data-root ../shared/data/cifar10_train_20k.tar.gz
     moco-bench tiny --device cpu              # seconds on a laptop
+    moco-bench vit-t-cifar --device cpu --batch 32   # MoCo v3, ViT-Tiny/4, at a CPU's batch
     moco-bench r18-cifar --ops --device cpu   # operators per step, by split-BN form
     moco-bench r18-cifar --cuda-graphs        # the encoders' passes replayed as CUDA graphs
 """
@@ -63,6 +71,21 @@ class Case:
     head: str = "mlp"
     bn_splits: int = 1
     augmentation: str = "cifar"
+    method: str = "moco"  # moco (v1/v2) | moco_v3
+    patch_size: int = 16  # vit_*: the patch side
+    settings: tuple[str, ...] = ()  # further key=value of the method's recipe
+
+    @property
+    def floor(self) -> float:
+        """The least a step can cost, in supervised steps of one view (module docstring)."""
+        return 8 / 3 if self.method == "moco_v3" else 4 / 3
+
+
+# MoCo v3's ViT recipe (configs/experiment/moco_v3_imagenet_vit_small.yaml) as the bench builds it:
+# one process, so plain BN where the recipe has SyncBN.
+V3_VIT = ("model.freeze_patch_embed=true", "model.hidden_dim=4096", "model.dim=256", "model.predictor_last_bn=true",
+          "model.momentum_schedule=cosine", "model.bn=plain", "negatives.kind=momentum_batch", "loss.temperature=0.2",
+          "optim.name=adamw", "optim.lr=1.5e-4", "optim.weight_decay=0.1")
 
 
 CASES = {
@@ -74,6 +97,12 @@ CASES = {
     "r18-cifar-cpu": Case("resnet18", True, 32, 64, 4096, head="linear", bn_splits=8),
     # Seconds on any CPU (the test suite runs it).
     "tiny": Case("resnet18", False, 32, 16, 256, head="linear"),
+    # MoCo v3 with ViT-S/16 at 224 px, batch 256 on one GPU (on a 2-core CPU: --batch 8).
+    "vit-s-224": Case("vit_small", False, 224, 256, 1024, head="mlp3_bn", augmentation="moco_v3", method="moco_v3",
+                      patch_size=16, settings=V3_VIT),
+    # MoCo v3 with ViT-Tiny/4 at 32 px (configs/experiment/moco_v3_cifar10_vit_tiny.yaml), batch 256.
+    "vit-t-cifar": Case("vit_tiny", False, 32, 256, 1024, head="mlp3_bn", augmentation="moco_v3_cifar",
+                        method="moco_v3", patch_size=4, settings=V3_VIT),
 }
 
 
@@ -140,21 +169,26 @@ def build_trainer(case: Case, args: argparse.Namespace):
         data = (["data.name=imagefolder", f"data.root={args.data_root}"] if args.data_root else ["data.name=embedded"])
         data += [f"data.num_workers={args.workers}", f"data.pipeline={args.pipeline}"]
     cfg = load_config([], data + [
-        f"data.image_size={case.image_size}", f"data.augmentation={case.augmentation}",
-        f"model.arch={case.arch}", f"model.cifar_stem={case.cifar_stem}", f"model.head={case.head}",
+        f"method={case.method}", f"data.image_size={case.image_size}", f"data.augmentation={case.augmentation}",
+        f"model.arch={case.arch}", f"model.patch_size={case.patch_size}", f"model.head={case.head}",
+        *([f"model.cifar_stem={case.cifar_stem}"] if case.arch.startswith("resnet") else []),
         f"model.bn_splits={case.bn_splits}", f"model.bn_split_form={args.split_bn}",
         f"queue.size={case.queue}", f"optim.batch_size={case.batch}",
         f"train.device={args.device}", f"train.precision={args.precision}",
         f"train.channels_last={not args.no_channels_last}", f"train.compile={args.compile}",
         f"train.cuda_graphs={args.cuda_graphs}",
-        "train.out_dir=runs/bench", "track.progress=false",
+        "train.out_dir=runs/bench", "track.progress=false", *case.settings,
     ])
     return Trainer(cfg)
 
 
 def supervised_step(trainer, case: Case, x, labels) -> Callable[[], None]:
-    """The supervised baseline: the same backbone (plain BatchNorm) and a linear classifier."""
-    backbone, width = build_backbone(ModelConfig(arch=case.arch, cifar_stem=case.cifar_stem), trainer.loaders.input_shape)
+    """The supervised baseline: the same backbone (plain BatchNorm; a ViT's patch projection
+    frozen as the MoCo v3 step's is) and a linear classifier."""
+    model_cfg = trainer.cfg.model
+    same = ModelConfig(arch=case.arch, cifar_stem=model_cfg.cifar_stem, patch_size=model_cfg.patch_size,
+                       freeze_patch_embed=model_cfg.freeze_patch_embed)
+    backbone, width = build_backbone(same, trainer.loaders.input_shape)
     model = torch.nn.Sequential(backbone, torch.nn.Linear(width, 1000)).to(trainer.device, memory_format=trainer.memory_format)
     graphed = trainer.cfg.train.cuda_graphs  # compared like with like: graphed when the MoCo step is
     if trainer.cfg.train.compile or graphed:
@@ -203,10 +237,9 @@ def breakdown(trainer, x, idx, repeats: int, warmup: int) -> dict[str, float]:
     pieces = {
         "key forward": key_forward,
         "EMA": lambda: trainer.encoder_k.update(trainer.encoder_q, 0.99),
-        "shuffle": shuffle,
-        "queue logits": queue_logits,
-        "enqueue": enqueue,
     }
+    if cfg.method == "moco":  # v3 has no shuffle and its negatives are the batch's keys
+        pieces |= {"shuffle": shuffle, "queue logits": queue_logits, "enqueue": enqueue}
     return {name: median_seconds(fn, repeats, warmup, device) for name, fn in pieces.items()}
 
 
@@ -249,6 +282,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         case = replace(case, bn_splits=args.bn_splits)
     if args.queue:
         case = replace(case, queue=args.queue)
+    if args.batch:
+        case = replace(case, batch=args.batch)
     if args.ops:
         return {"case": name, **asdict(case), "ops_by_form": form_op_counts(case, args)}
     trainer = build_trainer(case, args)
@@ -273,6 +308,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         "moco_s": moco_s,
         "moco_peak_gib": _peak_memory(device, moco_fn),
         "ratio": ratio, "repeats": args.repeats,  # the median of paired ratios, not the ratio of medians
+        "floor": case.floor,
     }
     result["breakdown_s"] = breakdown(trainer, x_k, idx, args.repeats, args.warmup)
     eager = not (trainer.cfg.train.compile or trainer.cfg.train.cuda_graphs)  # compiled kernels are no ATen ops
@@ -294,7 +330,9 @@ def form_op_counts(case: Case, args: argparse.Namespace) -> dict[str, dict]:
     small = replace(case, batch=8 * splits, queue=min(case.queue, 1024))
     eager = {**vars(args), "compile": False, "cuda_graphs": False, "data": False}
     counts = {}
-    for form in ("plain", *(f for f in SplitBatchNorm.FORMS if f != "auto")):
+    # Split-BN is MoCo v1/v2's (shuffle-BN's companion); MoCo v3 keeps plain (or synchronised) BN.
+    forms = ("plain",) if case.method == "moco_v3" else ("plain", *(f for f in SplitBatchNorm.FORMS if f != "auto"))
+    for form in forms:
         variant = replace(small, bn_splits=1 if form == "plain" else splits)
         trainer = build_trainer(variant, argparse.Namespace(**{**eager, "split_bn": "auto" if form == "plain" else form}))
         shape = (variant.batch, 3, variant.image_size, variant.image_size)
@@ -338,6 +376,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         (args.workers >= 0, "--workers", args.workers, "must be >= 0"),
         (args.bn_splits >= 0, "--bn-splits", args.bn_splits, "must be >= 0 (0 = the case's own)"),
         (args.queue >= 0, "--queue", args.queue, "must be >= 0 (0 = the case's own)"),
+        (args.batch >= 0, "--batch", args.batch, "must be >= 0 (0 = the case's own)"),
         (args.pipeline in ("cpu", "device"), "--pipeline", args.pipeline, "must be cpu or device"),
         (args.precision in CHOICES["train.precision"], "--precision", args.precision,
          f"must be one of {', '.join(CHOICES['train.precision'])}"),
@@ -362,6 +401,7 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay both models' passes as CUDA graphs (train.cuda_graphs; CUDA only)")
     parser.add_argument("--queue", type=int, default=0, help="override the case's queue size K")
+    parser.add_argument("--batch", type=int, default=0, help="override the case's batch (a CPU's smaller one)")
     parser.add_argument("--ops", action="store_true",
                         help="only count operators per step (supervised; MoCo with plain BN and each split-BN form)")
     parser.add_argument("--repeats", type=int, default=20)

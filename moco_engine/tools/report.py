@@ -13,9 +13,14 @@ def case_table(r: dict) -> str:
                 f"operators per step\n\n" + ops_table(r["ops_by_form"], "step"))
     gib = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     mode = ", CUDA graphs" if r.get("cuda_graphs") else ", compiled" if r["compile"] else ""
+    v3 = r.get("method") == "moco_v3"
+    negatives = "MoCo v3 (the batch's keys)" if v3 else f"K {r['queue']}"
+    stem = " (CIFAR stem)" if r["cifar_stem"] and r["arch"].startswith("resnet") else ""
+    arch = f"{r['arch']}/{r['patch_size']}" if r["arch"].startswith("vit") else r["arch"]
+    floor = r.get("floor", 4 / 3)
     lines = [
-        f"## {r['case']}: {r['arch']}{' (CIFAR stem)' if r['cifar_stem'] else ''}, {r['image_size']} px, batch {b}, "
-        f"K {r['queue']}, {r['precision']}{mode}"
+        f"## {r['case']}: {arch}{stem}, {r['image_size']} px, batch {b}, "
+        f"{negatives}, {r['precision']}{mode}"
         f"{', split-BN ' + str(r['bn_splits']) + ' (' + r['split_bn'] + ')' if r['bn_splits'] > 1 else ''} on {r['device_name']}",
         "",
         "| step | ms (median) | images/s | peak memory GiB |",
@@ -23,7 +28,9 @@ def case_table(r: dict) -> str:
         f"| supervised | {r['supervised_s'] * 1e3:.2f} | {b / r['supervised_s']:,.0f} | {gib(r['supervised_peak_gib'])} |",
         f"| MoCo | {r['moco_s'] * 1e3:.2f} | {b / r['moco_s']:,.0f} | {gib(r['moco_peak_gib'])} |",
         "",
-        f"MoCo / supervised: {r['ratio']:.2f} (median of {r['repeats']} paired rounds)",
+        f"MoCo / supervised: {r['ratio']:.2f} (median of {r['repeats']} paired rounds); the floor is {floor:.2f} "
+        f"({'two views through f_q and f_k' if v3 else 'a query forward-backward and a key forward'}): "
+        f"{r['ratio'] / floor:.2f}x the floor",
         "",
         "| MoCo piece (alone) | ms | % of the MoCo step |",
         "| --- | --- | --- |",
