@@ -146,6 +146,44 @@ def test_moco_v3_under_torchrun_stopped_and_resumed_is_bit_identical(tmp_path):
     assert_same_ranks(straight, stopped_and_resumed(tmp_path / "stopped", *v3))
 
 
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("vit_tiny", marks=pytest.mark.slow)])
+def test_two_processes_step_as_one_process_with_twice_the_batch(tmp_path, arch):
+    """Under torchrun (2 ranks, gloo) each rank's queries meet the keys of both ranks, labelled
+    B·rank + i; the mean of the ranks' losses and the parameters after the step equal one
+    process's on both ranks' items (2B) to float32 rounding (tests/v3_batch_worker.py: split-BN
+    over 2 slices gives the one process the ranks' BatchNorm statistics, so nothing else differs)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from v3_batch_worker import one_step
+
+    overrides = [*TINY, "method=moco_v3", f"model.arch={arch}", "model.patch_size=8", "model.head=mlp_bn",
+                 "model.bn=plain", "model.bn_splits=1", "negatives.kind=momentum_batch", "optim.name=lars",
+                 "optim.warmup_epochs=0", "optim.lr=0.5", "train.device=cpu", f"train.out_dir={tmp_path}/run"]
+    worker = Path(__file__).with_name("v3_batch_worker.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(worker), str(tmp_path), *overrides, "train.overwrite=true"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    single = one_step([*overrides, f"train.out_dir={tmp_path}/single", "model.bn_splits=2"], [0, 1])
+    assert ranks[0]["before"].keys() == single["before"].keys()
+    assert all(torch.equal(ranks[0]["before"][k], v) for k, v in single["before"].items())  # the same start
+    mean = (ranks[0]["loss"] + ranks[1]["loss"]) / 2  # each rank's loss: the mean over its own queries
+    assert torch.allclose(mean, single["loss"], rtol=1e-5, atol=1e-6), (mean, single["loss"])
+    assert not torch.allclose(ranks[0]["loss"], ranks[1]["loss"])  # the ranks had different items
+    moved = [k for k, v in single["after"].items() if not torch.equal(v, single["before"][k])]
+    assert len(moved) > 10
+    # Every parameter's update, to float32 rounding through the backward of a deep network (1e-7 for
+    # the few whose gradient is zero in exact arithmetic: a LayerNorm bias before the head's first BN).
+    for rank in ranks:
+        for k in moved:
+            update, theirs = single["after"][k] - single["before"][k], rank["after"][k] - rank["before"][k]
+            assert (update - theirs).abs().max() <= 1e-3 * update.abs().max() + 1e-7, k
+
+
 def test_moco_v3_refuses_end_to_end_negatives():
     with pytest.raises(Exception, match=r"'negatives.kind' = 'in_batch': method=moco_v3 takes its keys"):
         load_config([], ["method=moco_v3", "negatives.kind=in_batch"])
