@@ -82,6 +82,7 @@ class ModelConfig:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # timm:<name>: its constructor's options (img_size, ...)
     zero_init_residual: bool = False  # resnet*: each residual block's last BN starts at scale 0 (MoCo v3's ResNets)
     predictor_last_bn: bool = False  # method=moco_v3: a BN(affine=False) after the predictor (MoCo v3's ViTs)
+    init_from: str = ""  # a weights file the backbone starts from (a fresh run; method/init_from.py); never downloaded
     params: dict[str, Any] = field(default_factory=dict)  # options of a registered backbone that the schema lacks (its `params`)
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from moco_engine.config.rules import ignored_warning
 from moco_engine.config.schema import Config
 from moco_engine.data.loaders import build_loaders, preview_pairs
+from moco_engine.method.init_from import init_backbone
 from moco_engine.method.moco_v3 import moco_v3_step
 from moco_engine.method.schedules import lr_at, momentum_at
 from moco_engine.method.step import Skipped, build_parts, byol_step, moco_step
@@ -246,6 +247,14 @@ class Trainer:
             self.stop()
 
     # ======================================================================== the run
+    def init_backbone(self) -> None:
+        """f_q's backbone from ``model.init_from`` (every rank reads the file), f_k's the same."""
+        line = init_backbone(self.encoder_q.backbone, self.cfg.model.init_from)
+        if self.encoder_k is not None:  # f_k starts as a copy of f_q, as without the file
+            self.encoder_k.encoder.backbone.load_state_dict(self.encoder_q.backbone.state_dict())
+        if dist.is_main():
+            print(line, file=sys.stderr, flush=True)
+
     def prepare_run_dir(self) -> None:
         """Create the run folder; resume from it, or refuse to clobber a run already in it."""
         folder.make_folder(self.run_dir)
@@ -257,6 +266,8 @@ class Trainer:
             if dist.is_main():
                 print(f"resumed from {path} at epoch {self.epoch}, step {self.step}", flush=True)
         else:
+            if self.cfg.model.init_from:  # a fresh run only: a resumed one holds its own weights
+                self.init_backbone()
             self.negatives.on_start(self.encode_interruptibly)  # e.g. the memory bank's init=encode
         folder.write_config(self.run_dir, self.cfg)
 
