@@ -8,15 +8,15 @@ def case_table(r: dict) -> str:
     """One case of ``bench.run_case``: the two steps, MoCo's pieces, then what was added
     (operator counts, profile, input path)."""
     b = r["batch"]
+    stem = " (CIFAR stem)" if r["cifar_stem"] and r["arch"].startswith("resnet") else ""
+    arch = f"{r['arch']}/{r['patch_size']}" if r["arch"].startswith("vit") else r["arch"]
     if "supervised_s" not in r:  # moco-bench --ops: counts only
-        return (f"## {r['case']}: {r['arch']}{' (CIFAR stem)' if r['cifar_stem'] else ''}, {r['image_size']} px, "
-                f"operators per step\n\n" + ops_table(r["ops_by_form"], "step"))
+        return f"## {r['case']}: {arch}{stem}, {r['image_size']} px, operators per step\n\n" + ops_table(
+            r["ops_by_form"], "step")
     gib = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     mode = ", CUDA graphs" if r.get("cuda_graphs") else ", compiled" if r["compile"] else ""
     v3 = r.get("method") == "moco_v3"
     negatives = "MoCo v3 (the batch's keys)" if v3 else f"K {r['queue']}"
-    stem = " (CIFAR stem)" if r["cifar_stem"] and r["arch"].startswith("resnet") else ""
-    arch = f"{r['arch']}/{r['patch_size']}" if r["arch"].startswith("vit") else r["arch"]
     floor = r.get("floor", 4 / 3)
     lines = [
         f"## {r['case']}: {arch}{stem}, {r['image_size']} px, batch {b}, "
