@@ -25,7 +25,7 @@ from moco_engine.run.tracking import knn_curve, read_metrics  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
-    parser.add_argument("runs", nargs="+", metavar="LABEL=METRICS.jsonl")
+    parser.add_argument("runs", nargs="*", metavar="LABEL=METRICS.jsonl")
     parser.add_argument("--points", action="append", default=[], metavar="LABEL=X:Y,...")
     parser.add_argument("--level", action="append", default=[], metavar="LABEL=Y")
     parser.add_argument("--title", default="kNN top-1 on the test split")
