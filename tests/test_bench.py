@@ -4,8 +4,9 @@ import time
 import pytest
 import torch
 
-from moco_engine.tools.bench import CASES, bench_main, paired_medians
+from moco_engine.tools.bench import CASES, bench_main
 from moco_engine.tools.opcount import count_ops
+from moco_engine.tools.timing import paired_medians
 
 
 def test_moco_bench_runs_the_tiny_case_and_prints_its_table(tmp_path, monkeypatch, capsys):

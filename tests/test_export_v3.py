@@ -16,9 +16,10 @@ from moco_engine.method.encoders import MomentumEncoder, build_encoder, build_pr
 timm = pytest.importorskip("timm")
 
 
-def v3_state(arch: str, size: int, *extra: str) -> dict:
+def v3_state(arch: str, size: int, *extra: str) -> tuple[dict, torch.nn.Module]:
     """A MoCo v3 checkpoint's sections as a run saves them, for ``arch`` at ``size`` px, without
-    training (the layout is what is tested; the values are f_q's random start, f_k its copy)."""
+    training (the layout is what is tested; the values are f_q's random start, f_k its copy),
+    and f_q."""
     cfg = load_config(["configs/experiment/moco_v3_imagenet_vit_small.yaml"],
                       ["data.name=synthetic", f"model.arch={arch}", f"data.image_size={size}", "model.bn=plain", *extra])
     torch.manual_seed(0)

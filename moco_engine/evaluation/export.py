@@ -22,7 +22,6 @@ from moco_engine.config.schema import UserError
 from moco_engine.method.encoders import Encoder
 from moco_engine.method.vit import VisionTransformer
 
-FORMATS = ("torchvision", "detectron2", "timm", "moco_v3")
 SUFFIXES = {"torchvision": "_torchvision.pth", "detectron2": "_detectron2.pkl", "timm": "_timm.pth",
             "moco_v3": "_moco_v3.pth.tar"}
 # The backbones moco-v3's main_lincls.py builds (vits.py's vit_small and vit_base are ViT-S/16 and
@@ -121,7 +120,7 @@ def moco_v3_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def export(encoder: Encoder, out_stem: Path, formats: list[str], state: dict[str, Any] | None = None) -> list[Path]:
-    """Write the backbone in each of ``formats`` (:data:`FORMATS`; file names :data:`SUFFIXES`)
+    """Write the backbone in each of ``formats`` (the keys of :data:`SUFFIXES`, its file names)
     next to ``out_stem``; refuses to overwrite an existing file. ``moco_v3`` needs the run's
     checkpoint ``state`` (it writes f_k and the predictor too)."""
     targets = {fmt: out_stem.with_name(out_stem.name + suffix) for fmt, suffix in SUFFIXES.items()}

@@ -4,8 +4,7 @@ the layouts pretrained weights come in. Nothing is ever downloaded.
 Accepted files: a ``.pth``/``.pt``/``.pth.tar`` of tensors (read with ``weights_only``) or a
 ``.safetensors`` file, holding the state dict itself or under ``state_dict`` / ``model`` (moco,
 moco-v3, timm, torchvision and this engine's exports all fit) or ``encoder_q`` (this engine's
-checkpoints). Keys are matched after removing
-the prefix of a MoCo checkpoint (``module.encoder_q.``, ``module.base_encoder.``) or of a wrapper
+checkpoints). Keys are matched after removing the prefix of a MoCo checkpoint (``module.encoder_q.``, ``module.base_encoder.``) or of a wrapper
 (``module.``, ``backbone.``); a MoCo checkpoint's key encoder, predictor and queue are left out,
 and so is a classifier the backbone lacks (``fc``, ``head``, ``classifier``). Every tensor of the
 backbone must be found with its shape; anything else is one line naming the key.
@@ -23,14 +22,14 @@ from torch import nn
 from moco_engine.config.schema import ConfigError
 
 # Prefixes of the backbone inside the checkpoints users bring, most specific first: MoCo v1/v2's
-# encoder_q (facebookresearch/moco), MoCo v3's base_encoder (facebookresearch/moco-v3), DDP's
-# and this engine's Encoder wrapper.
-PREFIXES = ("module.encoder_q.", "module.base_encoder.", "encoder_q.backbone.", "module.", "backbone.")
+# encoder_q (facebookresearch/moco), MoCo v3's base_encoder (facebookresearch/moco-v3), DDP's,
+# and this engine's Encoder (a checkpoint's encoder_q section).
+PREFIXES = ("module.encoder_q.", "module.base_encoder.", "module.", "backbone.")
 CLASSIFIERS = ("fc.", "head.", "classifier.")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of ``path`` (unwrapped from ``state_dict`` / ``model``)."""
+    """The tensors of ``path`` (unwrapped from ``state_dict`` / ``model`` / ``encoder_q``)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +56,7 @@ from moco_engine.runtime.precision import autocast
 from moco_engine.tools.cli import with_version
 from moco_engine.tools.opcount import count_ops
 from moco_engine.tools.report import case_table
+from moco_engine.tools.timing import median_seconds, paired_medians, peak_memory, profile, sync
 
 
 @dataclass(frozen=True)
@@ -104,59 +104,6 @@ CASES = {
     "vit-t-cifar": Case("vit_tiny", False, 32, 256, 1024, head="mlp3_bn", augmentation="moco_v3_cifar",
                         method="moco_v3", patch_size=4, settings=V3_VIT),
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def paired_medians(a: Callable[[], object], b: Callable[[], object], repeats: int, warmup: int,
-                   device: torch.device) -> tuple[float, float, float]:
-    """Median seconds of ``a()`` and of ``b()``, and the median of the per-round ratios b / a.
-
-    The two are timed in alternation (a, b, a, b, …), so a machine whose speed drifts (shared
-    cores, clock changes) slows both alike and the ratio stays honest; timing all of ``a`` and
-    then all of ``b`` let a 2-core machine's drift move the ratio by ±20%.
-    """
-    for _ in range(warmup):
-        a()
-        b()
-    times_a, times_b = [], []
-    for _ in range(repeats):
-        for fn, times in ((a, times_a), (b, times_b)):
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    ratios = [tb / ta for ta, tb in zip(times_a, times_b)]
-    return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
-
-
-def _peak_memory(device: torch.device, fn: Callable[[], object]) -> float | None:
-    """Peak device memory (GiB) of one call of ``fn``; None on CPU (no allocator statistics)."""
-    if device.type != "cuda":
-        return None
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    _sync(device)
-    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def build_trainer(case: Case, args: argparse.Namespace):
@@ -260,11 +207,11 @@ def data_path(trainer, steps: int, warmup: int) -> dict[str, float]:
         it = batches()
         for _ in range(warmup):
             work(*next(it))
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(steps):
             work(*next(it))
-        _sync(device)
+        sync(device)
         return (time.perf_counter() - start) / steps
 
     # Enough batches to drain what the loader's workers prefetched during the warm-up, so the
@@ -304,9 +251,9 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         "cuda_graphs": trainer.cfg.train.cuda_graphs,
         "split_bn": SplitBatchNorm.resolve_form(args.split_bn, device),  # what "auto" meant here
         "supervised_s": supervised_s,
-        "supervised_peak_gib": _peak_memory(device, sup_fn),
+        "supervised_peak_gib": peak_memory(device, sup_fn),
         "moco_s": moco_s,
-        "moco_peak_gib": _peak_memory(device, moco_fn),
+        "moco_peak_gib": peak_memory(device, moco_fn),
         "ratio": ratio, "repeats": args.repeats,  # the median of paired ratios, not the ratio of medians
         "floor": case.floor,
     }
@@ -347,20 +294,6 @@ def form_op_counts(case: Case, args: argparse.Namespace) -> dict[str, dict]:
             row = "supervised" if step_name == "supervised" else f"MoCo, {form if form == 'plain' else 'split-BN ' + form}"
             counts[row] = {"batch": variant.batch, "bn_splits": variant.bn_splits, **count_ops(step).as_dict()}
     return counts
-
-
-def profile(fn: Callable[[], object], device: torch.device, steps: int = 5) -> str:
-    """torch.profiler's table of the most expensive ops over ``steps`` calls of ``fn``."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
-        for _ in range(steps):
-            fn()
-        _sync(device)
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=25)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
