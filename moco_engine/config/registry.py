@@ -31,11 +31,12 @@ from moco_engine.config.schema import ConfigError
 #: Each registry-backed setting and the module that owns its registry (then any other modules
 #: that register built-in entries in it).
 OWNERS = {
-    "model.arch": ("moco_engine.method.backbones", "moco_engine.method.vit", "moco_engine.method.timm_backbones"),
+    "model.arch": ("moco_engine.method.backbones", "moco_engine.method.vit", "moco_engine.method.timm_backbones",
+                   "moco_engine.method.text_encoder"),
     "model.head": "moco_engine.method.heads",
     "loss.name": "moco_engine.method.objectives",
     "negatives.kind": "moco_engine.method.negatives",
-    "data.name": "moco_engine.data.sources",
+    "data.name": ("moco_engine.data.sources", "moco_engine.data.text_source"),
     "data.augmentation": "moco_engine.data.recipes",
 }
 

@@ -26,7 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "memory_bank.positive": ("bank", "key"),
     "memory_bank.update": ("refresh", "momentum", "both"),
     "optim.name": ("sgd", "lars", "adamw"),
-    "optim.schedule": ("cosine", "step", "constant"),
+    "optim.schedule": ("cosine", "linear", "step", "constant"),
     "optim.lr_scaling": ("none", "linear"),
     "linear.schedule": ("step", "cosine"),
     "linear.lr_scaling": ("none", "linear"),
@@ -100,6 +100,9 @@ def validate(cfg: Config) -> None:
         cfg.model.bn_splits,
         f"cannot exceed optim.batch_size ({cfg.optim.batch_size})",
     )
+    need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", cfg.optim.betas,
+         "must be two numbers in [0, 1)")
+    need(cfg.optim.eps > 0, "optim.eps", cfg.optim.eps, "must be > 0")
     need(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", cfg.optim.warmup_epochs, "must be >= 0")
     need(cfg.optim.trust_coefficient > 0, "optim.trust_coefficient", cfg.optim.trust_coefficient, "must be > 0")
     need(cfg.train.epochs >= 1, "train.epochs", cfg.train.epochs, "must be >= 1")
@@ -120,6 +123,17 @@ def validate(cfg: Config) -> None:
         cfg.data.root,
         f"data.name={cfg.data.name} needs a data folder",
     )
+    text = cfg.data.text
+    need(text.vocab_size >= 16, "data.text.vocab_size", text.vocab_size, "must be >= 16")
+    need(2 <= text.chunk_length <= 65536, "data.text.chunk_length", text.chunk_length, "must lie in [2, 65536]")
+    need(0 < text.ratio_min <= text.ratio_max <= 1, "data.text.ratio_min", text.ratio_min,
+         f"need 0 < data.text.ratio_min <= data.text.ratio_max ({text.ratio_max}) <= 1")
+    for key in ("deletion", "replacement", "masking"):
+        need(0 <= getattr(text, key) < 1, f"data.text.{key}", getattr(text, key), "must lie in [0, 1)")
+    need(text.deletion + text.replacement + text.masking < 1, "data.text.masking", text.masking,
+         "data.text.deletion + replacement + masking must be < 1")
+    for key in ("max_length", "query_max_length"):
+        need(getattr(text, key) >= 3, f"data.text.{key}", getattr(text, key), "must be >= 3 ([CLS], a token, [SEP])")
     need(cfg.eval.knn_every >= 0, "eval.knn_every", cfg.eval.knn_every, "must be >= 0")
     need(cfg.eval.knn_k >= 1, "eval.knn_k", cfg.eval.knn_k, "must be >= 1")
     need(cfg.eval.knn_t > 0, "eval.knn_t", cfg.eval.knn_t, "must be > 0")

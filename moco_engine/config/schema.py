@@ -43,6 +43,24 @@ class ConfigError(UserError):
 
 
 @dataclass
+class TextDataConfig:
+    """data.name=text: the tokenizer and Contriever's views (data/text.py)."""
+
+    tokenizer: str = ""  # "" (a WordPiece trained on the training corpus) | a tokenizer.json | a local Hugging Face model folder
+    vocab_size: int = 8192  # the trained WordPiece's vocabulary size (at most)
+    lowercase: bool = True  # the trained WordPiece's normaliser (and a vocab.txt folder's)
+    chunk_length: int = 256  # L, tokens of a chunk (an item)
+    within_documents: bool = False  # chunks end at documents' ends (else one stream, a random offset each epoch)
+    ratio_min: float = 0.1  # a view is a random span of n·U(ratio_min, ratio_max) tokens of its chunk
+    ratio_max: float = 0.5
+    deletion: float = 0.1  # each span token deleted with this probability
+    replacement: float = 0.0  # ... else replaced by a random non-special token
+    masking: float = 0.0  # ... else replaced by [MASK]
+    max_length: int = 256  # evaluation: passages truncated to this many tokens, [CLS] and [SEP] included
+    query_max_length: int = 64  # evaluation: queries truncated likewise
+
+
+@dataclass
 class DataConfig:
     name: str = "embedded"  # embedded | cifar10 | imagefolder | synthetic | any registered source (data/sources.py)
     root: str = ""  # cifar10: torchvision root; imagefolder: a folder or a .tar/.tar.gz/.tar.xz
@@ -60,6 +78,7 @@ class DataConfig:
     synthetic_size: int = 512  # synthetic: number of training images (test: a quarter)
     synthetic_classes: int = 4  # synthetic: number of classes
     params: dict[str, Any] = field(default_factory=dict)  # options of a registered source that the schema lacks (its `params`)
+    text: TextDataConfig = field(default_factory=TextDataConfig)
 
 
 @dataclass
@@ -71,6 +90,7 @@ class ModelConfig:
     head: str = "linear"  # or any registered head (method/heads.py)
     hidden_dim: int = 0  # width of the MLP head's hidden layer (0 = the backbone's width)
     dim: int = 128  # D, the embedding size of queries, keys and negatives
+    normalize: bool = True  # L2-normalised embeddings (off: raw dot products, as Contriever's recipe trains)
     momentum: float = 0.99  # m of the key encoder's EMA
     momentum_schedule: str = "constant"  # constant | cosine (m rises to 1 over training)
     bn: str = "shuffle"  # shuffle (key batch permuted across all ranks before f_k) | sync (SyncBN, CUDA) | plain
@@ -132,9 +152,11 @@ class OptimConfig:
     weight_decay: float = 5e-4
     batch_size: int = 64  # per process
     lr_scaling: str = "none"  # none | linear (lr = optim.lr x global batch / 256)
-    schedule: str = "cosine"  # cosine | step | constant (after the warm-up)
+    schedule: str = "cosine"  # cosine | linear (to 0, Contriever's) | step | constant (after the warm-up)
     warmup_epochs: float = 0.0  # linear warm-up (fractional epochs allowed)
     warmup_from_zero: bool = False  # the warm-up's first step at lr 0 (MoCo v3's adjust_learning_rate), not lr/warmup
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw: (beta1, beta2)
+    eps: float = 1e-8  # adamw: epsilon
     trust_coefficient: float = 0.001  # lars: eta of the trust ratio eta·|p|/|d|
     lars_clip: bool = False  # lars: cap the trust ratio at lr (solo-learn's clipping)
     milestones: list[int] = field(default_factory=lambda: [120, 160])  # step: epochs of lr x gamma
@@ -168,6 +190,8 @@ class EvalConfig:
     knn_t: float = 0.1
     knn_features: str = "backbone"  # backbone | head (normalised either way)
     batch_size: int = 512
+    retrieval_split: str = "train"  # text: the qrels split the retrieval monitor (and so sweeps, best-of-run) use
+    split: str = "test"  # text: the qrels split moco-eval retrieval reports
 
 
 @dataclass

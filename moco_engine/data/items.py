@@ -59,14 +59,17 @@ class Splits:
             torch's global RNG, which the loader seeds per (seed, epoch, item): a resumed run
             sees the views an uninterrupted one would.
         plain: the deterministic view evaluation encodes (None: images, the recipe's).
+        text: the text source's corpus (``data/text_source.TextCorpus``): the items are its
+            chunks, viewed batched on the device (``data/text.py``), not one by one.
     """
 
     train: ItemSet
     test: ItemSet | None
     view: Callable[[Any], Any] | None = None
     plain: Callable[[Any], Any] | None = None
+    text: Any = None
 
     @property
     def images(self) -> bool:
         """Whether the items are images (viewed through a recipe)."""
-        return self.view is None
+        return self.view is None and self.text is None

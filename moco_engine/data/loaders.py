@@ -38,6 +38,7 @@ from moco_engine.data.recipes import (
 )
 from moco_engine.data.sampling import EpochSampler, Indexed, ReshuffledEpochs, TwoViews, make_loader
 from moco_engine.data.sources import SOURCES, build_splits
+from moco_engine.data.text import TextPlain, TextTwoViews
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Loaders:
         input_shape: one view of an item, without the batch dimension: (3, S, S) for images; a
             dict of shapes for dict views (what the backbone's builder is given).
         spec: the augmentation recipe the training views follow (None: the items are not images).
+        text: the text source's corpus, tokenizer and view spec (None: not text); the retrieval
+            monitor reads its queries and qrels.
     """
 
     train: Iterable
@@ -73,6 +76,7 @@ class Loaders:
     steps_per_epoch: int
     input_shape: Any
     spec: ViewSpec | None
+    text: Any = None
 
     @property
     def images(self) -> bool:
@@ -134,10 +138,12 @@ def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world: int =
     specs = view_specs(cfg.data.augmentation, cfg.data.image_size, cfg.data.crop_min) if splits.images else None
     spec = specs[0] if specs else None
     pipeline = resolve_pipeline(cfg.data)
-    if pipeline == "device" and spec is None:
+    if splits.text is not None:
+        train, plain = _text_loaders(cfg, splits.text, sampler, device, rank, world)
+    elif pipeline == "device" and spec is None:
         raise UserError(f"config key 'data.pipeline' = 'device': the device path makes image views, and "
                         f"data.name={cfg.data.name} gives items that are not images; use data.pipeline=cpu")
-    if pipeline == "device":
+    elif pipeline == "device":
         train, plain = _device_loaders(cfg, splits, specs, sampler, device, rank, world)
     else:
         train, plain = _cpu_loaders(cfg, splits, sampler, device, rank, world, view)
@@ -149,7 +155,7 @@ def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world: int =
         train=train, sampler=sampler, plain_train=plain["train"], plain_train_shard=plain["train_shard"],
         test=plain["test"] if labelled else None, test_shard=plain["test_shard"] if labelled else None,
         num_items=num_items, num_test=len(splits.test) if labelled else 0, num_classes=len(splits.train.classes),
-        steps_per_epoch=steps, input_shape=input_shape(cfg.data, splits), spec=spec,
+        steps_per_epoch=steps, input_shape=input_shape(cfg.data, splits), spec=spec, text=splits.text,
     )
 
 
@@ -158,6 +164,9 @@ def input_shape(cfg: DataConfig, splits: Splits) -> Any:
     of the source's plain view of its first item (a dict of shapes for dict views)."""
     if splits.images:
         return (3, cfg.image_size, cfg.image_size)
+    if splits.text is not None:  # token ids of up to W positions, and the vocabulary they index
+        width = max(splits.text.spec.max_width(cfg.text.chunk_length), cfg.text.max_length, cfg.text.query_max_length)
+        return {"input_ids": (width,), "attention_mask": (width,), "vocab_size": (splits.text.tokenizer.vocab_size,)}
     view = splits.plain(splits.train.load(0))
     return {k: tuple(v.shape) for k, v in view.items()} if isinstance(view, dict) else tuple(view.shape)
 
@@ -206,6 +215,24 @@ def _cpu_loaders(cfg: Config, splits: Splits, sampler: EpochSampler, device: tor
     out = dict(zip(("train", "train_shard"), whole_and_shard(splits.train)))
     out["test"], out["test_shard"] = whole_and_shard(splits.test) if splits.test is not None else (None, None)
     return train, out
+
+
+def _text_loaders(cfg: Config, corpus: Any, sampler: EpochSampler, device: torch.device, rank: int,
+                  world: int) -> tuple[Iterable, dict]:
+    stream = corpus.stream.to(device)
+    # One width on every rank where shuffle-BN gathers the key views across ranks, and on CUDA
+    # (no host sync for the batch's longest view); else each batch pads to its longest.
+    fixed = (world > 1 and cfg.model.bn == "shuffle") or device.type == "cuda"
+    width = corpus.spec.max_width(cfg.data.text.chunk_length) if fixed else None
+    train = TextTwoViews(stream, corpus.spec, cfg.optim.batch_size, sampler, cfg.train.seed, cfg.data.drop_last, width)
+    # The items' plain views (the memory bank's refresh, the train set's encoding): the chunks
+    # as epoch 0 cuts them, [CLS] chunk [SEP].
+    chunks = stream.chunk_tokens(cfg.train.seed, 0)
+    length = cfg.data.text.chunk_length + 2
+    whole = TextPlain(chunks, corpus.spec, cfg.eval.batch_size, length, device)
+    shard = TextPlain(chunks, corpus.spec, cfg.eval.batch_size, length, device,
+                      shard_indices(len(chunks), rank, world)) if world > 1 else whole
+    return train, {"train": whole, "train_shard": shard, "test": None, "test_shard": None}
 
 
 def _device_loaders(cfg: Config, splits: Splits, specs: tuple[ViewSpec, ViewSpec], sampler: EpochSampler,

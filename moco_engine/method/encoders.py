@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moco_engine.config.schema import ModelConfig
+from moco_engine.config.schema import ConfigError, ModelConfig
 from moco_engine.method.backbones import build_backbone
 from moco_engine.method.heads import build_head, v3_mlp
 from moco_engine.method.norms import split_bn
@@ -29,16 +29,18 @@ class Encoder(nn.Module):
         width: the backbone's feature width (the linear probe's input).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, width: int | None = None) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, width: int | None = None, normalize: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.normalize = normalize
         # Without a width given, the head's first linear layer tells it.
         self.width = width or next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
 
     def forward(self, x: Any) -> Tensor:
-        """x: (B, ...) -> (B, D), unit norm."""
-        return F.normalize(self.head(self.backbone(x)), dim=1)
+        """x: (B, ...) -> (B, D), unit norm (``model.normalize=false``: as the head gives them)."""
+        z = self.head(self.backbone(x))
+        return F.normalize(z, dim=1) if self.normalize else z
 
 
 def build_predictor(cfg: ModelConfig, method: str, byol_hidden: int) -> nn.Module:
@@ -80,7 +82,11 @@ def build_encoder(cfg: ModelConfig, input_shape: Any) -> Encoder:
     """The query encoder f_q described by ``cfg`` for inputs of ``input_shape`` (one item's, no
     batch dimension; see ``backbones.py``); the key encoder is its :class:`MomentumEncoder`."""
     backbone, width = build_backbone(cfg, input_shape)
-    return batch_norm_as_configured(Encoder(backbone, build_head(cfg.head, width, cfg.dim, cfg.hidden_dim), width), cfg)
+    if cfg.head == "none" and cfg.dim != width:
+        raise ConfigError(f"config key 'model.dim' = {cfg.dim}: with model.head=none the embeddings are the "
+                          f"backbone's features, so D must be its width ({width})")
+    head = build_head(cfg.head, width, cfg.dim, cfg.hidden_dim)
+    return batch_norm_as_configured(Encoder(backbone, head, width, cfg.normalize), cfg)
 
 
 def batch_norm_as_configured(module: nn.Module, cfg: ModelConfig) -> nn.Module:

@@ -35,6 +35,13 @@ def mlp(width: int, dim: int, hidden_dim: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
 
+@register_head("none")
+def no_head(width: int, dim: int, hidden_dim: int = 0) -> nn.Module:
+    """No projection: the backbone's features are the embeddings (Contriever's), so
+    ``model.dim`` must equal the backbone's width (checked in ``encoders.build_encoder``)."""
+    return nn.Identity()
+
+
 def v3_mlp(layers: int, width: int, hidden: int, dim: int, last_bn: bool = True) -> nn.Sequential:
     """MoCo v3's MLP (``_build_mlp`` of its moco/builder.py): every hidden layer is
     Linear(bias=False) -> BatchNorm1d -> ReLU, the last Linear has no bias and, with ``last_bn``,

@@ -60,12 +60,13 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter]) -> torch.o
 
     - ``sgd``: ``optim.momentum``, ``optim.weight_decay``;
     - ``lars``: the same, with ``optim.trust_coefficient`` and ``optim.lars_clip``;
-    - ``adamw``: torch's defaults (betas 0.9, 0.999; eps 1e-8) with ``optim.weight_decay``.
+    - ``adamw``: ``optim.betas``, ``optim.eps`` (torch's defaults 0.9, 0.999 and 1e-8;
+      Contriever's 0.9, 0.98 and 1e-6) and ``optim.weight_decay``.
     """
     params = [p for p in params if p.requires_grad]  # a frozen part (a ViT's patch projection) is no one's
     if cfg.name == "lars":
         return LARS(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                     trust_coefficient=cfg.trust_coefficient, clip=cfg.lars_clip)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

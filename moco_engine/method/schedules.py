@@ -8,7 +8,8 @@ from moco_engine.config.schema import Config
 
 
 def lr_at(cfg: Config, step: int, steps_per_epoch: int, world: int = 1) -> float:
-    """Learning rate at global ``step``: linear warm-up, then cosine to 0, step decay or constant
+    """Learning rate at global ``step``: linear warm-up, then cosine to 0, linear to 0
+    (Contriever's ``WarmupLinearScheduler``, src/utils.py, final ratio 0), step decay or constant
     (``optim.warmup_from_zero``: MoCo v3's warm-up from exactly 0).
 
     With ``optim.lr_scaling=linear`` the peak is optim.lr × global batch / 256 (Goyal et al.),
@@ -30,6 +31,8 @@ def lr_at(cfg: Config, step: int, steps_per_epoch: int, world: int = 1) -> float
     if cfg.optim.schedule == "cosine":
         progress = (step - warmup) / max(total - warmup, 1)
         return base * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.optim.schedule == "linear":
+        return base * max(0.0, 1.0 - (step - warmup) / max(total - warmup, 1))
     if cfg.optim.schedule == "step":
         epoch = step // steps_per_epoch
         return base * cfg.optim.gamma ** sum(epoch >= m for m in cfg.optim.milestones)

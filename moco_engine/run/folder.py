@@ -176,9 +176,13 @@ def save_knn_plot(run_dir: Path) -> Path | None:
     from moco_engine.run.plots import line_plot
 
     curve = knn_curve(run_dir / METRICS_FILE)
+    title, label = f"kNN top-1 on the test split ({run_dir.name})", "kNN top-1 accuracy (%)"
+    if not curve:  # a text run: retrieval on the monitor's qrels
+        curve = knn_curve(run_dir / METRICS_FILE, "ndcg@10")
+        title, label = f"retrieval on the monitor's qrels ({run_dir.name})", "nDCG@10"
     trained = [(epoch, top1) for epoch, top1 in curve if epoch > 0]
     if not trained:
         return None
     start = [top1 for epoch, top1 in curve if epoch == 0]
-    return line_plot({"this run": trained}, run_dir / KNN_PLOT_FILE, f"kNN top-1 on the test split ({run_dir.name})",
-                     "epochs", "kNN top-1 accuracy (%)", references={"random initialisation": start[-1]} if start else None)
+    return line_plot({"this run": trained}, run_dir / KNN_PLOT_FILE, title, "epochs", label,
+                     references={"random initialisation": start[-1]} if start else None)

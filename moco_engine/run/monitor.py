@@ -1,6 +1,7 @@
-"""What a run encodes besides its steps: the kNN monitor (the test split against the train
-split) and the whole training set's embeddings (the memory bank's refresh), each on a side
-stream of random numbers, so how often they run never changes the training run."""
+"""What a run encodes besides its steps: the monitor (kNN of the test split against the train
+split; for text, retrieval on the ``eval.retrieval_split`` qrels) and the whole training set's
+embeddings (the memory bank's refresh), each on a side stream of random numbers, so how often
+they run never changes the training run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 from moco_engine.config.schema import EvalConfig
 from moco_engine.data.loaders import Loaders
 from moco_engine.evaluation.knn import encode_split, knn_monitor
+from moco_engine.evaluation.retrieval import retrieval_eval
 from moco_engine.runtime import distributed as dist
 from moco_engine.runtime.precision import own_rng
 
@@ -19,6 +21,31 @@ class Monitor:
 
     def __init__(self, cfg: EvalConfig, loaders: Loaders, device: torch.device, amp_dtype: torch.dtype | None):
         self.cfg, self.loaders, self.device, self.amp_dtype = cfg, loaders, device, amp_dtype
+
+    @property
+    def active(self) -> bool:
+        """Whether there is anything to monitor: a labelled test split, or queries judged in
+        ``eval.retrieval_split``."""
+        text = self.loaders.text
+        return self.loaders.test is not None or (text is not None and self.cfg.retrieval_split in text.data.qrels)
+
+    def evaluate(self, encoder_q: nn.Module) -> dict[str, float]:
+        """The run's monitor: :meth:`retrieval` for text, else :meth:`knn`."""
+        return self.retrieval(encoder_q) if self.loaders.text is not None else self.knn(encoder_q)
+
+    @torch.no_grad()
+    def retrieval(self, encoder_q: nn.Module) -> dict[str, float]:
+        """nDCG@10, recall@100, MRR@10 on the ``eval.retrieval_split`` qrels ({} without them).
+        Selection (the best of a run, a sweep's ranking) sees only this split, never the test
+        split that ``moco-eval retrieval`` reports. Every rank computes it whole (the same
+        weights give the same figures)."""
+        text = self.loaders.text
+        if self.cfg.retrieval_split not in text.data.qrels:
+            return {}
+        model = encoder_q.backbone if self.cfg.knn_features == "backbone" else encoder_q
+        with own_rng(self.device):
+            return retrieval_eval(model, text, self.cfg.retrieval_split, self.cfg.batch_size, encoder_q.normalize,
+                                  self.device, self.amp_dtype)
 
     @torch.no_grad()
     def encode_train_set(self, key_encoder: nn.Module) -> Tensor:

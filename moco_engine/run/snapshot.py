@@ -4,6 +4,7 @@ A snapshot (format 2) is tensors and plain containers only::
 
     config                    the resolved config (to_dict)
     input_shape               one input's shape, as the backbone was built for (moco-eval rebuilds it)
+    tokenizer                 a text run's tokenizer (its JSON; None for other runs): resume and moco-eval use it
     epoch, step, step_in_epoch, last_eval, best_eval, wandb_run_id, nonfinite_skips, eval_pending
     encoder_q, encoder_k, predictor, negatives      model sections (None where the run has none);
                                                     BatchNorm statistics: the ranks' mean
@@ -15,6 +16,7 @@ Taking one is a collective under torchrun (every rank calls :func:`take`; rank 0
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -40,8 +42,10 @@ COUNTERS = {"epoch": 0, "step": 0, "step_in_epoch": 0, "last_eval": {}, "best_ev
 NAN_SENTINELS = ("negatives.log_z",)
 
 
-def take(parts: StepParts, cfg: Config, device: torch.device, counters: dict[str, Any]) -> dict[str, Any]:
-    """Everything needed to continue the run exactly, with ``counters`` (the keys of :data:`COUNTERS`)."""
+def take(parts: StepParts, cfg: Config, device: torch.device, counters: dict[str, Any],
+         tokenizer: str | None = None) -> dict[str, Any]:
+    """Everything needed to continue the run exactly, with ``counters`` (the keys of :data:`COUNTERS`)
+    and a text run's ``tokenizer``."""
     with dist.rank_mean_buffers(parts.encoder_q, parts.encoder_k, parts.predictor):
         model = model_state(parts)
     own = {"rng": rng_state(device), "buffers": {name: b.detach().cpu().clone() for name, b in statistics(parts)}}
@@ -49,6 +53,7 @@ def take(parts: StepParts, cfg: Config, device: torch.device, counters: dict[str
         "format": FORMAT,
         "config": to_dict(cfg),
         "input_shape": parts.input_shape,
+        "tokenizer": tokenizer,
         **{name: counters[name] for name in COUNTERS},
         **model,
         "optimizer": parts.optimizer.state_dict(),
@@ -63,13 +68,21 @@ def unusable(state: dict[str, Any]) -> str | None:
     return f"holds non-finite values ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else None
 
 
-def restore(parts: StepParts, state: dict[str, Any], cfg: Config, device: torch.device, source: str) -> dict[str, Any]:
+def restore(parts: StepParts, state: dict[str, Any], cfg: Config, device: torch.device, source: str,
+            tokenizer: str | None = None) -> dict[str, Any]:
     """Load a snapshot into ``parts`` and this rank's random streams; returns its counters.
 
     Raises:
         CheckpointError: its tensors (every name and shape of the model and the negatives) do
-            not fit this run; the message names the settings that differ.
+            not fit this run, the settings that differ named; or it was trained with another
+            tokenizer than this run's ``tokenizer`` (the same ids would mean other words).
     """
+    saved = state.get("tokenizer")
+    if saved != tokenizer:
+        sizes = [len(json.loads(t)["model"]["vocab"]) if t else 0 for t in (saved, tokenizer)]
+        raise ckpt.CheckpointError(f"{source} was trained with another tokenizer than this run's (vocabulary of "
+                                   f"{sizes[0]} tokens, here {sizes[1]}; data.text.* or data.root changed): "
+                                   "resume with the settings it was trained with")
     problems = ckpt.misfits(state, model_state(parts), MODEL_SECTIONS)
     if problems:
         settings = ckpt.differing_settings(state["config"], to_dict(cfg))

@@ -47,10 +47,11 @@ def read_metrics(metrics: Path, kind: str | None = None) -> list[dict[str, Any]]
     return out
 
 
-def knn_curve(metrics: Path) -> list[tuple[int, float]]:
-    """kNN top-1 % by epochs completed (0: the random network, ``eval.at_start``), from the
-    ``eval`` records of a run's ``metrics.jsonl``; a resumed run's segments in order."""
-    return [(r["epoch"] + 1, r["knn_top1"]) for r in read_metrics(metrics, "eval") if r.get("knn_top1") is not None]
+def knn_curve(metrics: Path, key: str = "knn_top1") -> list[tuple[int, float]]:
+    """The monitor's ``key`` (kNN top-1 %; a text run's "ndcg@10") by epochs completed (0: the
+    random network, ``eval.at_start``), from the ``eval`` records of a run's ``metrics.jsonl``;
+    a resumed run's segments in order."""
+    return [(r["epoch"] + 1, r[key]) for r in read_metrics(metrics, "eval") if r.get(key) is not None]
 
 
 class DeviceMeans:

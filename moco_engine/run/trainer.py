@@ -81,10 +81,10 @@ class Trainer:
         self.best_eval: dict[str, float] = {}  # each kNN figure's best over the whole run, resumes included
         self.tracker = Tracker(None, enabled=False)
         self.signals = signals or StopSignals()  # SIGTERM/SIGINT: save the completed state, exit
-        self.cadence = Cadence(cfg, self.signals, self.device, monitor=self.loaders.test is not None)
+        self.monitor = Monitor(cfg.eval, self.loaders, self.device, self.amp_dtype)  # kNN or retrieval, the train set's encoding
+        self.cadence = Cadence(cfg, self.signals, self.device, monitor=self.monitor.active)
         self.wandb_run_id: str | None = None  # kept in checkpoints: a resumed run continues its W&B run
         self.watch = Watch(cfg, self.run_dir)  # non-finite numbers, skipped steps, collapse
-        self.monitor = Monitor(cfg.eval, self.loaders, self.device, self.amp_dtype)  # kNN, the train set's encoding
         self.nonfinite_skips = 0  # steps skipped for a NaN/inf loss (train.max_nonfinite_skips)
         self.eval_pending = False  # an epoch's kNN was due and not finished (a resume runs it first)
         self.saved: Path | None = None  # the checkpoint holding the current state (saved or resumed from)
@@ -96,6 +96,11 @@ class Trainer:
     negatives = property(lambda self: self.parts.negatives, doc="the negative source")
     predictor = property(lambda self: self.parts.predictor, doc="BYOL's predictor (else None)")
     optimizer = property(lambda self: self.parts.optimizer, doc="the optimizer of f_q (and the predictor)")
+
+    @property
+    def tokenizer_json(self) -> str | None:
+        """A text run's tokenizer as JSON (checkpoints hold it), else None."""
+        return self.loaders.text.tokenizer.json if self.loaders.text is not None else None
 
     @property
     def total_steps(self) -> int:
@@ -199,17 +204,19 @@ class Trainer:
         return self.monitor.encode_train_set(self.encoder_q if self.encoder_k is None else self.encoder_k)
 
     def evaluate_knn(self) -> dict[str, float]:
-        """Weighted kNN of the test split against the train split's features (``monitor.py``)."""
-        return self.monitor.knn(self.encoder_q)
+        """The monitor (``monitor.py``): weighted kNN of the test split against the train split's
+        features, or for text retrieval on the ``eval.retrieval_split`` qrels."""
+        return self.monitor.evaluate(self.encoder_q)
 
     # ======================================================================== state
     def state_dict(self) -> dict[str, Any]:
         """The run's snapshot (``snapshot.py``): a collective under torchrun."""
-        return snapshot.take(self.parts, self.cfg, self.device, {name: getattr(self, name) for name in snapshot.COUNTERS})
+        return snapshot.take(self.parts, self.cfg, self.device, {name: getattr(self, name) for name in snapshot.COUNTERS},
+                             self.tokenizer_json)
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         """Restore a :meth:`state_dict` (refused, naming the settings that differ, if it does not fit)."""
-        for name, value in snapshot.restore(self.parts, state, self.cfg, self.device, source).items():
+        for name, value in snapshot.restore(self.parts, state, self.cfg, self.device, source, self.tokenizer_json).items():
             setattr(self, name, value)  # the counters: epoch, step, ... (snapshot.COUNTERS)
 
     def save(self) -> Path | None:
@@ -270,6 +277,8 @@ class Trainer:
                 self.init_backbone()
             self.negatives.on_start(self.encode_interruptibly)  # e.g. the memory bank's init=encode
         folder.write_config(self.run_dir, self.cfg)
+        if self.loaders.text is not None and dist.is_main():  # also in every checkpoint
+            self.loaders.text.tokenizer.save(self.run_dir)
 
     def fit(self) -> dict[str, float]:
         """Pretrain for ``train.epochs`` epochs (continuing a resumed run) and return the final
@@ -296,7 +305,9 @@ class Trainer:
                     pairs = preview_pairs(self.loaders, cfg.track.preview, cfg.train.seed)
                     self.tracker.log_image("augmentations", folder.save_preview(pairs, self.run_dir), 0)
             if not self.cadence.monitor and (cfg.eval.at_start or cfg.eval.knn_every) and dist.is_main():
-                print(f"kNN monitor off: data.name={cfg.data.name} gives no labelled test split", flush=True)
+                what = (f"retrieval monitor off: no qrels/{cfg.eval.retrieval_split}.tsv" if self.loaders.text is not None
+                        else f"kNN monitor off: data.name={cfg.data.name} gives no labelled test split")
+                print(what, flush=True)
             self.stop_if_signalled()
             if cfg.eval.at_start and self.step == 0:
                 self.run_knn(-1)

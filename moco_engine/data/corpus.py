@@ -1,0 +1,276 @@
+"""Text on disk: BEIR folders and archives, plain corpora, the STS Benchmark.
+
+- BEIR's layout (Thakur et al. 2021): ``corpus.jsonl`` (``_id``, ``title``, ``text``),
+  ``queries.jsonl`` (``_id``, ``text``) and ``qrels/<split>.tsv`` (``query-id corpus-id score``
+  with a header), at the root of a folder or a ``.tar``/``.tar.gz``/``.tar.xz`` archive or in one
+  top folder of it (``scifact/...``); archives are read in place.
+- Plain corpora: ``.txt`` (one document per line) or ``.jsonl`` (a ``text`` field, ``title``
+  optional); they have no queries (no retrieval monitor).
+- STS-B's ``sts-<split>.csv``: tab-separated ``genre file year id score sentence1 sentence2``.
+  Some lines carry extra fields after those seven and some hold quote characters, so the columns
+  are read by position and nothing is unquoted.
+
+Bad input is one line naming the file and line (:class:`~moco_engine.data.images.DataError`);
+an empty document is left out with one warning for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from moco_engine.data.images import DataError
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz")
+
+
+@dataclass
+class Corpus:
+    """N documents: ids, titles ("" when none) and texts, in file order."""
+
+    ids: list[str]
+    titles: list[str]
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def joined(self) -> list[str]:
+        """Each document as BEIR's dense retrievers encode it: title and text joined by a space
+        (the text alone when there is no title)."""
+        return [f"{t} {x}" if t else x for t, x in zip(self.titles, self.texts)]
+
+
+@dataclass
+class TextData:
+    """A corpus and, for BEIR data, its queries and relevance judgements per split."""
+
+    corpus: Corpus
+    queries: dict[str, str] = field(default_factory=dict)
+    qrels: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # split -> qid -> doc id -> grade
+    source: str = ""
+
+    def split(self, name: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+        """The queries that have judgements in ``name`` and those judgements.
+
+        Raises:
+            DataError: the data have no such split (the message lists those they have).
+        """
+        if name not in self.qrels:
+            have = ", ".join(sorted(self.qrels)) or "none: a corpus without queries"
+            raise DataError(f"{self.source}: no qrels/{name}.tsv (its qrels splits: {have})")
+        qrels = self.qrels[name]
+        return {q: self.queries[q] for q in qrels}, qrels
+
+
+# ============================================================================ files, in folders or archives
+class Files:
+    """The files of a folder or an archive, by path relative to its root (or to its one top
+    folder); a plain file is a folder of one."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        if root.is_file() and not root.name.endswith(ARCHIVE_SUFFIXES):
+            self.root, self.names, self.tar, self.prefix = root.parent, {root.name: root}, None, ""
+            return
+        if root.is_dir():
+            self.names = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
+            self.tar = None
+        else:
+            try:
+                self.tar = tarfile.open(root)
+            except (tarfile.TarError, OSError) as e:
+                raise DataError(f"cannot read archive {root}: {e}") from None
+            self.names = {m.name.lstrip("./"): m for m in self.tar.getmembers() if m.isfile()}
+        tops = {PurePosixPath(n).parts[0] for n in self.names}
+        if "corpus.jsonl" not in self.names and len(tops) == 1:  # one top folder: scifact/corpus.jsonl
+            top = next(iter(tops)) + "/"
+            self.names = {n[len(top):]: v for n, v in self.names.items() if n.startswith(top)}
+            self.prefix = top
+        else:
+            self.prefix = ""
+
+    def label(self, name: str) -> str:
+        return f"{self.root}:{self.prefix}{name}" if self.tar is not None else str(self.root / self.prefix / name)
+
+    def lines(self, name: str) -> Iterator[tuple[int, str]]:
+        """(line number from 1, line without its newline) of file ``name``, decoded as UTF-8.
+
+        Raises:
+            DataError: bytes that are not UTF-8 (file and line named).
+        """
+        entry = self.names[name]
+        handle = self.tar.extractfile(entry) if self.tar is not None else open(entry, "rb")
+        with handle:
+            for number, raw in enumerate(handle, 1):
+                try:
+                    yield number, raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{self.label(name)}, line {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def json_lines(files: Files, name: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """The JSON objects of a JSONL file, each with the ``required`` fields (blank lines skipped).
+
+    Raises:
+        DataError: a line that is not a JSON object with those fields (file and line named).
+    """
+    for number, line in files.lines(name):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{files.label(name)}, line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
+        missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
+        if missing:
+            raise DataError(f"{files.label(name)}, line {number}: no '{missing[0]}' field")
+        yield number, obj
+
+
+# ============================================================================ readers
+def read_text_data(path: str | Path) -> TextData:
+    """A BEIR folder or archive, or a plain ``.txt`` / ``.jsonl`` corpus.
+
+    Raises:
+        DataError: a missing path, a folder without ``corpus.jsonl``, a malformed line, bytes
+            that are not UTF-8, a qrels id missing from the corpus or the queries, no documents.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data path not found: {path}")
+    if path.is_file() and path.suffix in (".txt", ".jsonl") and not path.name.endswith(ARCHIVE_SUFFIXES):
+        return TextData(read_plain(path), source=str(path))
+    if not (path.is_dir() or path.name.endswith(ARCHIVE_SUFFIXES)):
+        raise DataError(f"text data must be a BEIR folder or .tar/.tar.gz/.tar.xz archive, a .txt or a .jsonl: {path}")
+    files = Files(path)
+    if "corpus.jsonl" not in files.names:
+        raise DataError(f"{path}: no corpus.jsonl (BEIR's layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+    corpus = read_corpus(files, "corpus.jsonl")
+    queries = ({str(o["_id"]): str(o["text"]) for _, o in json_lines(files, "queries.jsonl", ("_id", "text"))}
+               if "queries.jsonl" in files.names else {})
+    qrels = {PurePosixPath(n).stem: read_qrels(files, n, corpus, queries)
+             for n in sorted(files.names) if n.startswith("qrels/") and n.endswith(".tsv")}
+    return TextData(corpus, queries, qrels, source=str(path))
+
+
+def read_corpus(files: Files, name: str) -> Corpus:
+    ids, titles, texts = [], [], []
+    empty = []
+    for number, obj in json_lines(files, name, ("_id", "text")):
+        title, text = str(obj.get("title") or "").strip(), str(obj["text"] or "").strip()
+        if not title and not text:
+            empty.append(number)
+            continue
+        ids.append(str(obj["_id"]))
+        titles.append(title)
+        texts.append(text)
+    return finish(Corpus(ids, titles, texts), files.label(name), empty)
+
+
+def read_plain(path: Path) -> Corpus:
+    files = Files(path)
+    ids, titles, texts, empty = [], [], [], []
+    if path.suffix == ".jsonl":
+        for number, obj in json_lines(files, path.name, ("text",)):
+            text, title = str(obj["text"] or "").strip(), str(obj.get("title") or "").strip()
+            if not text and not title:
+                empty.append(number)
+                continue
+            ids.append(str(obj.get("_id", obj.get("id", number))))
+            titles.append(title)
+            texts.append(text)
+    else:
+        for number, line in files.lines(path.name):
+            if not line.strip():
+                empty.append(number)
+                continue
+            ids.append(str(number))
+            titles.append("")
+            texts.append(line.strip())
+    return finish(Corpus(ids, titles, texts), str(path), empty)
+
+
+def finish(corpus: Corpus, label: str, empty: list[int]) -> Corpus:
+    if empty:
+        print(f"warning: {label}: {len(empty)} empty document(s) left out (line {empty[0]}"
+              f"{', ...' if len(empty) > 1 else ''})", file=sys.stderr, flush=True)
+    if not len(corpus):
+        raise DataError(f"{label}: no documents")
+    if len(set(corpus.ids)) != len(corpus.ids):
+        seen: set[str] = set()
+        twice = next(i for i in corpus.ids if i in seen or seen.add(i))
+        raise DataError(f"{label}: document id {twice!r} appears more than once")
+    return corpus
+
+
+def read_qrels(files: Files, name: str, corpus: Corpus, queries: dict[str, str]) -> dict[str, dict[str, int]]:
+    """``query-id corpus-id score`` lines after a header, as {qid: {doc id: grade}}.
+
+    Raises:
+        DataError: a line without three tab-separated fields or an integer grade, or an id that
+            the corpus or the queries lack (file and line named).
+    """
+    docs = set(corpus.ids)
+    qrels: dict[str, dict[str, int]] = {}
+    for number, line in files.lines(name):
+        if number == 1 or not line.strip():
+            continue
+        parts = line.split("\t")
+        try:
+            qid, did, grade = parts[0], parts[1], int(parts[2])
+        except (IndexError, ValueError):
+            raise DataError(f"{files.label(name)}, line {number}: expected 'query-id<TAB>corpus-id<TAB>score'") from None
+        if qid not in queries:
+            raise DataError(f"{files.label(name)}, line {number}: query id {qid!r} is not in queries.jsonl")
+        if did not in docs:
+            raise DataError(f"{files.label(name)}, line {number}: corpus id {did!r} is not in corpus.jsonl")
+        qrels.setdefault(qid, {})[did] = grade
+    return qrels
+
+
+@dataclass
+class SentencePairs:
+    """STS pairs: the two sentences and the gold similarity (0–5) of each."""
+
+    first: list[str]
+    second: list[str]
+    scores: list[float]
+
+
+def read_sts(path: str | Path, split: str = "test") -> SentencePairs:
+    """STS-B's ``sts-<split>.csv`` from its folder or archive (or the file itself).
+
+    Raises:
+        DataError: no such file, or a line with fewer than seven fields or a score that is not a
+            number (file and line named).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data path not found: {path}")
+    files = Files(path)
+    if path.is_file() and path.suffix == ".csv":
+        name = path.name
+    else:
+        name = next((n for n in files.names if PurePosixPath(n).name == f"sts-{split}.csv"), None)
+        if name is None:
+            raise DataError(f"{path}: no sts-{split}.csv")
+    pairs = SentencePairs([], [], [])
+    for number, line in files.lines(name):
+        if not line.strip():
+            continue
+        parts = line.split("\t")  # fields 8+ (sources' notes) ignored; quotes are text
+        try:
+            score = float(parts[4])
+            a, b = parts[5], parts[6]
+        except (IndexError, ValueError):
+            raise DataError(f"{files.label(name)}, line {number}: expected 7 tab-separated fields with a score "
+                            "in the 5th (genre file year id score sentence1 sentence2)") from None
+        pairs.first.append(a)
+        pairs.second.append(b)
+        pairs.scores.append(score)
+    return pairs

@@ -1,0 +1,98 @@
+"""The text source, ``data.name=text``: a corpus (and, for BEIR data, its queries and qrels),
+its tokenizer, and its chunks as the items.
+
+``data.root`` is a BEIR folder or archive, a ``.txt`` or a ``.jsonl`` (``corpus.py``); empty, the
+SciFact sample shipped in the package (``assets/scifact_sample.tar.xz``: its abstracts are
+ODC-By 1.0, its claims CC BY 4.0, from allenai/scifact through BEIR). Pretraining reads the
+documents only; the queries and qrels serve the retrieval monitor and ``moco-eval retrieval``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moco_engine.config.schema import DataConfig
+from moco_engine.data.corpus import TextData, read_text_data
+from moco_engine.data.images import DataError
+from moco_engine.data.items import ItemSet, Splits
+from moco_engine.data.sources import register_data_source
+from moco_engine.data.text import SpanSpec, TokenStream
+from moco_engine.data.tokenizer import TextTokenizer, load_tokenizer, train_wordpiece
+
+EMBEDDED_TEXT = Path(__file__).parents[1] / "assets" / "scifact_sample.tar.xz"
+# A document's tokens beyond this are cut (with a warning): one of millions of tokens would
+# otherwise fill the stream, and the memory bank, with chunks of itself.
+MAX_DOCUMENT_TOKENS = 100_000
+
+
+@dataclass
+class TextCorpus:
+    """What the text source hands the loaders and the retrieval evaluation.
+
+    Attributes:
+        data: the documents, queries and qrels as read.
+        tokenizer: the run's tokenizer.
+        docs: each document's token ids (title and text joined, no special tokens).
+        stream: the documents' ids as one stream and its chunks (on the CPU until the loaders move it).
+        spec: how views are cut, with the tokenizer's special ids.
+        lengths: the evaluation's truncation of documents and of queries, in tokens.
+    """
+
+    data: TextData
+    tokenizer: TextTokenizer
+    docs: list[list[int]]
+    stream: TokenStream
+    spec: SpanSpec
+    lengths: tuple[int, int] = (256, 64)
+
+
+class Chunks(ItemSet):
+    """The N chunks of the token stream as items (unlabelled); their views are made batched
+    (``text.TextTwoViews``), so items are never loaded one by one."""
+
+    def __init__(self, n: int):
+        self.targets, self.classes = [-1] * n, []
+
+    def load(self, i: int):
+        raise TypeError("text chunks are viewed in batches on the device (data/text.py), not loaded one by one")
+
+
+def span_spec(cfg: DataConfig, tokenizer: TextTokenizer) -> SpanSpec:
+    t = cfg.text
+    return SpanSpec(t.ratio_min, t.ratio_max, t.deletion, t.replacement, t.masking, tokenizer.cls_id, tokenizer.sep_id,
+                    tokenizer.pad_id, tokenizer.mask_id, tokenizer.vocab_size, max(tokenizer.special_ids) + 1)
+
+
+def open_text(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> TextCorpus:
+    """Read ``data.root`` and tokenize it (with ``tokenizer``, else the configured one).
+
+    Raises:
+        DataError: unreadable data (``corpus.py``), a tokenizer that cannot be read, or fewer
+            tokens than two chunks.
+    """
+    data = read_text_data(cfg.root or EMBEDDED_TEXT)
+    t = cfg.text
+    texts = data.corpus.joined()
+    if tokenizer is None:
+        tokenizer = load_tokenizer(t.tokenizer, t.lowercase) if t.tokenizer else train_wordpiece(texts, t.vocab_size, t.lowercase)
+    docs = tokenizer.encode(texts)
+    long = [i for i, d in enumerate(docs) if len(d) > MAX_DOCUMENT_TOKENS]
+    if long:
+        print(f"warning: {data.source}: {len(long)} document(s) over {MAX_DOCUMENT_TOKENS:,} tokens cut there "
+              f"(document {data.corpus.ids[long[0]]!r}: {len(docs[long[0]]):,} tokens)", file=sys.stderr, flush=True)
+        docs = [d[:MAX_DOCUMENT_TOKENS] for d in docs]
+    stream = TokenStream(docs, t.chunk_length, t.within_documents, torch.device("cpu"))
+    if stream.num_chunks < 2:
+        raise DataError(f"{data.source}: {len(stream.ids)} tokens make {stream.num_chunks} chunk(s) of "
+                        f"data.text.chunk_length={t.chunk_length}; a run needs at least 2")
+    return TextCorpus(data, tokenizer, docs, stream, span_spec(cfg, tokenizer), (t.max_length, t.query_max_length))
+
+
+@register_data_source("text", reads=("data.root", "data.text"))
+def text(cfg: DataConfig, seed: int) -> Splits:
+    corpus = open_text(cfg)
+    return Splits(Chunks(corpus.stream.num_chunks), None, text=corpus)

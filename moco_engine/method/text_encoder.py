@@ -1,0 +1,108 @@
+"""Text encoders: ``model.arch=bert``, a Hugging Face ``transformers`` BERT without its pooler.
+
+Built from the sizes in ``model.params`` (from scratch), or loaded from a local model folder
+(``model.params.pretrained``, e.g. the bert-base-uncased Contriever starts from:
+``from_pretrained(folder, local_files_only=True)``; nothing is downloaded). BERT's pooler is
+dropped, as Contriever drops it (``src/contriever.py``): its parameters would get no gradient,
+which DDP refuses. transformers is imported only by text runs.
+
+The embedding of a text is its tokens' last hidden states pooled: the mean over the attention
+mask (Contriever's ``average`` pooling) or the [CLS] token's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moco_engine.config.schema import ConfigError, ModelConfig
+from moco_engine.method.backbones import Backbone, register_backbone
+
+POOLINGS = ("mean", "cls")
+BERT_PARAMS = {"layers": 4, "hidden": 256, "heads": 4, "intermediate": 1024, "dropout": 0.1, "pooling": "mean",
+               "pretrained": "", "max_positions": 512}
+
+
+class TextEncoder(nn.Module):
+    """A transformers encoder and a pooling: {"input_ids": (B, W), "attention_mask": (B, W)} ->
+    (B, hidden).
+
+    Attributes:
+        model: the transformers model (``save_pretrained`` writes it as Hugging Face does).
+        pooling: "mean" or "cls".
+    """
+
+    def __init__(self, model: nn.Module, pooling: str):
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+
+    def forward(self, x: dict[str, Tensor]) -> Tensor:
+        mask = x["attention_mask"]
+        hidden = self.model(input_ids=x["input_ids"], attention_mask=mask).last_hidden_state  # (B, W, H)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def token_inputs(cfg: ModelConfig, input_shape: Any) -> int:
+    """V, the vocabulary size token inputs declare (``{"input_ids": (W,), ..., "vocab_size": (V,)}``).
+
+    Raises:
+        ConfigError: the data are not token ids.
+    """
+    if not isinstance(input_shape, dict) or "input_ids" not in input_shape or "vocab_size" not in input_shape:
+        raise ConfigError(f"config key 'model.arch' = {cfg.arch!r}: a text encoder takes token ids "
+                          f"(data.name=text); the data give items of shape {input_shape}")
+    return int(input_shape["vocab_size"][0])
+
+
+@register_backbone("bert", params=BERT_PARAMS)
+def bert(cfg: ModelConfig, input_shape: Any) -> Backbone:
+    vocab = token_inputs(cfg, input_shape)
+    p = cfg.params
+    if p["pooling"] not in POOLINGS:
+        raise ConfigError(f"config key 'model.params.pooling' = {p['pooling']!r}: must be one of {', '.join(POOLINGS)}")
+    from transformers import AutoModel, BertConfig, BertModel
+
+    if p["pretrained"]:
+        model = load_pretrained(AutoModel, str(p["pretrained"]))
+        if model.get_input_embeddings().num_embeddings < vocab:
+            raise ConfigError(f"config key 'model.params.pretrained' = {p['pretrained']!r}: its vocabulary has "
+                              f"{model.get_input_embeddings().num_embeddings} tokens, the tokenizer {vocab}: "
+                              "use the folder's own tokenizer (text.tokenizer=<the folder>)")
+    else:
+        for key in ("layers", "hidden", "heads", "intermediate", "max_positions"):
+            if int(p[key]) < 1:
+                raise ConfigError(f"config key 'model.params.{key}' = {p[key]!r}: must be >= 1")
+        if int(p["hidden"]) % int(p["heads"]):
+            raise ConfigError(f"config key 'model.params.heads' = {p['heads']!r}: must divide model.params.hidden ({p['hidden']})")
+        config = BertConfig(vocab_size=vocab, hidden_size=int(p["hidden"]), num_hidden_layers=int(p["layers"]),
+                            num_attention_heads=int(p["heads"]), intermediate_size=int(p["intermediate"]),
+                            hidden_dropout_prob=float(p["dropout"]), attention_probs_dropout_prob=float(p["dropout"]),
+                            max_position_embeddings=int(p["max_positions"]), pad_token_id=0)
+        model = BertModel(config, add_pooling_layer=False)
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    return Backbone(TextEncoder(model, p["pooling"]), int(model.config.hidden_size))
+
+
+def load_pretrained(auto: Any, folder: str) -> nn.Module:
+    """A local Hugging Face model folder's model, never downloaded.
+
+    Raises:
+        ConfigError: no model there (one line).
+    """
+    from pathlib import Path
+
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"config key 'model.params.pretrained' = {folder!r}: not a local model folder (no config.json)")
+    try:
+        with torch.device("cpu"):
+            return auto.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config key 'model.params.pretrained' = {folder!r}: {str(e).splitlines()[0]}") from None
