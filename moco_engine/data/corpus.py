@@ -87,7 +87,8 @@ class Files:
                 raise DataError(f"cannot read archive {root}: {e}") from None
             self.names = {m.name.lstrip("./"): m for m in self.tar.getmembers() if m.isfile()}
         tops = {PurePosixPath(n).parts[0] for n in self.names}
-        if "corpus.jsonl" not in self.names and len(tops) == 1:  # one top folder: scifact/corpus.jsonl
+        nested = all(len(PurePosixPath(n).parts) > 1 for n in self.names)
+        if "corpus.jsonl" not in self.names and len(tops) == 1 and nested:  # one top folder: scifact/corpus.jsonl
             top = next(iter(tops)) + "/"
             self.names = {n[len(top):]: v for n, v in self.names.items() if n.startswith(top)}
             self.prefix = top

@@ -76,8 +76,8 @@ def bert(cfg: ModelConfig, input_shape: Any) -> Backbone:
                               "use the folder's own tokenizer (text.tokenizer=<the folder>)")
     else:
         for key in ("layers", "hidden", "heads", "intermediate", "max_positions"):
-            if int(p[key]) < 1:
-                raise ConfigError(f"config key 'model.params.{key}' = {p[key]!r}: must be >= 1")
+            if int(p[key]) < (0 if key == "layers" else 1):  # 0 layers: a bag of token embeddings, pooled
+                raise ConfigError(f"config key 'model.params.{key}' = {p[key]!r}: must be >= {0 if key == 'layers' else 1}")
         if int(p["hidden"]) % int(p["heads"]):
             raise ConfigError(f"config key 'model.params.heads' = {p['heads']!r}: must divide model.params.hidden ({p['hidden']})")
         config = BertConfig(vocab_size=vocab, hidden_size=int(p["hidden"]), num_hidden_layers=int(p["layers"]),

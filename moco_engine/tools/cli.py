@@ -107,6 +107,8 @@ def _train(args: list[str]) -> int:
         dist.teardown()
     if "knn_top1" in final and main_process:
         print("\n".join(closing_lines(final, trainer.run_dir)), flush=True)
+    elif "ndcg@10" in final and main_process:
+        print("\n".join(text_closing_lines(final, trainer.run_dir, cfg.eval.retrieval_split)), flush=True)
     return 0
 
 
@@ -131,6 +133,20 @@ def closing_lines(final: dict, run_dir: Path) -> list[str]:
     ]
 
 
+def text_closing_lines(final: dict, run_dir: Path, split: str) -> list[str]:
+    """What a finished text run prints: the monitor's nDCG@10 against the random network's, and
+    the commands that report the held-out figure."""
+    from moco_engine.run.tracking import METRICS_FILE, knn_curve
+
+    start = [v for epoch, v in knn_curve(run_dir / METRICS_FILE, "ndcg@10") if epoch == 0]
+    versus = f"; {start[-1]:.4f} at random initialisation" if start else ""
+    return [f"nDCG@10 on the {split} qrels (the monitor): {final['ndcg@10']:.4f} after {final['epochs']} epochs "
+            f"({run_dir}){versus}",
+            "Next:",
+            f"  moco-eval retrieval {run_dir} eval.split=test       # the held-out figure, BM25 and the untrained encoder beside it",
+            f"  moco-export {run_dir} --format sentence-transformers"]
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``moco-train [CONFIG.yaml ...] [key=value ...]``"""
     return run_guarded(_train, argv)
@@ -144,7 +160,9 @@ def _eval(args: list[str]) -> int:
         epilog=config_groups_help(),
     )
     with_version(parser)
-    parser.add_argument("mode", choices=["knn", "linear"])
+    parser.add_argument("mode", choices=["knn", "linear", "retrieval", "sts"],
+                        help="knn, linear: images; retrieval (a BEIR folder or archive as data.root, eval.split=test), "
+                        "sts (STS-B's folder or archive as data.root): text runs")
     parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its latest checkpoint)")
     parser.add_argument("overrides", nargs="*", metavar="FILE.yaml|key=value",
                         help="changes to the checkpoint's saved config: YAML files in order (a probe protocol, "
@@ -155,20 +173,47 @@ def _eval(args: list[str]) -> int:
 
     files = [a for a in ns.overrides if a.endswith((".yaml", ".yml")) and "=" not in a]
     cfg, encoder, path = open_checkpoint(ns.checkpoint, [a for a in ns.overrides if a not in files], files)
-    result = (evaluate_knn if ns.mode == "knn" else evaluate_linear)(cfg, encoder)
+    if ns.mode in ("retrieval", "sts"):
+        result = evaluate_text(ns.mode, cfg, encoder, path)
+    else:
+        result = (evaluate_knn if ns.mode == "knn" else evaluate_linear)(cfg, encoder)
     result = {"checkpoint": str(path), "mode": ns.mode, **result}
     out = path.with_name(f"{path.stem}.{ns.mode}.json")
     n = 1
     while out.exists():  # an earlier evaluation's results stay; this one gets the next free name
         out, n = path.with_name(f"{path.stem}.{ns.mode}-{n}.json"), n + 1
     out.write_text(json.dumps(result, indent=1) + "\n")
+    if ns.mode in ("retrieval", "sts"):
+        print("\n".join(text_lines(result)) + f"\n({out})")
+        return 0
     print(f"{ns.mode}: top-1 {result.get('top1', result.get('knn_top1')):.2f}%, top-5 "
           f"{result.get('top5', result.get('knn_top5')):.2f}% ({out})")
     return 0
 
 
+def evaluate_text(mode: str, cfg, encoder, path: Path) -> dict:
+    """``moco-eval retrieval|sts`` of a text run's checkpoint (its tokenizer and input shape from it)."""
+    from moco_engine.evaluation.text_eval import evaluate_retrieval, evaluate_sts
+    from moco_engine.run.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    if not state.get("tokenizer"):
+        raise UserError(f"moco-eval {mode} judges a text run's encoder, and {path} is not one (model.arch={cfg.model.arch})")
+    return (evaluate_retrieval if mode == "retrieval" else evaluate_sts)(cfg, encoder, state["tokenizer"], state["input_shape"])
+
+
+def text_lines(result: dict) -> list[str]:
+    """The report of ``moco-eval retrieval|sts``: one line a system."""
+    if result["mode"] == "sts":
+        head = f"STS-B {result['split']} ({result['pairs']} pairs), Spearman x100 of cosine similarity:"
+        return [head] + [f"  {name:<10} {result[name]['spearman']:.2f}" for name in ("run", "untrained")]
+    head = f"{result['data']} {result['split']} ({result['queries']} queries): nDCG@10  recall@100  MRR@10"
+    return [head] + [f"  {name:<10} {r['ndcg@10']:.4f}   {r['recall@100']:.4f}      {r['mrr@10']:.4f}"
+                     for name, r in ((n, result[n]) for n in ("run", "bm25", "untrained"))]
+
+
 def eval_main(argv: Sequence[str] | None = None) -> int:
-    """``moco-eval knn|linear CHECKPOINT [FILE.yaml ...] [key=value ...]``"""
+    """``moco-eval knn|linear|retrieval|sts CHECKPOINT [FILE.yaml ...] [key=value ...]``"""
     return run_guarded(_eval, argv)
 
 
@@ -181,14 +226,22 @@ def _export(args: list[str]) -> int:
     )
     with_version(parser)
     parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its latest checkpoint)")
-    parser.add_argument("--format", choices=["torchvision", "detectron2", "timm", "moco_v3", "both"], default="both")
+    parser.add_argument("--format", choices=["torchvision", "detectron2", "timm", "moco_v3", "sentence-transformers", "both"],
+                        default="both", help="sentence-transformers: a text run's encoder as a folder (_st)")
     parser.add_argument("--out", default="", help="output path without suffix (default: beside the checkpoint)")
     ns = parser.parse_args(args)
     from moco_engine.evaluation.export import export
     from moco_engine.run.checkpoint import load_checkpoint
     from moco_engine.run.pretrained import open_checkpoint
 
-    _, encoder, path = open_checkpoint(ns.checkpoint)
+    cfg, encoder, path = open_checkpoint(ns.checkpoint)
+    if ns.format == "sentence-transformers":
+        from moco_engine.evaluation.export_text import export_sentence_transformers
+
+        state = load_checkpoint(path)
+        out = Path(ns.out).expanduser() if ns.out else path.with_name(path.stem + "_st")
+        print(export_sentence_transformers(cfg, encoder, state.get("tokenizer") or "", out))
+        return 0
     formats = ["torchvision", "detectron2"] if ns.format == "both" else [ns.format]
     stem = Path(ns.out).expanduser() if ns.out else path.with_suffix("")
     state = load_checkpoint(path) if ns.format == "moco_v3" else None  # f_k and the predictor too
@@ -198,7 +251,7 @@ def _export(args: list[str]) -> int:
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
-    """``moco-export CHECKPOINT [--format torchvision|detectron2|timm|moco_v3|both] [--out PATH]``"""
+    """``moco-export CHECKPOINT [--format torchvision|detectron2|timm|moco_v3|sentence-transformers|both] [--out PATH]``"""
     return run_guarded(_export, argv)
 
 

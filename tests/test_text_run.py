@@ -1,0 +1,172 @@
+"""Text runs end to end on the embedded SciFact sample: the retrieval monitor, the tokenizer kept
+with the run, exact resume (one process, a SIGTERM, torchrun), moco-eval retrieval and sts, the
+sentence-transformers export, and a local model folder as the starting point."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import TINY
+
+from moco_engine.config.schema import UserError, load_config
+from moco_engine.run.checkpoint import latest_checkpoint
+from moco_engine.run.trainer import Trainer
+from moco_engine.run.tracking import read_metrics
+from moco_engine.tools.cli import eval_main, export_main
+
+TEXT = ["data.name=text", "data.text.vocab_size=400", "data.text.chunk_length=32", "data.text.max_length=48",
+        "data.text.query_max_length=16", "model.arch=bert", "model.params.layers=1", "model.params.hidden=32",
+        "model.params.heads=2", "model.params.intermediate=64", "model.params.max_positions=64", "eval.batch_size=256",
+        "model.bn=plain", "model.bn_splits=1"]
+
+
+def text_cfg(tmp_path, *overrides):
+    return load_config([], [*TINY, *TEXT, f"train.out_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_a_text_run_monitors_retrieval_on_the_train_qrels_and_keeps_its_tokenizer(tmp_path):
+    trainer = Trainer(text_cfg(tmp_path, "eval.at_start=true"))
+    final = trainer.fit()
+    assert set(final) >= {"ndcg@10", "recall@100", "mrr@10"} and 0 <= final["ndcg@10"] <= 1
+    evals = read_metrics(tmp_path / "run" / "metrics.jsonl", "eval")
+    assert [r["epoch"] for r in evals] == [-1, 1]  # the random network's, then the last epoch's
+    saved = (tmp_path / "run" / "tokenizer.json").read_text()
+    assert saved == trainer.tokenizer_json and latest_checkpoint(tmp_path / "run")[1]["tokenizer"] == saved
+    assert (tmp_path / "run" / "knn.png").exists()
+    (q, k), targets, idx = next(iter(trainer.loaders.train))
+    assert q["input_ids"].dtype == torch.long and (targets == -1).all() and len(idx) == 16
+
+
+def test_the_monitor_never_reads_the_test_qrels(tmp_path, monkeypatch):
+    import moco_engine.data.corpus as corpus
+
+    asked = []
+    original = corpus.TextData.split
+    monkeypatch.setattr(corpus.TextData, "split", lambda self, name: asked.append(name) or original(self, name))
+    Trainer(text_cfg(tmp_path, "eval.at_start=true")).fit()
+    assert asked and set(asked) == {"train"}
+
+
+def test_a_resumed_text_run_ends_bit_identical_to_a_straight_one(tmp_path):
+    straight = Trainer(text_cfg(tmp_path / "a"))
+    straight.fit()
+    stopped = Trainer(text_cfg(tmp_path / "b"))
+    stopped.prepare_run_dir()
+    stopped.train_epoch()
+    stopped.save()
+    del stopped
+    resumed = Trainer(text_cfg(tmp_path / "b", "train.resume=auto"))
+    resumed.fit()
+    for a, b in zip(straight.encoder_q.state_dict().values(), resumed.encoder_q.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.encoder_k.state_dict().values(), resumed.encoder_k.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(straight.negatives.keys, resumed.negatives.keys)
+
+
+@pytest.mark.fault("signals")
+def test_sigterm_mid_epoch_saves_and_the_resumed_text_run_matches_a_straight_one(tmp_path):
+    extra = ["train.steps_per_epoch=8", "train.log_every=1"]
+    straight = Trainer(text_cfg(tmp_path / "a", *extra))
+    straight.fit()
+    run = tmp_path / "b" / "run"
+    cmd = [sys.executable, "-m", "moco_engine", *TINY, *TEXT, *extra, f"train.out_dir={run}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(read_metrics(run / "metrics.jsonl", "step")) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    state = latest_checkpoint(run)[1]
+    assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < 8
+    resumed = Trainer(text_cfg(tmp_path / "b", *extra, "train.resume=auto"))
+    resumed.fit()
+    assert resumed.step == straight.step == 16
+    for a, b in zip(straight.encoder_q.state_dict().values(), resumed.encoder_q.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(straight.negatives.keys, resumed.negatives.keys)
+
+
+@pytest.mark.fault("resume")
+def test_a_resume_with_another_tokenizer_is_refused_in_one_line(tmp_path):
+    Trainer(text_cfg(tmp_path, "train.epochs=1")).fit()
+    r = subprocess.run([sys.executable, "-m", "moco_engine", *TINY, *TEXT, f"train.out_dir={tmp_path / 'run'}",
+                        "train.resume=auto", "train.epochs=2", "data.text.lowercase=false"], capture_output=True, text=True)
+    lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("warning:")]
+    assert r.returncode == 2 and len(lines) == 1 and "another tokenizer" in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_moco_eval_retrieval_and_sts_report_the_run_bm25_and_the_untrained_encoder(tmp_path, capsys):
+    Trainer(text_cfg(tmp_path, "train.epochs=1")).fit()
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert eval_main(["retrieval", str(run), "eval.split=test"]) == 0
+    out = capsys.readouterr().out
+    path, _ = latest_checkpoint(run)
+    report = json.loads(path.with_name(f"{path.stem}.retrieval.json").read_text())
+    assert report["split"] == "test" and report["queries"] == 150
+    for system in ("run", "bm25", "untrained"):
+        assert set(report[system]) == {"ndcg@10", "recall@100", "mrr@10"}
+    assert report["bm25"]["ndcg@10"] > 0.5  # BM25 on the sample's test claims
+    assert "bm25" in out and "untrained" in out
+    (tmp_path / "sts").mkdir()
+    rows = [f"g\tf\t2017\t{i:04d}\t{i % 6}\tA man plays {'a guitar' if i % 2 else 'the piano'}.\tA man plays music {i}."
+            for i in range(30)]
+    (tmp_path / "sts" / "sts-test.csv").write_text("\n".join(rows) + "\n")
+    assert eval_main(["sts", str(run), f"data.root={tmp_path / 'sts'}"]) == 0
+    report = json.loads(path.with_name(f"{path.stem}.sts.json").read_text())
+    assert report["pairs"] == 30 and -100 <= report["run"]["spearman"] <= 100 and "untrained" in report
+
+
+def test_the_sentence_transformers_export_gives_the_embeddings_retrieval_uses(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from moco_engine.data.text import TextPlain
+    from moco_engine.evaluation.retrieval import encode_texts
+
+    trainer = Trainer(text_cfg(tmp_path, "train.epochs=1"))
+    trainer.fit()
+    out = tmp_path / "st"
+    assert export_main([str(tmp_path / "run"), "--format", "sentence-transformers", "--out", str(out)]) == 0
+    assert export_main([str(tmp_path / "run"), "--format", "sentence-transformers", "--out", str(out)]) == 2  # no overwrite
+    texts = ["Mice fed a high-fat diet gain weight.", "Vitamin D deficiency is common in winter.", "short"]
+    theirs = torch.from_numpy(SentenceTransformer(str(out), device="cpu").encode(texts))
+    corpus = trainer.loaders.text
+    batches = TextPlain(corpus.tokenizer.encode(texts), corpus.spec, 8, 48, torch.device("cpu"))
+    ours = torch.nn.functional.normalize(encode_texts(trainer.encoder_q.backbone, batches, 3, torch.device("cpu")), dim=1)
+    assert torch.allclose(theirs, ours, atol=1e-5)
+    assert AutoModel.from_pretrained(str(out)).config.hidden_size == 32
+
+
+def test_a_run_starts_from_a_local_model_folder_and_its_tokenizer(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path / "tiny_bert"
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    words = sorted({w for w in "the of and in to is with for was that by".split()} - set(letters))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + [f"##{c}" for c in letters] + letters
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(1)
+    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64))
+    model.save_pretrained(str(folder))
+    trainer = Trainer(text_cfg(tmp_path, f"model.params.pretrained={folder}", f"data.text.tokenizer={folder}",
+                               "train.epochs=1"))
+    start = trainer.encoder_q.backbone.model.embeddings.word_embeddings.weight.detach().clone()
+    assert torch.equal(start, model.embeddings.word_embeddings.weight)
+    assert trainer.loaders.text.tokenizer.vocab_size == len(vocab)
+    trainer.fit()
+    assert not torch.equal(start, trainer.encoder_q.backbone.model.embeddings.word_embeddings.weight)
+    with pytest.raises(UserError, match="not a local model folder"):
+        Trainer(text_cfg(tmp_path / "x", f"model.params.pretrained={tmp_path / 'absent'}"))
