@@ -3,7 +3,6 @@ determinism, and Contriever's span views against their specification."""
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -16,7 +15,14 @@ from conftest import SHARED_DATA
 from moco_engine.data.corpus import read_sts, read_text_data
 from moco_engine.data.images import DataError
 from moco_engine.data.sampling import EpochSampler
-from moco_engine.data.text import SpanSpec, TextTwoViews, TokenStream, item_keys, span_views, uniform
+from moco_engine.data.text import (
+    SpanSpec,
+    TextTwoViews,
+    TokenStream,
+    item_keys,
+    span_views,
+    uniform,
+)
 from moco_engine.data.text_source import EMBEDDED_TEXT
 from moco_engine.data.tokenizer import TextTokenizer, load_tokenizer, train_wordpiece
 

@@ -17,8 +17,8 @@ from conftest import TINY
 
 from moco_engine.config.schema import UserError, load_config
 from moco_engine.run.checkpoint import latest_checkpoint
-from moco_engine.run.trainer import Trainer
 from moco_engine.run.tracking import read_metrics
+from moco_engine.run.trainer import Trainer
 from moco_engine.tools.cli import eval_main, export_main
 
 TEXT = ["data.name=text", "data.text.vocab_size=400", "data.text.chunk_length=32", "data.text.max_length=48",

@@ -18,7 +18,13 @@ from moco_engine.data.corpus import read_sts
 from moco_engine.data.text import TextPlain
 from moco_engine.data.text_source import open_text, span_spec
 from moco_engine.data.tokenizer import TextTokenizer
-from moco_engine.evaluation.retrieval import bm25_run, by_length, encode_texts, retrieval_eval, retrieval_scores
+from moco_engine.evaluation.retrieval import (
+    bm25_run,
+    by_length,
+    encode_texts,
+    retrieval_eval,
+    retrieval_scores,
+)
 from moco_engine.method.encoders import Encoder, build_encoder
 from moco_engine.runtime.precision import autocast_dtype, resolve_device
 
