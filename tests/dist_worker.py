@@ -75,10 +75,18 @@ def main() -> int:
         # What this rank holds at the end, before the extra encodings below touch f_k's statistics.
         held = {
             "encoder_k": None if self.encoder_k is None else {k: v.clone() for k, v in self.encoder_k.state_dict().items()},
-            "momentum_buffers": [s["momentum_buffer"].clone() for s in self.optimizer.state_dict()["state"].values()],
+            # SGD's momentum buffers, AdamW's moments and step counts: every tensor the optimizer holds.
+            "momentum_buffers": [t.clone() for s in self.optimizer.state_dict()["state"].values()
+                                 for _, t in sorted(s.items()) if torch.is_tensor(t)],
             "torch_rng": torch.get_rng_state(), "python_draw": random.random(),
             "size_exchanges": len(size_exchanges),
         }
+        if self.loaders.text is not None:  # no labels to kNN: the state alone
+            torch.save({"negatives": {k: v.cpu() for k, v in self.negatives.state_dict().items()},
+                        "encoder_q": {k: v.cpu() for k, v in self.encoder_q.state_dict().items()},
+                        "seen": seen, "world": dist.world_size(), "step": self.step, "final": result,
+                        "tokenizer": self.tokenizer_json, **held}, out / f"rank{dist.rank()}.pt")
+            return result
         encoder = self.encoder_q if self.encoder_k is None else self.encoder_k
         full = extract_features(encoder, self.loaders.plain_train, self.device, batch_stats=True)[0]
         torch.save({

@@ -83,6 +83,22 @@ def test_the_device_pipeline_stopped_and_resumed_under_torchrun_is_bit_identical
     assert_same_ranks(straight, stopped_and_resumed(tmp_path / "stopped", "data.pipeline=device"))
 
 
+@pytest.mark.slow  # three launches that import transformers
+def test_a_text_run_stopped_mid_epoch_under_torchrun_and_resumed_is_bit_identical(tmp_path):
+    """Text through the same torchrun: spans cut on each rank from its own (seed, epoch, item)
+    draws, shuffle-BN's permutation of dict views, AdamW; SIGTERM'd in step 4 and resumed with
+    the tokenizer the checkpoint holds."""
+    from test_text_run import TEXT
+
+    text = [*TEXT, "model.bn=shuffle", "optim.name=adamw", "optim.lr=0.001", "queue.size=48", "eval.knn_every=0"]
+    straight, _ = torchrun(tmp_path / "straight", *text)
+    resumed = stopped_and_resumed(tmp_path / "stopped", *text)
+    assert_same_ranks(straight, resumed)
+    assert straight[0]["final"] == resumed[0]["final"] and "ndcg@10" in straight[0]["final"]
+    assert resumed[0]["tokenizer"] == resumed[1]["tokenizer"] == straight[0]["tokenizer"]
+    assert straight[0]["seen"] != straight[1]["seen"]  # each rank its own chunks
+
+
 # torchrun's agent keeps one store across rounds: before distributed.setup named each round's key
 # space, the restarted rank 0 often read the crashed rank 1's gloo address and was refused or hung.
 @pytest.mark.slow  # a torchrun launch with a restart; the SIGTERM stop and resume stay in the default run

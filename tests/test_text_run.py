@@ -5,6 +5,7 @@ sentence-transformers export, and a local model folder as the starting point."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -170,3 +171,21 @@ def test_a_run_starts_from_a_local_model_folder_and_its_tokenizer(tmp_path):
     assert not torch.equal(start, trainer.encoder_q.backbone.model.embeddings.word_embeddings.weight)
     with pytest.raises(UserError, match="not a local model folder"):
         Trainer(text_cfg(tmp_path / "x", f"model.params.pretrained={tmp_path / 'absent'}"))
+    with pytest.raises(UserError, match="'model.params.max_positions' = 64: the inputs reach 102 tokens"):
+        Trainer(text_cfg(tmp_path / "y", "data.text.chunk_length=100"))  # the bank's refresh encodes whole chunks
+
+
+@pytest.mark.parametrize("kind", ["memory_bank", "in_batch"])
+def test_the_memory_bank_and_in_batch_negatives_train_on_text_chunks(tmp_path, kind):
+    """The three negative sources behind one interface on text too: the bank holds a row per
+    chunk (the items), refreshed from the key encoder each epoch; in-batch needs no store."""
+    trainer = Trainer(text_cfg(tmp_path, f"negatives.kind={kind}", "queue.size=64", "train.epochs=1",
+                               "data.text.chunk_length=62"))
+    final = trainer.fit()
+    assert "ndcg@10" in final
+    steps = read_metrics(tmp_path / "run" / "metrics.jsonl", "step")
+    assert steps and all(math.isfinite(r["loss"]) for r in steps)
+    if kind == "memory_bank":
+        bank = trainer.negatives.bank
+        assert bank.shape == (trainer.loaders.num_items, trainer.cfg.model.dim) and trainer.loaders.num_items == trainer.loaders.text.stream.num_chunks
+        assert bool((trainer.negatives.written > 0).all())  # every chunk's row written by the epoch's refresh

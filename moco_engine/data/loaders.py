@@ -165,7 +165,8 @@ def input_shape(cfg: DataConfig, splits: Splits) -> Any:
     if splits.images:
         return (3, cfg.image_size, cfg.image_size)
     if splits.text is not None:  # token ids of up to W positions, and the vocabulary they index
-        width = max(splits.text.spec.max_width(cfg.text.chunk_length), cfg.text.max_length, cfg.text.query_max_length)
+        t = cfg.text  # W: the longest of a view, a whole chunk (the bank's refresh), a document, a query
+        width = max(splits.text.spec.max_width(t.chunk_length), t.chunk_length + 2, t.max_length, t.query_max_length)
         return {"input_ids": (width,), "attention_mask": (width,), "vocab_size": (splits.text.tokenizer.vocab_size,)}
     view = splits.plain(splits.train.load(0))
     return {k: tuple(v.shape) for k, v in view.items()} if isinstance(view, dict) else tuple(view.shape)

@@ -85,6 +85,11 @@ def bert(cfg: ModelConfig, input_shape: Any) -> Backbone:
                             hidden_dropout_prob=float(p["dropout"]), attention_probs_dropout_prob=float(p["dropout"]),
                             max_position_embeddings=int(p["max_positions"]), pad_token_id=0)
         model = BertModel(config, add_pooling_layer=False)
+    width, positions = int(input_shape["input_ids"][0]), int(model.config.max_position_embeddings)
+    if width > positions:
+        raise ConfigError(f"config key 'model.params.max_positions' = {positions}: the inputs reach {width} tokens "
+                          "(a whole chunk with [CLS] and [SEP], data.text.max_length or query_max_length): "
+                          "shorten those or give the model more positions")
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
     return Backbone(TextEncoder(model, p["pooling"]), int(model.config.hidden_size))

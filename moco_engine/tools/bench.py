@@ -1,9 +1,11 @@
-"""``moco-bench``: images/s of the engine's MoCo step against a supervised step, in one process.
+"""``moco-bench``: images/s (tokens/s for text) of the engine's MoCo step against a supervised
+step, in one process.
 
-For a named case (method, backbone, image size, batch, K) it times, on inputs already in device
-memory:
+For a named case (method, backbone, image size or token width, batch, K) it times, on inputs
+already in device memory (random images; random token ids, every position attended):
 
-- a supervised step of the same backbone and batch (forward, cross-entropy, backward, SGD);
+- a supervised step of the same backbone and batch (forward, cross-entropy, backward, SGD; AdamW
+  for text, as fine-tuning a transformer uses);
 - the engine's step (``Trainer.train_step``): MoCo v1/v2's ``step.moco_step`` (query and key
   passes, logits, backward, SGD, EMA, enqueue) or MoCo v3's ``moco_v3.moco_v3_step`` (both views
   through f_q and its predictor and through f_k, the symmetric loss, backward, the optimizer, EMA);
@@ -32,6 +34,7 @@ plain BatchNorm, on the case's model at a small batch (seconds on a CPU, even fo
     moco-bench vit-t-cifar --device cpu --batch 32   # MoCo v3, ViT-Tiny/4, at a CPU's batch
     moco-bench r18-cifar --ops --device cpu   # operators per step, by split-BN form
     moco-bench r18-cifar --cuda-graphs        # the encoders' passes replayed as CUDA graphs
+    moco-bench bert-scifact --device cpu      # text: the SciFact recipe's BERT step
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from moco_engine.config.rules import CHOICES, DEVICE
 from moco_engine.config.schema import ModelConfig, UserError, load_config
 from moco_engine.method.backbones import build_backbone
 from moco_engine.method.norms import SplitBatchNorm
+from moco_engine.runtime.batches import View, batch_size, to_device
 from moco_engine.runtime.precision import autocast
 from moco_engine.tools.cli import with_version
 from moco_engine.tools.opcount import count_ops
@@ -74,6 +78,7 @@ class Case:
     method: str = "moco"  # moco (v1/v2) | moco_v3
     patch_size: int = 16  # vit_*: the patch side
     settings: tuple[str, ...] = ()  # further key=value of the method's recipe
+    tokens: int = 0  # a text case: each view's padded width W in tokens (0: an image case)
 
     @property
     def floor(self) -> float:
@@ -86,6 +91,18 @@ class Case:
 V3_VIT = ("model.freeze_patch_embed=true", "model.hidden_dim=4096", "model.dim=256", "model.predictor_last_bn=true",
           "model.momentum_schedule=cosine", "model.bn=plain", "negatives.kind=momentum_batch", "loss.temperature=0.2",
           "optim.name=adamw", "optim.lr=1.5e-4", "optim.weight_decay=0.1")
+
+
+# The text recipes' encoders and optimisers as the bench builds them (a tokenizer trained on the
+# embedded sample: its vocabulary is smaller than bert-base-uncased's 30,522).
+TEXT = ("model.bn=plain", "model.bn_splits=1", "optim.name=adamw", "optim.betas=[0.9,0.98]", "optim.eps=1e-6",
+        "optim.weight_decay=0.01", "loss.temperature=0.05")
+SCIFACT = (*TEXT, "model.params.layers=2", "model.params.hidden=128", "model.params.heads=2",
+           "model.params.intermediate=512", "model.params.dropout=0", "model.dim=128", "optim.lr=1e-3",
+           "data.text.chunk_length=128")
+CONTRIEVER = (*TEXT, "model.params.layers=12", "model.params.hidden=768", "model.params.heads=12",
+              "model.params.intermediate=3072", "model.dim=768", "model.normalize=false", "model.momentum=0.9995",
+              "optim.lr=5e-5", "data.text.chunk_length=256", "data.text.vocab_size=30522")
 
 
 CASES = {
@@ -103,6 +120,12 @@ CASES = {
     # MoCo v3 with ViT-Tiny/4 at 32 px (configs/experiment/moco_v3_cifar10_vit_tiny.yaml), batch 256.
     "vit-t-cifar": Case("vit_tiny", False, 32, 256, 1024, head="mlp3_bn", augmentation="moco_v3_cifar",
                         method="moco_v3", patch_size=4, settings=V3_VIT),
+    # Text: configs/experiment/scifact_contriever.yaml's BERT and step; W 48 is about its views' mean
+    # padded width (spans of 10-50% of 128-token chunks, padded to the batch's longest).
+    "bert-scifact": Case("bert", False, 0, 64, 4096, head="none", tokens=48, settings=SCIFACT),
+    # Contriever's step on one of its 32 GPUs: BERT-base (12 x 768), 64 chunks, K 131,072, spans of
+    # 5-50% of 256 tokens padded to the batch's longest (about 130).
+    "bert-base": Case("bert", False, 0, 64, 131072, head="none", tokens=128, settings=CONTRIEVER),
 }
 
 
@@ -111,6 +134,12 @@ def build_trainer(case: Case, args: argparse.Namespace):
     ``--data`` asks for the real input path."""
     from moco_engine.run.trainer import Trainer
 
+    if case.tokens:  # the embedded SciFact sample: its tokenizer and chunks; the step's inputs are random
+        return Trainer(load_config([], [
+            "data.name=text", f"model.arch={case.arch}", f"model.head={case.head}", f"queue.size={case.queue}",
+            f"optim.batch_size={case.batch}", f"train.device={args.device}", f"train.precision={args.precision}",
+            f"train.compile={args.compile}", f"train.cuda_graphs={args.cuda_graphs}", "train.out_dir=runs/bench",
+            "track.progress=false", *case.settings]))
     data = ["data.name=synthetic", f"data.synthetic_size={case.batch}", "data.num_workers=0"]
     if args.data:
         data = (["data.name=imagefolder", f"data.root={args.data_root}"] if args.data_root else ["data.name=embedded"])
@@ -129,18 +158,32 @@ def build_trainer(case: Case, args: argparse.Namespace):
     return Trainer(cfg)
 
 
+def step_inputs(trainer, case: Case) -> tuple[View, View]:
+    """Two random views of the case's batch on the training device: images (B, 3, H, W) in the
+    run's memory format, or token ids and an all-ones attention mask (B, W)."""
+    device = trainer.device
+    if case.tokens:
+        vocab = trainer.loaders.text.tokenizer.vocab_size
+        return tuple({"input_ids": torch.randint(5, vocab, (case.batch, case.tokens), device=device),
+                      "attention_mask": torch.ones(case.batch, case.tokens, dtype=torch.long, device=device)}
+                     for _ in range(2))
+    shape = (case.batch, 3, case.image_size, case.image_size)
+    return tuple(torch.randn(shape, device=device).contiguous(memory_format=trainer.memory_format) for _ in range(2))
+
+
 def supervised_step(trainer, case: Case, x, labels) -> Callable[[], None]:
     """The supervised baseline: the same backbone (plain BatchNorm; a ViT's patch projection
-    frozen as the MoCo v3 step's is) and a linear classifier."""
+    frozen as the MoCo v3 step's is; a text case's BERT as configured) and a linear classifier."""
     model_cfg = trainer.cfg.model
     same = ModelConfig(arch=case.arch, cifar_stem=model_cfg.cifar_stem, patch_size=model_cfg.patch_size,
-                       freeze_patch_embed=model_cfg.freeze_patch_embed)
+                       freeze_patch_embed=model_cfg.freeze_patch_embed, params=dict(model_cfg.params))
     backbone, width = build_backbone(same, trainer.loaders.input_shape)
     model = torch.nn.Sequential(backbone, torch.nn.Linear(width, 1000)).to(trainer.device, memory_format=trainer.memory_format)
     graphed = trainer.cfg.train.cuda_graphs  # compared like with like: graphed when the MoCo step is
     if trainer.cfg.train.compile or graphed:
         model.compile(mode="reduce-overhead" if graphed else None)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-4) if case.tokens else
+           torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4))
 
     def step() -> None:
         if graphed:
@@ -160,7 +203,7 @@ def breakdown(trainer, x, idx, repeats: int, warmup: int) -> dict[str, float]:
     from moco_engine.runtime import distributed as dist
 
     device, cfg = trainer.device, trainer.cfg
-    b, dim = x.shape[0], cfg.model.dim
+    b, dim = batch_size(x), cfg.model.dim
     q = F.normalize(torch.randn(b, dim, device=device), dim=1).requires_grad_()
     k = F.normalize(torch.randn(b, dim, device=device), dim=1)
 
@@ -198,8 +241,7 @@ def data_path(trainer, steps: int, warmup: int) -> dict[str, float]:
         while True:
             trainer.loaders.sampler.set_epoch(trainer.epoch)
             for (x_q, x_k), _, idx in trainer.loaders.train:
-                yield (x_q.to(device, memory_format=trainer.memory_format, non_blocking=True),
-                       x_k.to(device, memory_format=trainer.memory_format, non_blocking=True),
+                yield (to_device(x_q, device, trainer.memory_format), to_device(x_k, device, trainer.memory_format),
                        idx.to(device, non_blocking=True))
             trainer.epoch += 1
 
@@ -235,9 +277,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         return {"case": name, **asdict(case), "ops_by_form": form_op_counts(case, args)}
     trainer = build_trainer(case, args)
     device = trainer.device
-    shape = (case.batch, 3, case.image_size, case.image_size)
-    x_q = torch.randn(shape, device=device).contiguous(memory_format=trainer.memory_format)
-    x_k = torch.randn(shape, device=device).contiguous(memory_format=trainer.memory_format)
+    x_q, x_k = step_inputs(trainer, case)
     idx = torch.arange(case.batch, device=device)
     labels = torch.randint(0, 1000, (case.batch,), device=device)
 
@@ -246,6 +286,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
     supervised_s, moco_s, ratio = paired_medians(sup_fn, moco_fn, args.repeats, args.warmup, device)
     result = {
         "case": name, **asdict(case), "device": str(device),
+        "encoder": f" ({trainer.cfg.model.params['layers']} layers x {trainer.cfg.model.params['hidden']})" if case.tokens else "",
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "precision": str(trainer.amp_dtype or "fp32").replace("torch.", ""), "compile": trainer.cfg.train.compile,
         "cuda_graphs": trainer.cfg.train.cuda_graphs,
@@ -278,12 +319,11 @@ def form_op_counts(case: Case, args: argparse.Namespace) -> dict[str, dict]:
     eager = {**vars(args), "compile": False, "cuda_graphs": False, "data": False}
     counts = {}
     # Split-BN is MoCo v1/v2's (shuffle-BN's companion); MoCo v3 keeps plain (or synchronised) BN.
-    forms = ("plain",) if case.method == "moco_v3" else ("plain", *(f for f in SplitBatchNorm.FORMS if f != "auto"))
+    forms = ("plain",) if case.method == "moco_v3" or case.tokens else ("plain", *(f for f in SplitBatchNorm.FORMS if f != "auto"))
     for form in forms:
         variant = replace(small, bn_splits=1 if form == "plain" else splits)
         trainer = build_trainer(variant, argparse.Namespace(**{**eager, "split_bn": "auto" if form == "plain" else form}))
-        shape = (variant.batch, 3, variant.image_size, variant.image_size)
-        x_q, x_k = (torch.randn(shape, device=trainer.device).contiguous(memory_format=trainer.memory_format) for _ in range(2))
+        x_q, x_k = step_inputs(trainer, variant)
         idx = torch.arange(variant.batch, device=trainer.device)
         steps = {"moco": partial(trainer.train_step, x_q, x_k, idx)}
         if form == "plain":

@@ -7,26 +7,26 @@ from __future__ import annotations
 def case_table(r: dict) -> str:
     """One case of ``bench.run_case``: the two steps, MoCo's pieces, then what was added
     (operator counts, profile, input path)."""
-    b = r["batch"]
+    b, w = r["batch"], r.get("tokens", 0)
     stem = " (CIFAR stem)" if r["cifar_stem"] and r["arch"].startswith("resnet") else ""
     arch = f"{r['arch']}/{r['patch_size']}" if r["arch"].startswith("vit") else r["arch"]
+    size = f"{w} tokens a view" if w else f"{r['image_size']} px"
     if "supervised_s" not in r:  # moco-bench --ops: counts only
-        return f"## {r['case']}: {arch}{stem}, {r['image_size']} px, operators per step\n\n" + ops_table(
-            r["ops_by_form"], "step")
+        return f"## {r['case']}: {arch}{stem}, {size}, operators per step\n\n" + ops_table(r["ops_by_form"], "step")
     gib = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     mode = ", CUDA graphs" if r.get("cuda_graphs") else ", compiled" if r["compile"] else ""
     v3 = r.get("method") == "moco_v3"
     negatives = "MoCo v3 (the batch's keys)" if v3 else f"K {r['queue']}"
     floor = r.get("floor", 4 / 3)
     lines = [
-        f"## {r['case']}: {arch}{stem}, {r['image_size']} px, batch {b}, "
+        f"## {r['case']}: {arch}{r.get('encoder', '')}{stem}, {size}, batch {b}, "
         f"{negatives}, {r['precision']}{mode}"
         f"{', split-BN ' + str(r['bn_splits']) + ' (' + r['split_bn'] + ')' if r['bn_splits'] > 1 else ''} on {r['device_name']}",
         "",
-        "| step | ms (median) | images/s | peak memory GiB |",
-        "| --- | --- | --- | --- |",
-        f"| supervised | {r['supervised_s'] * 1e3:.2f} | {b / r['supervised_s']:,.0f} | {gib(r['supervised_peak_gib'])} |",
-        f"| MoCo | {r['moco_s'] * 1e3:.2f} | {b / r['moco_s']:,.0f} | {gib(r['moco_peak_gib'])} |",
+        f"| step | ms (median) | {'chunks/s | tokens/s' if w else 'images/s'} | peak memory GiB |",
+        "| --- " * (5 if w else 4) + "|",
+        *(step_row(name, r[f"{key}_s"], b, w, gib(r[f"{key}_peak_gib"])) for name, key in (("supervised", "supervised"),
+                                                                                         ("MoCo", "moco"))),
         "",
         f"MoCo / supervised: {r['ratio']:.2f} (median of {r['repeats']} paired rounds); the floor is {floor:.2f} "
         f"({'two views through f_q and f_k' if v3 else 'a query forward-backward and a key forward'}): "
@@ -46,6 +46,13 @@ def case_table(r: dict) -> str:
         for part, s in r["data_s"].items():
             lines.append(f"| {part} | {s * 1e3:.2f} | {b / s:,.0f} |")
     return "\n".join(lines)
+
+
+def step_row(name: str, seconds: float, batch: int, tokens: int, peak: str) -> str:
+    """A step's row: ms, samples/s (images or chunks), tokens/s for a text case (one view's
+    batch x width: the tokens a step learns from, as images/s counts one view's images)."""
+    rate = f"{batch / seconds:,.0f} |" + (f" {batch * tokens / seconds:,.0f} |" if tokens else "")
+    return f"| {name} | {seconds * 1e3:.2f} | {rate} {peak} |"
 
 
 def ops_table(counts: dict[str, dict], what: str) -> str:

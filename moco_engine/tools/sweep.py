@@ -204,7 +204,8 @@ def run_command(sweep: Sweep, run: SweepRun, run_dir: Path, root: Path, nproc: i
     return [*launcher, *(str(root / f) for f in sweep.files), *overrides]
 
 
-METRIC_LABELS = {"knn_top1": "kNN top-1 accuracy (%)", "knn_top5": "kNN top-5 accuracy (%)", "loss": "loss"}
+METRIC_LABELS = {"knn_top1": "kNN top-1 accuracy (%)", "knn_top5": "kNN top-5 accuracy (%)", "loss": "loss",
+                 "ndcg@10": "nDCG@10 (the monitor's qrels)", "recall@100": "recall@100 (the monitor's qrels)"}
 
 
 def write_results(sweep: Sweep, out: Path, rows: list[dict[str, Any]]) -> None:
