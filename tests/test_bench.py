@@ -46,6 +46,21 @@ def test_moco_bench_times_a_moco_v3_vit_case_against_its_floor_of_eight_thirds(t
     assert "the floor is 2.67 (two views through f_q and f_k)" in printed
 
 
+def test_moco_bench_times_the_text_step_in_tokens_per_second(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench.json"
+    assert bench_main(["bert-scifact", "--device", "cpu", "--batch", "8", "--repeats", "1", "--warmup", "1",
+                       "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert (r["arch"], r["tokens"], r["batch"], r["head"]) == ("bert", 48, 8, "none")
+    assert r["floor"] == 4 / 3 and {"key forward", "queue logits", "enqueue"} <= set(r["breakdown_s"])
+    # f_q forward and backward, f_k forward, the EMA and the queue: more kernels than the supervised step.
+    assert r["ops"]["moco"]["compute"] > r["ops"]["supervised"]["compute"]
+    printed = capsys.readouterr().out
+    assert "bert (2 layers x 128), 48 tokens a view, batch 8, K 4096" in printed
+    assert "| step | ms (median) | chunks/s | tokens/s | peak memory GiB |" in printed
+
+
 def test_count_ops_counts_the_backward_and_sorts_views_from_kernels():
     conv = torch.nn.Conv2d(3, 4, 3)
     x = torch.randn(2, 3, 8, 8)

@@ -10,13 +10,14 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"  # the checkout: its package, configs/ and .whl/
 PY=${PYTHON:-python3}  # the interpreter that has torch (python3 on the GPU machine)
-if ! "$PY" -c "import omegaconf" 2>/dev/null; then
-    if ! ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
-        echo "error: omegaconf is not installed and $ROOT/.whl/ holds no wheels (README.md, 'Proving it on a GPU')" >&2
-        exit 2
-    fi
+# The wheels in .whl/ (omegaconf's; transformers' for the text cases) where the interpreter lacks them.
+if ! "$PY" -c "import omegaconf, transformers" 2>/dev/null && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/moco_site "$ROOT"/.whl/*.whl
     export PYTHONPATH="/tmp/moco_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! "$PY" -c "import omegaconf" 2>/dev/null; then
+    echo "error: omegaconf is not installed and $ROOT/.whl/ holds no wheels (README.md, 'Proving it on a GPU')" >&2
+    exit 2
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 exec "$PY" -m moco_engine.tools.proof "$@"

@@ -24,6 +24,7 @@ says which wheels to bring and the one call to make.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -126,6 +127,9 @@ def quick_jobs(out: Path, data: Path, cpu: bool) -> list[Job]:
         # MoCo v3 (Issue 26): its step against the floor of 8/3 supervised steps.
         bench_job("vit-s-224", "vit-s-224", out, cap_s=120.0, **g),
         bench_job("vit-t-cifar", "vit-t-cifar", out, cap_s=90.0, **g),
+        # Text (Issue 27): Contriever's BERT-base step (64 chunks, K 131,072) and the SciFact recipe's.
+        bench_job("bert-base", "bert-base", out, cap_s=120.0, **g),
+        bench_job("bert-scifact", "bert-scifact", out, **g),
         graph_tests,
         bench_job("r18-per_slice", "r18-cifar", out, "--split-bn", "per_slice", **g),
         # The strided form's view is free in NCHW; under channels_last it copies to NCHW and back.
@@ -140,9 +144,12 @@ def quick_jobs(out: Path, data: Path, cpu: bool) -> list[Job]:
         bench_job("r50-224-compiled", "r50-224", out, "--compile", cap_s=200.0, needs_cuda=True),
         bench_job("r18-per_slice-cuda-graphs", "r18-cifar", out, "--split-bn", "per_slice", "--cuda-graphs", **compiled),
     ]
+    text = importlib.util.find_spec("transformers") is not None
     for job in jobs:
         if "--data-root" in job.argv and not data.exists():
             job.status = f"skipped: no archive at {data}"
+        if job.name.startswith("bert") and not text:
+            job.status = "skipped: transformers is not installed (README, 'Proving it on a GPU')"
     return jobs
 
 
