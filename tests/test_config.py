@@ -77,11 +77,28 @@ def test_base_yaml_mirrors_the_schema():
 def test_every_shipped_config_loads(path):
     if "sweeps" in path.parts:
         pytest.skip("sweep files are read by the sweep runner")
-    cfg = load_config([str(path)], ["data.root=/where/the/data/is"] if "imagenet" in path.name else [])
+    needs = {"contriever_ccnet.yaml": ["data.root=/data/ccnet.jsonl", "model.params.pretrained=/models/bert-base-uncased"]}
+    cfg = load_config([str(path)], ["data.root=/where/the/data/is"] if "imagenet" in path.name else needs.get(path.name, []))
     if path.name == "moco_v2_imagenet.yaml":  # layered on v1, as its header says
         v2 = load_config([str(path.with_name("moco_v1_imagenet.yaml")), str(path)], ["data.root=/data"])
         assert (v2.model.arch, v2.model.head, v2.loss.temperature, v2.optim.schedule) == ("resnet50", "mlp", 0.2, "cosine")
     assert cfg is not None
+
+
+def test_contrievers_recipe_is_its_example_script_and_asks_for_its_data_and_model():
+    """example_scripts/contriever.sh as Issue 27 lists it: 500k steps of 64 chunks on 32 GPUs."""
+    path = str(ROOT / "configs" / "experiment" / "contriever_ccnet.yaml")
+    with pytest.raises(ConfigError, match="model.params.pretrained"):
+        load_config([path], ["data.root=/data/ccnet.jsonl"])
+    cfg = load_config([path], ["data.root=/data/ccnet.jsonl", "model.params.pretrained=/models/bert-base-uncased"])
+    t, o = cfg.data.text, cfg.optim
+    assert (t.tokenizer, t.chunk_length, t.ratio_min, t.ratio_max, t.deletion) == ("/models/bert-base-uncased", 256, 0.05, 0.5, 0.1)
+    assert (cfg.model.arch, cfg.model.params["pooling"], cfg.model.head, cfg.model.normalize) == ("bert", "mean", "none", False)
+    assert (cfg.loss.temperature, cfg.model.momentum, cfg.queue.size) == (0.05, 0.9995, 131072)
+    assert (o.name, o.lr, list(o.betas), o.eps, o.weight_decay, o.schedule, o.batch_size) == (
+        "adamw", 5e-5, [0.9, 0.98], 1e-6, 0.01, "linear", 64)
+    steps = cfg.train.epochs * cfg.train.steps_per_epoch
+    assert steps == 500_000 and o.warmup_epochs * cfg.train.steps_per_epoch == 20_000
 
 
 @pytest.mark.fault("syntax")

@@ -13,7 +13,7 @@ As BEIR evaluates dense retrievers (beir-cellar/beir: ``retrieval/search/dense/e
   best-scored (ties in the order of the ranking), summed and divided by the number of judged
   queries.
 
-BM25 is the ``bm25s`` library's (Lucene's variant, k1 1.2... its defaults) over English-stemmed
+BM25 is the ``bm25s`` library's (Lucene's variant with its defaults, k1 1.5, b 0.75) over English-stemmed
 tokens without stop words; BEIR's own BM25 runs Elasticsearch, which this machine has not.
 """
 
