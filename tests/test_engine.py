@@ -77,6 +77,7 @@ def test_bank_refresh_equals_a_fresh_encoding_of_every_item(tmp_path):
             assert torch.allclose(trainer.negatives.bank[start : start + len(images)], expected, atol=1e-5)
 
 
+@pytest.mark.slow  # three subprocesses
 def test_memory_bank_bad_input_names_both_numbers(tmp_path):
     base = [sys.executable, "-m", "moco_engine", *TINY, f"train.out_dir={tmp_path / 'run'}", "negatives.kind=memory_bank"]
     r = subprocess.run([*base, "memory_bank.replacement=false", "queue.size=500"], capture_output=True, text=True)
@@ -178,6 +179,7 @@ def test_a_run_folder_with_checkpoints_is_not_clobbered(tmp_path):
     Trainer(tiny(tmp_path, "train.epochs=1", "train.overwrite=true")).fit()
 
 
+@pytest.mark.slow  # subprocesses; -m fault runs it
 @pytest.mark.fault("resume")
 def test_incompatible_checkpoint_is_refused_in_one_line(tmp_path):
     Trainer(tiny(tmp_path, "train.epochs=1")).fit()

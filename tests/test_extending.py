@@ -52,7 +52,8 @@ POINTS = ["data.name=points", "data.params.n=96", "model.arch=mlp", "loss.name=a
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["queue", pytest.param("memory_bank", marks=pytest.mark.slow),
+# All slow: the default run keeps test_distributed's two-rank stop and resume of the built-in parts.
+@pytest.mark.parametrize("kind", [pytest.param("queue", marks=pytest.mark.slow), pytest.param("memory_bank", marks=pytest.mark.slow),
                                   pytest.param("in_batch", marks=pytest.mark.slow)])
 def test_the_extension_under_torchrun_stopped_and_resumed_is_bit_identical(tmp_path, extension, kind):
     overrides = [*POINTS, f"negatives.kind={kind}"]

@@ -72,6 +72,7 @@ def test_a_resumed_text_run_ends_bit_identical_to_a_straight_one(tmp_path):
     assert torch.equal(straight.negatives.keys, resumed.negatives.keys)
 
 
+@pytest.mark.slow  # a subprocess stopped for real; the in-process resume stays in the default run
 @pytest.mark.fault("signals")
 def test_sigterm_mid_epoch_saves_and_the_resumed_text_run_matches_a_straight_one(tmp_path):
     extra = ["train.steps_per_epoch=8", "train.log_every=1"]
@@ -97,6 +98,7 @@ def test_sigterm_mid_epoch_saves_and_the_resumed_text_run_matches_a_straight_one
     assert torch.equal(straight.negatives.keys, resumed.negatives.keys)
 
 
+@pytest.mark.slow  # a run then a subprocess; -m fault runs it
 @pytest.mark.fault("resume")
 def test_a_resume_with_another_tokenizer_is_refused_in_one_line(tmp_path):
     Trainer(text_cfg(tmp_path, "train.epochs=1")).fit()
