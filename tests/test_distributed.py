@@ -183,6 +183,7 @@ def test_sharded_bank_refresh_gives_every_rank_the_same_bank(tmp_path, pipeline)
     torch.testing.assert_close(r0["negatives"]["bank"], r0["full_encoding"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a torchrun launch; test_negatives keeps the ragged batch in one process
 def test_a_ragged_last_batch_with_drop_last_off_and_only_rank_0_logs(tmp_path):
     # 100 items over 2 ranks: 50 each, batches 16, 16, 16, 2; shuffle-BN across ranks on.
     (r0, r1), _ = torchrun(tmp_path, "data.synthetic_size=100", "data.drop_last=false", "train.steps_per_epoch=0",

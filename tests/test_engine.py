@@ -246,6 +246,7 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches_a_straight_one(tmp_
     assert torch.equal(straight.negatives.keys, resumed.negatives.keys)
 
 
+@pytest.mark.slow  # a run to divergence; -m fault runs it
 @pytest.mark.fault("nonfinite")
 def test_a_diverging_run_stops_naming_the_step_and_keeps_its_good_checkpoint(tmp_path):
     run = tmp_path / "run"

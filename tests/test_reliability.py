@@ -178,6 +178,7 @@ with RunLock(Path(sys.argv[1])):
 """
 
 
+@pytest.mark.slow  # subprocesses; -m fault runs it
 @pytest.mark.fault("lock")
 def test_one_live_run_per_folder_and_a_dead_holder_blocks_nothing(tmp_path):
     run = tmp_path / "run"
