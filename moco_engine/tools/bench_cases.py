@@ -1,0 +1,72 @@
+"""``moco-bench``'s named cases: each a method, backbone, input size, batch and K, with the
+recipe settings it is built with (MoCo v1/v2 and v3 on images; text)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark configuration."""
+
+    arch: str
+    cifar_stem: bool
+    image_size: int
+    batch: int
+    queue: int
+    head: str = "mlp"
+    bn_splits: int = 1
+    augmentation: str = "cifar"
+    method: str = "moco"  # moco (v1/v2) | moco_v3
+    patch_size: int = 16  # vit_*: the patch side
+    settings: tuple[str, ...] = ()  # further key=value of the method's recipe
+    tokens: int = 0  # a text case: each view's padded width W in tokens (0: an image case)
+
+    @property
+    def floor(self) -> float:
+        """The least a step can cost, in supervised steps of one view (module docstring)."""
+        return 8 / 3 if self.method == "moco_v3" else 4 / 3
+
+
+# MoCo v3's ViT recipe (configs/experiment/moco_v3_imagenet_vit_small.yaml) as the bench builds it:
+# one process, so plain BN where the recipe has SyncBN.
+V3_VIT = ("model.freeze_patch_embed=true", "model.hidden_dim=4096", "model.dim=256", "model.predictor_last_bn=true",
+          "model.momentum_schedule=cosine", "model.bn=plain", "negatives.kind=momentum_batch", "loss.temperature=0.2",
+          "optim.name=adamw", "optim.lr=1.5e-4", "optim.weight_decay=0.1")
+
+
+# The text recipes' encoders and optimisers as the bench builds them (a tokenizer trained on the
+# embedded sample: its vocabulary is smaller than bert-base-uncased's 30,522).
+TEXT = ("model.bn=plain", "model.bn_splits=1", "optim.name=adamw", "optim.betas=[0.9,0.98]", "optim.eps=1e-6",
+        "optim.weight_decay=0.01", "loss.temperature=0.05")
+SCIFACT = (*TEXT, "model.params.layers=2", "model.params.hidden=128", "model.params.heads=2",
+           "model.params.intermediate=512", "model.params.dropout=0", "model.dim=128", "optim.lr=1e-3",
+           "data.text.chunk_length=128")
+CONTRIEVER = (*TEXT, "model.params.layers=12", "model.params.hidden=768", "model.params.heads=12",
+              "model.params.intermediate=3072", "model.dim=768", "model.normalize=false", "model.momentum=0.9995",
+              "optim.lr=5e-5", "data.text.chunk_length=256", "data.text.vocab_size=30522")
+
+
+CASES = {
+    # The MoCo authors' CIFAR-10 demo: CIFAR ResNet-18, batch 512, K 4096, split-BN over 8 slices.
+    "r18-cifar": Case("resnet18", True, 32, 512, 4096, head="linear", bn_splits=8),
+    # MoCo v1/v2 on ImageNet: ResNet-50 at 224 px, batch 256, K 65536 (v1's linear head).
+    "r50-224": Case("resnet50", False, 224, 256, 65536, head="linear", augmentation="moco_v2"),
+    # The 2-core CPU target of BENCHMARKS.md: the demo's model at batch 64.
+    "r18-cifar-cpu": Case("resnet18", True, 32, 64, 4096, head="linear", bn_splits=8),
+    # Seconds on any CPU (the test suite runs it).
+    "tiny": Case("resnet18", False, 32, 16, 256, head="linear"),
+    # MoCo v3 with ViT-S/16 at 224 px, batch 256 on one GPU (on a 2-core CPU: --batch 8).
+    "vit-s-224": Case("vit_small", False, 224, 256, 1024, head="mlp3_bn", augmentation="moco_v3", method="moco_v3",
+                      patch_size=16, settings=V3_VIT),
+    # MoCo v3 with ViT-Tiny/4 at 32 px (configs/experiment/moco_v3_cifar10_vit_tiny.yaml), batch 256.
+    "vit-t-cifar": Case("vit_tiny", False, 32, 256, 1024, head="mlp3_bn", augmentation="moco_v3_cifar",
+                        method="moco_v3", patch_size=4, settings=V3_VIT),
+    # Text: configs/experiment/scifact_contriever.yaml's BERT and step; W 48 is about its views' mean
+    # padded width (spans of 10-50% of 128-token chunks, padded to the batch's longest).
+    "bert-scifact": Case("bert", False, 0, 64, 4096, head="none", tokens=48, settings=SCIFACT),
+    # Contriever's step on one of its 32 GPUs: BERT-base (12 x 768), 64 chunks, K 131,072, spans of
+    # 5-50% of 256 tokens padded to the batch's longest (about 130).
+    "bert-base": Case("bert", False, 0, 64, 131072, head="none", tokens=128, settings=CONTRIEVER),
+}
