@@ -55,7 +55,9 @@ def test_the_monitor_never_reads_the_test_qrels(tmp_path, monkeypatch):
     assert asked and set(asked) == {"train"}
 
 
-def test_a_resumed_text_run_ends_bit_identical_to_a_straight_one(tmp_path):
+def test_a_resumed_text_run_ends_bit_identical_to_a_straight_one(tmp_path, monkeypatch):
+    import moco_engine.data.text_source as text_source
+
     straight = Trainer(text_cfg(tmp_path / "a"))
     straight.fit()
     stopped = Trainer(text_cfg(tmp_path / "b"))
@@ -63,7 +65,13 @@ def test_a_resumed_text_run_ends_bit_identical_to_a_straight_one(tmp_path):
     stopped.train_epoch()
     stopped.save()
     del stopped
+
+    def no_training(*args):
+        raise AssertionError("a resume trained its tokenizer again")
+
+    monkeypatch.setattr(text_source, "train_wordpiece", no_training)  # the resume reads the checkpoint's
     resumed = Trainer(text_cfg(tmp_path / "b", "train.resume=auto"))
+    assert resumed.tokenizer_json == straight.tokenizer_json
     resumed.fit()
     for a, b in zip(straight.encoder_q.state_dict().values(), resumed.encoder_q.state_dict().values()):
         assert torch.equal(a, b)
@@ -106,6 +114,12 @@ def test_a_resume_with_another_tokenizer_is_refused_in_one_line(tmp_path):
                         "train.resume=auto", "train.epochs=2", "data.text.lowercase=false"], capture_output=True, text=True)
     lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("warning:")]
     assert r.returncode == 2 and len(lines) == 1 and "another tokenizer" in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_resume_with_other_tokenizer_settings_is_refused_naming_them(tmp_path):
+    Trainer(text_cfg(tmp_path, "train.epochs=1")).fit()
+    with pytest.raises(UserError, match=r"another tokenizer .*data.text.vocab_size 400 \(checkpoint\) vs 300 \(config\)"):
+        Trainer(text_cfg(tmp_path, "train.resume=auto", "train.epochs=2", "data.text.vocab_size=300"))
 
 
 def test_moco_eval_retrieval_and_sts_report_the_run_bm25_and_the_untrained_encoder(tmp_path, capsys):
@@ -191,3 +205,31 @@ def test_the_memory_bank_and_in_batch_negatives_train_on_text_chunks(tmp_path, k
         bank = trainer.negatives.bank
         assert bank.shape == (trainer.loaders.num_items, trainer.cfg.model.dim) and trainer.loaders.num_items == trainer.loaders.text.stream.num_chunks
         assert bool((trainer.negatives.written > 0).all())  # every chunk's row written by the epoch's refresh
+
+
+def test_length_buckets_give_the_whole_batchs_embeddings_and_gradients_to_rounding():
+    """model.params.length_buckets: each group of similar length padded only to its own longest;
+    BERT has no batch statistics, so the embeddings and gradients are the batch's own."""
+    from transformers import BertConfig, BertModel
+
+    from moco_engine.method.text_encoder import TextEncoder
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                      add_pooling_layer=False)
+    lengths = torch.tensor([3, 17, 9, 40, 9, 2, 25, 33, 12, 40, 5])
+    mask = (torch.arange(40)[None] < lengths[:, None]).long()  # right-padded, as the text views are
+    ids = torch.randint(5, 50, (len(lengths), 40)) * mask
+    grads, outs = [], []
+    for buckets in (1, 3, 4, 11, 20):
+        model.zero_grad()
+        encoder = TextEncoder(model, "mean", buckets)
+        out = encoder({"input_ids": ids, "attention_mask": mask})
+        (out * torch.arange(32.0)).sum().backward()  # a loss that tells the rows apart
+        outs.append(out.detach())
+        grads.append(model.embeddings.word_embeddings.weight.grad.clone())
+    for out, grad in zip(outs[1:], grads[1:]):
+        assert torch.allclose(out, outs[0], atol=1e-5) and torch.allclose(grad, grads[0], atol=1e-4)
+    with pytest.raises(UserError, match="'model.params.length_buckets' = 0"):
+        Trainer(load_config([], [*TINY, *TEXT, "model.params.length_buckets=0"]))

@@ -39,6 +39,8 @@ from moco_engine.data.recipes import (
 from moco_engine.data.sampling import EpochSampler, Indexed, ReshuffledEpochs, TwoViews, make_loader
 from moco_engine.data.sources import SOURCES, build_splits
 from moco_engine.data.text import TextPlain, TextTwoViews
+from moco_engine.data.text_source import text_splits
+from moco_engine.data.tokenizer import TextTokenizer
 
 
 @dataclass
@@ -116,18 +118,23 @@ def resolve_pipeline(data: DataConfig) -> str:
 
 
 def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
-                  view: Callable | None = None) -> Loaders:
+                  view: Callable | None = None, tokenizer: str | None = None) -> Loaders:
     """Open ``cfg.data`` and build this rank's loaders.
 
     Args:
         view: the CPU path's random view of an item in place of the source's or the recipe's
             (tests use a mild one to make a few steps learn); the device path takes only recipes.
+        tokenizer: a text run's tokenizer (JSON) in place of the configured one: a resume's,
+            from its checkpoint.
 
     Raises:
         UserError: the data cannot be used (missing, or fewer items than one global batch; the
             device path for items that are not images).
     """
-    splits = build_splits(cfg.data, seed=cfg.train.seed)
+    if tokenizer is None:
+        splits = build_splits(cfg.data, seed=cfg.train.seed)
+    else:
+        splits = text_splits(cfg.data, TextTokenizer.from_json(tokenizer, "the checkpoint's tokenizer"))
     num_items = len(splits.train)
     if num_items < cfg.optim.batch_size * world:
         raise UserError(

@@ -94,5 +94,10 @@ def open_text(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> TextCo
 
 @register_data_source("text", reads=("data.root", "data.text"))
 def text(cfg: DataConfig, seed: int) -> Splits:
-    corpus = open_text(cfg)
+    return text_splits(cfg)
+
+
+def text_splits(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> Splits:
+    """The chunks as the items, the corpus beside them (read with ``tokenizer``, else the configured one)."""
+    corpus = open_text(cfg, tokenizer)
     return Splits(Chunks(corpus.stream.num_chunks), None, text=corpus)

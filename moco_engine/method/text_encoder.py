@@ -8,6 +8,11 @@ which DDP refuses. transformers is imported only by text runs.
 
 The embedding of a text is its tokens' last hidden states pooled: the mean over the attention
 mask (Contriever's ``average`` pooling) or the [CLS] token's.
+
+``model.params.length_buckets`` > 1 encodes a batch in that many groups of texts of similar
+length, each padded only to its own longest: a text's embedding does not depend on the others in
+its batch (BERT has no batch statistics), so this changes the embeddings by float rounding alone
+and saves the padded tokens' work (BENCHMARKS.md has what it buys on CPU).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from moco_engine.method.backbones import Backbone, register_backbone
 
 POOLINGS = ("mean", "cls")
 BERT_PARAMS = {"layers": 4, "hidden": 256, "heads": 4, "intermediate": 1024, "dropout": 0.1, "pooling": "mean",
-               "pretrained": "", "max_positions": 512}
+               "pretrained": "", "max_positions": 512, "length_buckets": 1}
 
 
 class TextEncoder(nn.Module):
@@ -32,16 +37,29 @@ class TextEncoder(nn.Module):
     Attributes:
         model: the transformers model (``save_pretrained`` writes it as Hugging Face does).
         pooling: "mean" or "cls".
+        length_buckets: groups of similar length a batch is encoded in (1: the batch at once).
     """
 
-    def __init__(self, model: nn.Module, pooling: str):
+    def __init__(self, model: nn.Module, pooling: str, length_buckets: int = 1):
         super().__init__()
         self.model = model
         self.pooling = pooling
+        self.length_buckets = length_buckets
 
     def forward(self, x: dict[str, Tensor]) -> Tensor:
-        mask = x["attention_mask"]
-        hidden = self.model(input_ids=x["input_ids"], attention_mask=mask).last_hidden_state  # (B, W, H)
+        ids, mask = x["input_ids"], x["attention_mask"]
+        if self.length_buckets <= 1 or len(ids) < 2:
+            return self.encode(ids, mask)
+        order = torch.argsort(mask.sum(1), stable=True)  # shortest first; ties in batch order
+        parts = []
+        for group in order.chunk(self.length_buckets):
+            width = int(mask[group].any(0).nonzero().max()) + 1 if mask[group].any() else 1  # its last unpadded column
+            parts.append(self.encode(ids[group, :width], mask[group, :width]))
+        return torch.cat(parts)[torch.argsort(order)]  # back in batch order
+
+    def encode(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """(B, W) token ids and attention mask -> (B, hidden)."""
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, W, H)
         if self.pooling == "cls":
             return hidden[:, 0]
         weights = mask.to(hidden.dtype).unsqueeze(-1)
@@ -92,7 +110,9 @@ def bert(cfg: ModelConfig, input_shape: Any) -> Backbone:
                           "shorten those or give the model more positions")
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
-    return Backbone(TextEncoder(model, p["pooling"]), int(model.config.hidden_size))
+    if int(p["length_buckets"]) < 1:
+        raise ConfigError(f"config key 'model.params.length_buckets' = {p['length_buckets']!r}: must be >= 1")
+    return Backbone(TextEncoder(model, p["pooling"], int(p["length_buckets"])), int(model.config.hidden_size))
 
 
 def load_pretrained(auto: Any, folder: str) -> nn.Module:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,6 +67,45 @@ def unusable(state: dict[str, Any]) -> str | None:
     """Why a snapshot cannot be trained on (its non-finite tensors, named), or None."""
     bad = ckpt.nonfinite_tensors({k: state.get(k) for k in (*MODEL_SECTIONS, "optimizer")}, allow_nan=NAN_SENTINELS)
     return f"holds non-finite values ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else None
+
+
+# The settings that make a trained tokenizer (data/tokenizer.py): a resume keeps the checkpoint's
+# only when they are unchanged.
+TOKENIZER_SETTINGS = ("data.text.tokenizer", "data.text.vocab_size", "data.text.lowercase")
+
+
+def saved_tokenizer(cfg: Config, run_dir: Path) -> str | None:
+    """The tokenizer (JSON) a resume of this text run continues with: the one its checkpoint
+    holds, so a resume never trains it again (another ``tokenizers`` release could give other
+    ids). None: not a text run, a tokenizer the config names (read as named; :func:`restore`
+    compares it), or nothing to resume (``train.resume`` unset, or no readable checkpoint).
+
+    Raises:
+        CheckpointError: the checkpoint's tokenizer was made with other
+            :data:`TOKENIZER_SETTINGS` than this config's (named).
+    """
+    if cfg.data.name != "text" or cfg.data.text.tokenizer or not cfg.train.resume:
+        return None
+    paths = reversed(ckpt.checkpoint_files(run_dir)) if cfg.train.resume == "auto" else [Path(cfg.train.resume).expanduser()]
+    for path in paths:
+        state = ckpt.peek(path)
+        if state is None or not state.get("tokenizer"):
+            continue
+        saved, now = state["config"], to_dict(cfg)
+        changed = [f"{key} {lookup(saved, key)!r} (checkpoint) vs {lookup(now, key)!r} (config)"
+                   for key in TOKENIZER_SETTINGS if lookup(saved, key) != lookup(now, key)]
+        if changed:
+            raise ckpt.CheckpointError(f"checkpoint {path} was trained with another tokenizer than this run's "
+                                       f"({'; '.join(changed)}): resume with the settings it was trained with")
+        return state["tokenizer"]
+    return None
+
+
+def lookup(config: dict[str, Any], key: str) -> Any:
+    """A dotted key's value in a config dict (None where it has none)."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def restore(parts: StepParts, state: dict[str, Any], cfg: Config, device: torch.device, source: str,

@@ -67,7 +67,9 @@ class Trainer:
             print(ignored, file=sys.stderr, flush=True)
         torch.manual_seed(cfg.train.seed + self.rank)
         random.seed(cfg.train.seed + self.rank)
-        self.loaders = build_loaders(cfg, self.device, self.rank, self.world, view)
+        # A resumed text run reads its corpus with its checkpoint's tokenizer, never a re-trained one.
+        self.loaders = build_loaders(cfg, self.device, self.rank, self.world, view,
+                                     snapshot.saved_tokenizer(cfg, self.run_dir))
         # The model and the queue start identical on every rank; per-rank randomness after them.
         torch.manual_seed(cfg.train.seed)
         self.parts = build_parts(cfg, self.device, self.amp_dtype, self.loaders.num_items, self.loaders.input_shape)
