@@ -205,6 +205,14 @@ def test_the_memory_bank_and_in_batch_negatives_train_on_text_chunks(tmp_path, k
         bank = trainer.negatives.bank
         assert bank.shape == (trainer.loaders.num_items, trainer.cfg.model.dim) and trainer.loaders.num_items == trainer.loaders.text.stream.num_chunks
         assert bool((trainer.negatives.written > 0).all())  # every chunk's row written by the epoch's refresh
+        # ... from the chunks as the next epoch cuts them (the stream moves its offset each epoch)
+        stream, plain = trainer.loaders.text.stream, trainer.loaders.plain_train
+        assert plain.epoch == 1 and plain.docs == stream.chunk_tokens(trainer.cfg.train.seed, 1)
+        assert plain.docs != stream.chunk_tokens(trainer.cfg.train.seed, 0)
+        trainer.encoder_k.train()
+        with torch.no_grad():
+            rows = torch.cat([trainer.encoder_k(x) for x, _, _ in plain])
+        assert torch.allclose(bank, torch.nn.functional.normalize(rows, dim=1), atol=1e-5)
 
 
 def test_length_buckets_give_the_whole_batchs_embeddings_and_gradients_to_rounding():

@@ -38,7 +38,7 @@ from moco_engine.data.recipes import (
 )
 from moco_engine.data.sampling import EpochSampler, Indexed, ReshuffledEpochs, TwoViews, make_loader
 from moco_engine.data.sources import SOURCES, build_splits
-from moco_engine.data.text import TextPlain, TextTwoViews
+from moco_engine.data.text import ChunkPlain, TextTwoViews
 from moco_engine.data.text_source import text_splits
 from moco_engine.data.tokenizer import TextTokenizer
 
@@ -84,6 +84,13 @@ class Loaders:
     def images(self) -> bool:
         """Whether the inputs are images (the preview, the memory format, images per second)."""
         return self.spec is not None
+
+    def items_at(self, epoch: int) -> None:
+        """Make the plain train views the items as ``epoch`` cuts them: text's stream chunks
+        move each epoch (``data/text.py``); images and other items stay as they are."""
+        for loader in (self.plain_train, self.plain_train_shard):
+            if isinstance(loader, ChunkPlain):
+                loader.set_epoch(epoch)
 
     def close(self) -> None:
         """End the persistent loader workers now, cleanly, rather than at interpreter exit
@@ -233,13 +240,11 @@ def _text_loaders(cfg: Config, corpus: Any, sampler: EpochSampler, device: torch
     fixed = (world > 1 and cfg.model.bn == "shuffle") or device.type == "cuda"
     width = corpus.spec.max_width(cfg.data.text.chunk_length) if fixed else None
     train = TextTwoViews(stream, corpus.spec, cfg.optim.batch_size, sampler, cfg.train.seed, cfg.data.drop_last, width)
-    # The items' plain views (the memory bank's refresh, the train set's encoding): the chunks
-    # as epoch 0 cuts them, [CLS] chunk [SEP].
-    chunks = stream.chunk_tokens(cfg.train.seed, 0)
-    length = cfg.data.text.chunk_length + 2
-    whole = TextPlain(chunks, corpus.spec, cfg.eval.batch_size, length, device)
-    shard = TextPlain(chunks, corpus.spec, cfg.eval.batch_size, length, device,
-                      shard_indices(len(chunks), rank, world)) if world > 1 else whole
+    # The items' plain views (the memory bank's encodings): the chunks as the epoch
+    # Loaders.items_at names cuts them, [CLS] chunk [SEP].
+    whole = ChunkPlain(stream, cfg.train.seed, corpus.spec, cfg.eval.batch_size, device)
+    shard = ChunkPlain(stream, cfg.train.seed, corpus.spec, cfg.eval.batch_size, device,
+                       shard_indices(stream.num_chunks, rank, world)) if world > 1 else whole
     return train, {"train": whole, "train_shard": shard, "test": None, "test_shard": None}
 
 

@@ -247,3 +247,18 @@ class TextPlain:
             x = padded([self.docs[i] for i in idx], self.max_length, self.spec, self.device)
             index = torch.tensor(idx, device=self.device)
             yield x, torch.full_like(index, -1), index
+
+
+class ChunkPlain(TextPlain):
+    """The chunks as plain views ([CLS] chunk [SEP]; the memory bank's encoding of the items),
+    cut as epoch ``set_epoch(e)`` cuts them (0 until told): the stream's chunks start at another
+    offset each epoch, so a refresh at an epoch's end encodes the very chunks the next one trains on."""
+
+    def __init__(self, stream: TokenStream, seed: int, spec: SpanSpec, batch_size: int, device: torch.device,
+                 indices: list[int] | None = None):
+        self.stream, self.seed, self.epoch = stream, seed, 0
+        super().__init__(stream.chunk_tokens(seed, 0), spec, batch_size, stream.chunk_length + 2, device, indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.docs, self.epoch = self.stream.chunk_tokens(self.seed, epoch), epoch

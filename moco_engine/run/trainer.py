@@ -165,6 +165,7 @@ class Trainer:
         self.tracker.end_epoch()
         epoch_time = meter.epoch_seconds()
         hook_start = time.perf_counter()
+        self.loaders.items_at(self.epoch + 1)  # a refresh encodes the items as the next epoch trains on them
         self.negatives.on_epoch_end(self.epoch, self.encode_interruptibly)
         hook_time = time.perf_counter() - hook_start
         self.epoch += 1
@@ -272,6 +273,7 @@ class Trainer:
             path, state = resumed
             self.load_state_dict(state, source=f"checkpoint {path}")
             self.saved = path
+            self.loaders.items_at(self.epoch)
             if dist.is_main():
                 print(f"resumed from {path} at epoch {self.epoch}, step {self.step}", flush=True)
         else:

@@ -41,7 +41,7 @@ V3_VIT = ("model.freeze_patch_embed=true", "model.hidden_dim=4096", "model.dim=2
 TEXT = ("model.bn=plain", "model.bn_splits=1", "optim.name=adamw", "optim.betas=[0.9,0.98]", "optim.eps=1e-6",
         "optim.weight_decay=0.01", "loss.temperature=0.05")
 SCIFACT = (*TEXT, "model.params.layers=2", "model.params.hidden=128", "model.params.heads=2",
-           "model.params.intermediate=512", "model.params.dropout=0", "model.dim=128", "optim.lr=1e-3",
+           "model.params.intermediate=512", "model.params.dropout=0", "model.dim=128", "optim.lr=2.8e-3",
            "data.text.chunk_length=128")
 CONTRIEVER = (*TEXT, "model.params.layers=12", "model.params.hidden=768", "model.params.heads=12",
               "model.params.intermediate=3072", "model.dim=768", "model.normalize=false", "model.momentum=0.9995",
@@ -65,7 +65,7 @@ CASES = {
                         method="moco_v3", patch_size=4, settings=V3_VIT),
     # Text: configs/experiment/scifact_contriever.yaml's BERT and step; W 48 is about its views' mean
     # padded width (spans of 10-50% of 128-token chunks, padded to the batch's longest).
-    "bert-scifact": Case("bert", False, 0, 64, 4096, head="none", tokens=48, settings=SCIFACT),
+    "bert-scifact": Case("bert", False, 0, 128, 4096, head="none", tokens=48, settings=SCIFACT),
     # Contriever's step on one of its 32 GPUs: BERT-base (12 x 768), 64 chunks, K 131,072, spans of
     # 5-50% of 256 tokens padded to the batch's longest (about 130).
     "bert-base": Case("bert", False, 0, 64, 131072, head="none", tokens=128, settings=CONTRIEVER),
