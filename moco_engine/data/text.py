@@ -256,9 +256,13 @@ class ChunkPlain(TextPlain):
 
     def __init__(self, stream: TokenStream, seed: int, spec: SpanSpec, batch_size: int, device: torch.device,
                  indices: list[int] | None = None):
-        self.stream, self.seed, self.epoch = stream, seed, 0
+        self.stream, self.seed, self.epoch, self.cut = stream, seed, 0, 0
         super().__init__(stream.chunk_tokens(seed, 0), spec, batch_size, stream.chunk_length + 2, device, indices)
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.docs, self.epoch = self.stream.chunk_tokens(self.seed, epoch), epoch
+        self.epoch = epoch  # cut when next encoded: runs whose negatives never encode the items pay nothing
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Tensor], Tensor, Tensor]]:
+        if self.cut != self.epoch:
+            self.docs, self.cut = self.stream.chunk_tokens(self.seed, self.epoch), self.epoch
+        return super().__iter__()

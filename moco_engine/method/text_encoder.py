@@ -50,11 +50,12 @@ class TextEncoder(nn.Module):
         ids, mask = x["input_ids"], x["attention_mask"]
         if self.length_buckets <= 1 or len(ids) < 2:
             return self.encode(ids, mask)
-        order = torch.argsort(mask.sum(1), stable=True)  # shortest first; ties in batch order
-        parts = []
-        for group in order.chunk(self.length_buckets):
-            width = int(mask[group].any(0).nonzero().max()) + 1 if mask[group].any() else 1  # its last unpadded column
-            parts.append(self.encode(ids[group, :width], mask[group, :width]))
+        columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+        extent = ((mask != 0) * columns).amax(1).clamp(min=1)  # (B,) each text's last unpadded column + 1
+        order = torch.argsort(extent, stable=True)  # shortest first; ties in batch order
+        groups = order.chunk(self.length_buckets)
+        widths = torch.stack([extent[group[-1]] for group in groups]).tolist()  # each group's longest: one host sync
+        parts = [self.encode(ids[group, :width], mask[group, :width]) for group, width in zip(groups, widths)]
         return torch.cat(parts)[torch.argsort(order)]  # back in batch order
 
     def encode(self, ids: Tensor, mask: Tensor) -> Tensor:

@@ -314,9 +314,9 @@ def misfits(saved: dict[str, Any], fresh: dict[str, Any], sections: tuple[str, .
     return problems
 
 
-def differing_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``key a (checkpoint) vs b (config)`` for every setting of :data:`SHAPING_GROUPS` whose
-    value differs (keys a checkpoint predates are left out)."""
+def differing_settings(saved: dict[str, Any], now: dict[str, Any], keys: tuple[str, ...] | None = None) -> list[str]:
+    """``key a (checkpoint) vs b (config)`` for every setting of ``keys`` (default: those of
+    :data:`SHAPING_GROUPS`) whose value differs (keys a checkpoint predates are left out)."""
     from moco_engine.config.schema import valid_keys
 
     missing = object()
@@ -329,8 +329,8 @@ def differing_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
         return d
 
     out = []
-    for key in valid_keys():
-        if key.startswith(SHAPING_GROUPS):
+    for key in keys if keys is not None else valid_keys():
+        if keys is not None or key.startswith(SHAPING_GROUPS):
             a, b = get(saved, key), get(now, key)
             if a is not missing and a != b:
                 out.append(f"{key} {a!r} (checkpoint) vs {b!r} (config)")

@@ -91,21 +91,12 @@ def saved_tokenizer(cfg: Config, run_dir: Path) -> str | None:
         state = ckpt.peek(path)
         if state is None or not state.get("tokenizer"):
             continue
-        saved, now = state["config"], to_dict(cfg)
-        changed = [f"{key} {lookup(saved, key)!r} (checkpoint) vs {lookup(now, key)!r} (config)"
-                   for key in TOKENIZER_SETTINGS if lookup(saved, key) != lookup(now, key)]
+        changed = ckpt.differing_settings(state["config"], to_dict(cfg), TOKENIZER_SETTINGS)
         if changed:
             raise ckpt.CheckpointError(f"checkpoint {path} was trained with another tokenizer than this run's "
                                        f"({'; '.join(changed)}): resume with the settings it was trained with")
         return state["tokenizer"]
     return None
-
-
-def lookup(config: dict[str, Any], key: str) -> Any:
-    """A dotted key's value in a config dict (None where it has none)."""
-    for part in key.split("."):
-        config = config.get(part) if isinstance(config, dict) else None
-    return config
 
 
 def restore(parts: StepParts, state: dict[str, Any], cfg: Config, device: torch.device, source: str,
