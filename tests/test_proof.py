@@ -43,14 +43,31 @@ def test_cpu_mode_runs_the_kit_end_to_end_and_writes_both_reports(tmp_path):
     assert re.search(r"\| tiny-strided \| \d+\.\d\d \| [\d,]+ \|", md.split("MoCo / supervised")[1])  # ratio, images/s
 
     demo = json.loads((out / "proof_demo_cpu.json").read_text())
-    assert [j["status"] for j in demo["jobs"]] == ["ok", "ok"]
+    assert [j["status"] for j in demo["jobs"]] == ["ok", "skipped: needs CUDA", "ok"]
     assert demo["epochs_done"] == 2 and set(demo["knn_curve"]) == {"0", "1", "2"}  # 0: the random network
+    assert demo["first_step_s"] > 0 and demo["compiled"]["epochs_done"] == 0
+    (train,) = [j for j in demo["jobs"] if j["name"] == "demo train"]
+    assert proof.DEMO_COMMAND.split(" ", 1)[1].replace("configs/", f"{ROOT}/configs/") in train["command"]
     assert 0 <= demo["probe_top1"] <= 100 and demo["median_epoch_s"] > 0
     md = (out / "proof_demo_cpu.md").read_text()
     for epoch, ref in proof.REFERENCE.items():
         assert f"| {epoch} |  | {ref} |  |" in md  # the reference's points, beside this run's (none here)
     assert "| kNN top-1 >= 77.7 at epoch 200 |" in md and "not met" in md
     assert (out / "demo_knn.png").stat().st_size > 1000
+
+
+def test_the_gpu_demo_is_one_command_in_the_readme_the_next_lines_and_the_kit(tmp_path):
+    from moco_engine.tools.cli import closing_lines
+
+    readme = (ROOT / "README.md").read_text()
+    assert f"\n{proof.DEMO_COMMAND}\n" in readme  # a line of its own in a code block
+    assert "train.compile" not in proof.DEMO_COMMAND  # it trains from its first seconds on any GPU
+    assert any(proof.DEMO_COMMAND in line for line in closing_lines({"knn_top1": 50.0, "epochs": 1}, tmp_path))
+    eager, compiled, _ = proof.demo_jobs(tmp_path, tmp_path / "cifar10.tar.gz", cpu=False, budget_s=540.0)
+    command = [*(str(ROOT / f) for f in proof.DEMO_FILES), *proof.DEMO_OVERRIDES]  # after python -c CODE
+    assert eager.argv[3:3 + len(command)] == command and not any("compile" in a for a in eager.argv[3:])
+    assert compiled.argv[3:3 + len(command) + 1] == [*command, *proof.COMPILED_OVERRIDES]
+    assert eager.cap_s + compiled.cap_s + proof.PROBE_CAP_S <= 540.0
 
 
 def test_a_relative_out_dir_is_the_callers_not_the_checkouts(tmp_path):
@@ -126,13 +143,15 @@ def test_every_gpu_job_is_a_valid_command_line(tmp_path):
         check_arguments(args)
         assert all(case in CASES for case in args.cases) and args.json == str(job.json_out)
 
-    train, probe = proof.demo_jobs(tmp_path, data, cpu=False, budget_s=480)
-    assert train.cap_s == 420 and "linear.cached=true" in probe.argv
-    files = [a for a in train.argv if a.endswith(".yaml")]
-    overrides = [a for a in train.argv[3:] if "=" in a and not a.endswith(".yaml")]
-    cfg = load_config(files, overrides)
-    assert cfg.train.epochs == 200 and cfg.eval.knn_every == 10 and cfg.train.compile and cfg.data.root == str(data)
-    assert cfg.data.pipeline == "device" and cfg.model.bn_splits == 8 and cfg.track.wandb.mode == "disabled"
+    train, compiled, probe = proof.demo_jobs(tmp_path, data, cpu=False, budget_s=540)
+    assert train.cap_s == 540 - proof.COMPILED_CAP_S - proof.PROBE_CAP_S and "linear.cached=true" in probe.argv
+    for job in (compiled, train):
+        files = [a for a in job.argv if a.endswith(".yaml")]
+        overrides = [a for a in job.argv[3:] if "=" in a and not a.endswith(".yaml")]
+        cfg = load_config(files, overrides)
+        assert cfg.train.epochs == 200 and cfg.eval.knn_every == 10 and cfg.data.root == str(data)
+        assert cfg.data.pipeline == "device" and cfg.model.bn_splits == 8 and cfg.track.wandb.mode == "disabled"
+        assert cfg.train.compile == (job is compiled) and cfg.train.out_dir != str(tmp_path / "demo") or job is train
 
 
 def test_a_quick_run_without_the_archive_lists_the_data_job_as_skipped(tmp_path):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU proof kit (moco_engine/proof.py): tools/gpu_proof.sh quick|demo|cpu OUT_DIR [options]
 #   quick  the gpu tests and moco-bench's cases (at most 4 minutes on a GPU)
-#   demo   the CIFAR-10 demo recipe, 200 epochs of the full split, and a cached probe (at most 8)
+#   demo   the README's CIFAR-10 demo command (200 epochs of the full split), its compiled form, a cached probe (at most 9)
 #   cpu    both with tiny cases on a CPU (the test suite runs it)
 # Options: --data ARCHIVE (default <checkout>/.data/cifar10.tar.gz), --work DIR, --budget SECONDS, --only JOB,...
 # On a machine without the package's dependencies, wheels in .whl/ are installed first

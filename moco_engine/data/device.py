@@ -21,6 +21,7 @@ from moco_engine.data.augment import apply_views, plain_views, random_views
 from moco_engine.data.images import ArrayImages, DataError, ImageSet
 from moco_engine.data.recipes import ViewSpec
 from moco_engine.data.sampling import EpochSampler
+from moco_engine.runtime import compiling
 
 
 def to_device_tensor(images: ImageSet, device: torch.device) -> Tensor:
@@ -60,7 +61,7 @@ class DeviceTwoViews:
         self.images = images  # (N, 3, H, W) uint8
         # Compiled, the ~150 small ops of a batch's views become a few fused kernels: on a GPU
         # the eager version is bound by the host's time to launch them, not by the GPU.
-        self.apply = torch.compile(apply_views, dynamic=False) if compile else apply_views
+        self.apply = torch.compile(apply_views, dynamic=False, backend=compiling.BACKEND) if compile else apply_views
         self.targets = torch.tensor(targets, device=images.device)
         # The two views' specs: one recipe's (MoCo v3's views differ).
         self.specs = spec if isinstance(spec, tuple) else (spec, spec)

@@ -44,6 +44,7 @@ from moco_engine.method.losses import byol_loss, info_nce_logits, instance_accur
 from moco_engine.method.negatives import NegativeSource, build_source, planned_bytes
 from moco_engine.method.objectives import Objective, build_objective
 from moco_engine.method.optimizers import build_optimizer
+from moco_engine.runtime import compiling
 from moco_engine.runtime import distributed as dist
 from moco_engine.runtime.precision import autocast, available_memory, memory_format
 
@@ -165,9 +166,9 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
         # as one launch, which is what a launch-bound step at 32 px needs.
         mode = "reduce-overhead" if cfg.train.cuda_graphs else None
         if not distributed:
-            encoder_q.compile(mode=mode)
+            encoder_q.compile(mode=mode, backend=compiling.BACKEND)
         if encoder_k is not None:
-            encoder_k.compile(mode=mode)
+            encoder_k.compile(mode=mode, backend=compiling.BACKEND)
     model_q: nn.Module = online
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -181,7 +182,7 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
         model_q = DistributedDataParallel(online, device_ids=[device.index] if device.type == "cuda" else None,
                                           **no_sync)
         if cfg.train.compile:
-            model_q = torch.compile(model_q)
+            model_q = torch.compile(model_q, backend=compiling.BACKEND)
     optimizer = build_optimizer(cfg.optim, online.parameters())
     return StepParts(
         model_q=model_q, encoder_q=encoder_q, encoder_k=encoder_k, predictor=predictor,

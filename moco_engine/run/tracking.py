@@ -133,6 +133,7 @@ class ConsoleBackend:
     ``step_lines`` (a log file, where a progress bar would be carriage-return frames)."""
 
     STEP_KEYS = ("loss", "top1", "lr", "samples_per_s")  # the step record's figures on one line
+    QUIET = ("first_step",)  # records whose line their writer prints in words (run/warmup.py)
 
     def __init__(self, step_lines: bool = False):
         self.step_lines = step_lines
@@ -143,6 +144,8 @@ class ConsoleBackend:
             if self.step_lines:
                 body = "  ".join(f"{k} {_fmt(record[k])}" for k in self.STEP_KEYS if k in record)
                 tqdm.write(f"[step] epoch {record['epoch'] + 1}  step {record['step']}  {body}", file=sys.stdout)
+            return
+        if kind in self.QUIET:
             return
         skip = {"kind", "step", "time"}
         body = "  ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k not in skip)

@@ -34,6 +34,7 @@ from moco_engine.run.cadence import Cadence
 from moco_engine.run.monitor import Monitor
 from moco_engine.run.signals import StopNow, StopRequested, StopSignals
 from moco_engine.run.tracking import Meter, Tracker
+from moco_engine.run.warmup import Warmup
 from moco_engine.run.watch import Watch
 from moco_engine.runtime import distributed as dist
 from moco_engine.runtime.batches import batch_size, to_device
@@ -53,9 +54,12 @@ class Trainer:
         cfg: the run's config.
         view: the CPU path's random view of an item in place of the source's or recipe's (tests).
         signals: the stop signals to honour (``moco-train`` catches them from start-up on).
+        launched: ``time.perf_counter()`` when the command started (the first step's line counts
+            from it; default: now).
     """
 
-    def __init__(self, cfg: Config, view: Callable | None = None, signals: StopSignals | None = None):
+    def __init__(self, cfg: Config, view: Callable | None = None, signals: StopSignals | None = None,
+                 launched: float | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
@@ -85,6 +89,9 @@ class Trainer:
         self.signals = signals or StopSignals()  # SIGTERM/SIGINT: save the completed state, exit
         self.monitor = Monitor(cfg.eval, self.loaders, self.device, self.amp_dtype)  # kNN or retrieval, the train set's encoding
         self.cadence = Cadence(cfg, self.signals, self.device, monitor=self.monitor.active)
+        # The first step's time and a compiled run's compilation, kept out of it (interruptible).
+        self.warmup = Warmup(time.perf_counter() if launched is None else launched,
+                             cfg.train.compile or cfg.train.cuda_graphs, self.signals, self.device)
         self.wandb_run_id: str | None = None  # kept in checkpoints: a resumed run continues its W&B run
         self.watch = Watch(cfg, self.run_dir)  # non-finite numbers, skipped steps, collapse
         self.nonfinite_skips = 0  # steps skipped for a NaN/inf loss (train.max_nonfinite_skips)
@@ -143,14 +150,16 @@ class Trainer:
         batches = iter(loaders.train)
         while self.step_in_epoch < loaders.steps_per_epoch:
             try:
-                (x_q, x_k), _, idx = next(batches)
+                (x_q, x_k), _, idx = self.warmup.first_batch(batches)
             except RuntimeError as e:
                 if not self.cadence.loader_left(e):
                     raise
                 self.tracker.end_epoch()
                 return None
             x_q, x_k = to_device(x_q, self.device, self.memory_format), to_device(x_k, self.device, self.memory_format)
+            self.warmup.compile(self.parts, x_q, x_k)  # a compiled run's first batch: compile, interruptibly
             metrics = self.train_step(x_q, x_k, idx.to(self.device, non_blocking=True))  # None: a skipped step
+            self.warmup.stepped(self.tracker)
             self.step_in_epoch += 1
             meter.add(metrics, batch_size(x_q))
             self.tracker.advance()
@@ -171,7 +180,7 @@ class Trainer:
         self.epoch += 1
         self.step_in_epoch = 0
         out = meter.epoch.means()
-        out.update(epoch_s=epoch_time, negatives_bytes=self.negatives.memory_bytes())
+        out.update(epoch_s=epoch_time, negatives_bytes=self.negatives.memory_bytes(), **self.warmup.compiles_since())
         if hook_time > 1e-3:  # the memory bank's refresh: its cost in seconds and in % of the epoch
             out.update(refresh_s=hook_time, refresh_pct=100 * hook_time / (epoch_time + hook_time))
         return out

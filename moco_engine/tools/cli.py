@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,6 +61,7 @@ def config_groups_help() -> str:
 
 
 def _train(args: list[str]) -> int:
+    launched = time.perf_counter()  # the first step's line counts from here
     parser = argparse.ArgumentParser(
         prog="moco-train",
         description="MoCo pretraining. With no arguments: a short run on the CIFAR-10 sample shipped "
@@ -91,7 +93,7 @@ def _train(args: list[str]) -> int:
         with signals.catching():
             try:
                 with signals.interruptible():
-                    trainer = Trainer(cfg, signals=signals)
+                    trainer = Trainer(cfg, signals=signals, launched=launched)
             except StopNow:
                 raise StopRequested(signals.signum, 0, None) from None
             final = trainer.fit()
@@ -117,6 +119,7 @@ def closing_lines(final: dict, run_dir: Path) -> list[str]:
     ``eval.at_start`` measured it), where the curve is, and the commands that come next."""
     from moco_engine.run.folder import KNN_PLOT_FILE
     from moco_engine.run.tracking import METRICS_FILE, knn_curve
+    from moco_engine.tools.proof import DEMO_COMMAND
 
     start = [top1 for epoch, top1 in knn_curve(run_dir / METRICS_FILE) if epoch == 0]
     versus = (f"; {start[-1]:.2f}% at random initialisation ({final['knn_top1'] - start[-1]:+.2f} points)"
@@ -128,8 +131,7 @@ def closing_lines(final: dict, run_dir: Path) -> list[str]:
         "Next:",
         f"  moco-eval linear {run_dir} linear.cached=true       # MoCo's linear probe on the frozen backbone",
         f"  moco-export {run_dir} --format both                 # weights for torchvision and detectron2",
-        "  moco-train configs/experiment/cifar10_demo.yaml configs/data/cifar10_full.yaml train.compile=true"
-        "   # the CIFAR-10 demo on a GPU (README.md)",
+        f"  {DEMO_COMMAND}   # the CIFAR-10 demo on a GPU (README.md)",
     ]
 
 
