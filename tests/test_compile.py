@@ -43,7 +43,7 @@ def test_a_compiled_run_recompiles_nothing_after_epoch_0(tmp_path, monkeypatch, 
     first = read_metrics(run / METRICS_FILE, "first_step")
     assert len(first) == 1 and first[0]["compile_s"] > 0 and first[0]["compile_f_q_s"] > 0
     assert first[0]["seconds"] >= first[0]["compile_s"]
-    assert "first step after" in capsys.readouterr().err
+    assert "first step after" in capsys.readouterr().out
 
     # A resume compiles its own code once (a new process must), then nothing either.
     Trainer(load_config([], [*COMPILED, "train.epochs=5", f"train.out_dir={run}", "train.resume=auto"])).fit()
@@ -53,7 +53,7 @@ def test_a_compiled_run_recompiles_nothing_after_epoch_0(tmp_path, monkeypatch, 
 def test_an_uncompiled_run_says_so_in_its_first_line(tmp_path, capsys):
     run = tmp_path / "run"
     Trainer(load_config([], [*TINY, "train.epochs=1", f"train.out_dir={run}"])).fit()
-    assert "first step after" in capsys.readouterr().err
+    assert "first step after" in capsys.readouterr().out
     assert "compiles" not in read_metrics(run / METRICS_FILE, "epoch")[0]
 
 

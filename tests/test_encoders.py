@@ -8,8 +8,9 @@ from torch.nn import functional as F
 from moco_engine.config.schema import ModelConfig
 from moco_engine.method.backbones import build_backbone
 from moco_engine.method.encoders import MomentumEncoder, build_encoder
-from moco_engine.method.norms import SplitBatchNorm
+from moco_engine.method.norms import SplitBatchNorm, split_bn
 from moco_engine.method.schedules import momentum_at
+from moco_engine.tools.opcount import count_ops
 
 
 def small_net() -> nn.Module:
@@ -63,11 +64,12 @@ def test_cosine_momentum_rises_to_one():
     assert momentum_at(0.99, "cosine", 100, 100) == pytest.approx(1.0)
 
 
-def split_slices(n: int, splits: int, form: str) -> list[Tensor]:
+def split_slices(n: int, splits: int, form: str, channels_last: bool = False) -> list[Tensor]:
     """The sample indices of each slice of split-BN's ``form``: strided (slice k is samples k,
-    k + s, ...) for an even batch of the strided form, else contiguous (as DDP splits a batch,
-    tensor_split's sizes for a ragged one)."""
-    if form == "strided" and n % splits == 0:
+    k + s, ...) for an even batch of the strided form (and of the grouped form, but for a
+    channels_last batch), else contiguous (as DDP splits a batch, tensor_split's sizes for a
+    ragged one)."""
+    if n % splits == 0 and (form == "strided" or (form == "grouped" and not channels_last)):
         return [torch.arange(k, n, splits) for k in range(splits)]
     return list(torch.tensor_split(torch.arange(n), splits))
 
@@ -82,8 +84,8 @@ def reference_split_bn(x, bn: nn.BatchNorm2d, slices: list[Tensor]):
     return out
 
 
-@pytest.mark.parametrize("n, impl", [(12, "per_slice"), (12, "one_pass"), (12, "strided"),
-                                     (13, "per_slice"), (13, "strided")])  # 13: ragged, always per slice
+@pytest.mark.parametrize("n, impl", [(12, "per_slice"), (12, "one_pass"), (12, "strided"), (12, "grouped"),
+                                     (13, "per_slice"), (13, "strided"), (13, "grouped")])  # 13: ragged, always per slice
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_split_bn_normalises_each_slice_on_its_own(n, impl, memory_format):
     torch.manual_seed(0)
@@ -93,7 +95,7 @@ def test_split_bn_normalises_each_slice_on_its_own(n, impl, memory_format):
         bn.bias.uniform_(-1, 1)
     x = (torch.randn(n, 3, 5, 5) * 3 + 1).contiguous(memory_format=memory_format).requires_grad_()
     out = bn(x)
-    slices = split_slices(n, 4, impl)
+    slices = split_slices(n, 4, impl, memory_format == torch.channels_last)
     ref = reference_split_bn(x, bn, slices)
     assert torch.allclose(out, ref, atol=1e-5)
     assert out.is_contiguous(memory_format=memory_format)  # no layout change for the next conv
@@ -115,7 +117,7 @@ def test_split_bn_normalises_each_slice_on_its_own(n, impl, memory_format):
     assert torch.allclose(bn(x), plain(x))
 
 
-@pytest.mark.parametrize("impl", ["per_slice", "strided"])
+@pytest.mark.parametrize("impl", ["per_slice", "strided", "grouped"])
 def test_split_bn_on_head_features_and_in_the_mlp_bn_head(impl):
     torch.manual_seed(0)
     bn = SplitBatchNorm(5, num_splits=2, form=impl, affine=False)
@@ -133,11 +135,12 @@ def test_split_bn_on_head_features_and_in_the_mlp_bn_head(impl):
     assert enc(torch.randn(6, 3, 32, 32)).shape == (6, 8)
 
 
-@pytest.mark.parametrize("impl", ["per_slice", "one_pass", "strided"])
-def test_split_bn_momentum_none_and_no_running_stats(impl):
+@pytest.mark.parametrize("impl", ["per_slice", "one_pass", "strided", "grouped"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_split_bn_momentum_none_and_no_running_stats(impl, memory_format):
     torch.manual_seed(0)
-    x = torch.randn(8, 3, 4, 4) * 2 + 1
-    slices = split_slices(8, 2, impl)
+    x = (torch.randn(8, 3, 4, 4) * 2 + 1).contiguous(memory_format=memory_format)
+    slices = split_slices(8, 2, impl, memory_format == torch.channels_last)
     cumulative = SplitBatchNorm(3, num_splits=2, form=impl, momentum=None)
     cumulative(x)  # the first update of a cumulative average replaces the initial statistics
     means = torch.stack([x[idx].mean(dim=(0, 2, 3)) for idx in slices]).mean(0)
@@ -148,6 +151,21 @@ def test_split_bn_momentum_none_and_no_running_stats(impl):
         ref = F.batch_norm(x[idx], None, None, stateless.weight, stateless.bias, True)
         assert torch.allclose(out[idx], ref, atol=1e-6)
     assert stateless.running_mean is None
+
+
+def test_split_bn_grouped_reads_and_writes_channels_last_without_a_copy():
+    """The grouped form's whole forward and backward: one group norm each way, no copy, and
+    the ReLU after it out of place (in place on its view, autograd would copy the base)."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+    split_bn(layer, 4, "grouped")
+    layer = layer.to(memory_format=torch.channels_last)
+    x = torch.randn(16, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    counts = count_ops(lambda: layer(x).sum().backward())
+    names = counts.by_name
+    assert names["aten.native_group_norm.default"] == 1 and names["aten.native_group_norm_backward.default"] == 1
+    assert not any(op in names for op in ("aten.clone.default", "aten.copy_.default", "aten.contiguous.default"))
+    assert not layer[2].inplace
 
 
 def test_split_bn_with_one_split_is_plain_batchnorm():
@@ -169,14 +187,14 @@ def test_cifar_stem_and_heads():
     assert [m.out_features for m in mlp if isinstance(m, nn.Linear)] == [512, 8]
 
 
-@pytest.mark.parametrize("impl", ["per_slice", "one_pass", "strided"])
+@pytest.mark.parametrize("impl", ["per_slice", "one_pass", "strided", "grouped"])
 def test_split_bn_takes_sequences_n_c_l(impl):
     """(N, C, L) input (a sequence's channels): each slice normalised on its own statistics."""
     torch.manual_seed(0)
     bn = SplitBatchNorm(3, num_splits=2, form=impl, affine=False)
     x = torch.randn(8, 3, 5) * 3 + 1
     out = bn(x)
-    slices = [torch.arange(0, 4), torch.arange(4, 8)] if impl != "strided" else [torch.arange(0, 8, 2), torch.arange(1, 8, 2)]
+    slices = split_slices(8, 2, impl)
     for idx in slices:
         part = x[idx]
         ref = (part - part.mean((0, 2), keepdim=True)) / torch.sqrt(part.var((0, 2), unbiased=False, keepdim=True) + bn.eps)

@@ -26,7 +26,7 @@ def test_device_views_on_cuda_are_seeded_and_in_range():
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
 
 
-@pytest.mark.parametrize("impl", ["per_slice", "one_pass", "strided"])
+@pytest.mark.parametrize("impl", ["per_slice", "one_pass", "strided", "grouped"])
 def test_split_bn_bf16_channels_last_matches_fp32(impl):
     torch.manual_seed(0)
     bn = SplitBatchNorm(16, 4, form=impl).to("cuda")

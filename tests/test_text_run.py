@@ -21,6 +21,7 @@ from moco_engine.run.checkpoint import latest_checkpoint
 from moco_engine.run.tracking import read_metrics
 from moco_engine.run.trainer import Trainer
 from moco_engine.tools.cli import eval_main, export_main
+from moco_engine.tools.opcount import count_ops
 
 TEXT = ["data.name=text", "data.text.vocab_size=400", "data.text.chunk_length=32", "data.text.max_length=48",
         "data.text.query_max_length=16", "model.arch=bert", "model.params.layers=1", "model.params.hidden=32",
@@ -244,5 +245,12 @@ def test_length_buckets_give_the_whole_batchs_embeddings_and_gradients_to_roundi
         grads.append(model.embeddings.word_embeddings.weight.grad.clone())
     for out, grad in zip(outs[1:], grads[1:]):
         assert torch.allclose(out, outs[0], atol=1e-5) and torch.allclose(grad, grads[0], atol=1e-4)
+    # With the loader's host lengths (in any order: shuffle-BN permutes the tensors, not the list)
+    # the widths are the same and the device is never read (Issue 34).
+    encoder = TextEncoder(model, "mean", 4)
+    view, host = {"input_ids": ids, "attention_mask": mask}, lengths.flip(0).tolist()
+    assert count_ops(lambda: encoder({**view, "lengths": host})).host_reads == {}
+    assert count_ops(lambda: encoder(view)).host_reads == {"tolist": 1}
+    assert torch.equal(encoder({**view, "lengths": host}), encoder(view))
     with pytest.raises(UserError, match="'model.params.length_buckets' = 0"):
         Trainer(load_config([], [*TINY, *TEXT, "model.params.length_buckets=0"]))

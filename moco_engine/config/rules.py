@@ -19,7 +19,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.momentum_schedule": ("constant", "cosine"),
     "model.bn": ("shuffle", "sync", "plain"),
     "model.norm": ("batch", "group"),
-    "model.bn_split_form": ("auto", "per_slice", "one_pass", "strided"),
+    "model.bn_split_form": ("auto", "per_slice", "one_pass", "strided", "grouped"),
     "method": ("moco", "moco_v3", "byol"),
     "queue.dtype": ("float32", "bfloat16", "float16"),
     "memory_bank.init": ("random", "encode"),

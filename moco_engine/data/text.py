@@ -146,7 +146,10 @@ def span_views(stream: Tensor, starts: Tensor, lengths: Tensor, keys: Tensor, vi
         width: pad to this many tokens (None: to the longest view of the batch, one host sync).
 
     Returns:
-        {"input_ids": (B, W) long, "attention_mask": (B, W) long}: [CLS] span [SEP] [PAD]...
+        {"input_ids": (B, W) long, "attention_mask": (B, W) long}: [CLS] span [SEP] [PAD]...;
+        padded to the batch's longest, also "lengths": each view's tokens ([CLS] and [SEP]
+        included) as a list on the host, read in the same sync, from which a length-bucketed
+        encoder takes its widths without reading the device (``method/text_encoder.py``).
     """
     device = stream.device
     base = 2 * view
@@ -169,14 +172,16 @@ def span_views(stream: Tensor, starts: Tensor, lengths: Tensor, keys: Tensor, vi
     tokens = torch.where(kept & (u >= cut) & (u < cut + spec.masking), spec.mask_id, tokens)
     # Compact the kept tokens to the left, after [CLS]: a kept token's place is 1 + the number kept before it.
     n_kept = kept.sum(1)
-    full = int(n_kept.max()) + 2 if width is None else width
+    lengths = (n_kept + 2).tolist() if width is None else None  # the one host read of the batch's views
+    full = max(lengths) if width is None else width
     ids = torch.full((len(keys), full), spec.pad_id, dtype=torch.long, device=device)
     place = torch.where(kept, torch.cumsum(kept.long(), 1), full - 1)  # dropped ones aim at the last column
     ids.scatter_(1, place, torch.where(kept, tokens, ids.gather(1, place)))
     ids[:, 0] = spec.cls_id
     ids.scatter_(1, (n_kept + 1)[:, None], spec.sep_id)
     mask = (torch.arange(full, device=device)[None, :] < (n_kept + 2)[:, None]).long()
-    return {"input_ids": ids * mask + spec.pad_id * (1 - mask), "attention_mask": mask}
+    view = {"input_ids": ids * mask + spec.pad_id * (1 - mask), "attention_mask": mask}
+    return view if lengths is None else {**view, "lengths": lengths}
 
 
 class TextTwoViews:

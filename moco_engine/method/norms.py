@@ -23,21 +23,28 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     The running statistics are the average of the slices' updates; in eval mode it is a plain
     BatchNorm.
 
-    Three forms compute it; they differ in speed, and ``strided`` also in which samples share a
-    slice (any fixed partition serves: the loader's order is random and the keys are shuffled):
+    Four forms compute it; they differ in speed, and in which samples share a slice (any fixed
+    partition serves: the loader's order is random and the keys are shuffled):
 
     - ``per_slice``: contiguous slices (the batch cut into ``num_splits`` parts, as DDP cuts a
       global batch), one native batch_norm each; also the form of every ragged batch;
     - ``one_pass``: the same contiguous slices, one reduction and one scale-and-shift for all;
     - ``strided``: slice k is samples k, k + s, k + 2s, ... (the MoCo demo's partition), so
       the batch is one native batch_norm over s·C channels of an (N/s, s·C, H, W) view, a free
-      view of a contiguous (NCHW) batch; a channels_last batch is copied to NCHW and back.
+      view of a contiguous (NCHW) batch; a channels_last batch is copied to NCHW and back;
+    - ``grouped``: for a channels_last batch, contiguous slices, as one native group norm over
+      (slice, channel) groups of an (s, C, N/s, H, W) view, free in NHWC memory; any other
+      layout (NCHW, (N, C) features) takes the strided form, free there.
+
+    No native batch_norm can take a channels_last batch's slices without a copy: its channels
+    must be one axis, and slice and channel are never neighbours in NHWC memory (the batch axis
+    is outermost, the channels innermost). A group norm reduces over (slice, channel) pairs of a
+    5-D view instead.
 
     ``form`` (``model.bn_split_form``) picks one for even batches; "auto" is per_slice on a CPU
-    (measured fastest there, BENCHMARKS.md) and strided on a GPU, where a step at 32 px is bound
-    by kernel launches: strided dispatches the fewest operators per step (``moco-bench --ops``:
-    1,073 against one_pass's 1,733 and per_slice's 2,233 for the demo's 8 slices), and stays
-    the GPU's default until GPU timings of the three decide.
+    (measured fastest there, BENCHMARKS.md) and grouped on a GPU, where a step at 32 px is bound
+    by kernel launches: grouped dispatches the fewest operators per step (``moco-bench --ops``,
+    BENCHMARKS.md), and stays the GPU's default until GPU timings of the forms decide.
     """
 
     FORMS = CHOICES["model.bn_split_form"]
@@ -52,7 +59,7 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     @staticmethod
     def resolve_form(form: str, device: torch.device) -> str:
         """The form "auto" stands for on ``device`` (any other form is itself)."""
-        return form if form != "auto" else ("per_slice" if device.type == "cpu" else "strided")
+        return form if form != "auto" else ("per_slice" if device.type == "cpu" else "grouped")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}, form={self.form}"
@@ -68,6 +75,9 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training or s == 1:
             return super().forward(x)
         form = self.resolve_form(self.form, x.device)
+        if n % s == 0 and form == "grouped":  # its view is free in NHWC memory (also 1 x 1 maps, both formats at once)
+            nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            return self._grouped(x, s) if nhwc else self._strided(x, s)
         if n % s == 0 and form == "one_pass":
             return self._one_pass(x, s)
         if n % s == 0 and form == "strided":
@@ -116,7 +126,7 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         """
         n, c = x.shape[:2]
         m = n // s
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        if is_channels_last(x):
             var, mean = torch.var_mean(x.permute(0, 2, 3, 1).reshape(s, -1, c), dim=1, correction=0)
         else:
             var, mean = torch.var_mean(x.reshape(s, m, c, -1), dim=(1, 3), correction=0)
@@ -150,7 +160,7 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         updates; their per-channel mean is kept.
         """
         n, c = x.shape[:2]
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        channels_last = is_channels_last(x)
         grouped = x.contiguous().view(n // s, s * c, *x.shape[2:])  # a copy only if x is not NCHW
         weight = self.weight.repeat(s) if self.weight is not None else None
         bias = self.bias.repeat(s) if self.bias is not None else None
@@ -163,6 +173,37 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         out = out.view(x.shape)
         return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
+    def _grouped(self, x: Tensor, s: int) -> Tensor:
+        """Split-BN of a channels_last batch of N = m·s samples as one native group norm: slice
+        k is samples k·m … (k+1)·m − 1 (contiguous, as DDP cuts a batch), and each (slice,
+        channel) pair is a group of one channel normalised over its m·H·W values.
+
+        The batch axis is outermost in NHWC memory and the channels innermost, so
+        (N, C, H, W) viewed as (s, C, m, H, W) is a channels_last_3d tensor: a free view both
+        ways, which the native kernel reads and writes without a copy to NCHW (on a CPU; CUDA's
+        group norm makes its input NCHW-contiguous itself, ``aten/src/ATen/native/group_norm.cpp``).
+        The running statistics take the slices' mean of the kernel's per-group mean and
+        1/rstd² in one fused update.
+        """
+        n, c, height, width = x.shape
+        m = n // s
+        grouped = x.unflatten(0, (s, m)).transpose(1, 2)  # (s, C, m, H, W), channels_last_3d
+        weight, bias = self.weight, self.bias
+        if weight is not None and weight.dtype != x.dtype:  # autocast leaves norms' parameters fp32
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        out, mean, rstd = torch.native_group_norm(grouped, weight, bias, s, c, m * height * width, c, self.eps)
+        # CUDA's kernel writes NCHW order: back to channels_last_3d, so that the view below is one
+        # and the next convolution reads NHWC (on a CPU, where the output already is, no operator).
+        out = out.contiguous(memory_format=torch.channels_last_3d)
+        if self.track_running_stats:
+            count = m * height * width
+            with torch.no_grad():
+                # 1/rstd² is the slice's biased variance + eps; BN keeps the unbiased variance.
+                var = rstd.pow(-2).sub_(self.eps).mul_(count / max(count - 1, 1))
+                torch._foreach_lerp_([self.running_mean, self.running_var], [mean.mean(0), var.mean(0)], self._momentum())
+                self.num_batches_tracked.add_(1)
+        return out.transpose(1, 2).flatten(0, 1)  # (N, C, H, W), channels_last again
+
     @torch.no_grad()
     def _keep_mean_stats(self, means: Tensor, variances: Tensor) -> None:
         """Each slice updated its own copy (s, C) of the running statistics; keep their mean."""
@@ -171,8 +212,25 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.num_batches_tracked.add_(1)
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """Whether x is a 4-D batch in channels_last (NHWC) memory and not also NCHW-contiguous."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def split_bn(module: nn.Module, num_splits: int, form: str = "auto") -> nn.Module:
-    """Replace every BatchNorm1d/2d in ``module`` by a :class:`SplitBatchNorm` (in place)."""
+    """Replace every BatchNorm1d/2d in ``module`` by a :class:`SplitBatchNorm` (in place).
+
+    The strided and grouped forms return views of their kernel's output, and an in-place ReLU
+    on a view makes autograd copy the whole base in the backward (its CopySlices): their
+    ReLUs work out of place (the same numbers; one more activation held per layer).
+    """
+    if form in ("auto", "strided", "grouped"):
+        for relu in (m for m in module.modules() if isinstance(m, nn.ReLU)):
+            relu.inplace = False
+    return replace_batch_norms(module, num_splits, form)
+
+
+def replace_batch_norms(module: nn.Module, num_splits: int, form: str) -> nn.Module:
     for name, child in module.named_children():
         if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
             split = SplitBatchNorm(child.num_features, num_splits, form, eps=child.eps, momentum=child.momentum,
@@ -180,7 +238,7 @@ def split_bn(module: nn.Module, num_splits: int, form: str = "auto") -> nn.Modul
             split.load_state_dict(child.state_dict())
             setattr(module, name, split)
         else:
-            split_bn(child, num_splits, form)
+            replace_batch_norms(child, num_splits, form)
     return module
 
 

@@ -17,6 +17,7 @@ and saves the padded tokens' work (BENCHMARKS.md has what it buys on CPU).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ class TextEncoder(nn.Module):
         self.pooling = pooling
         self.length_buckets = length_buckets
 
-    def forward(self, x: dict[str, Tensor]) -> Tensor:
+    def forward(self, x: dict[str, Any]) -> Tensor:
         ids, mask = x["input_ids"], x["attention_mask"]
         if self.length_buckets <= 1 or len(ids) < 2:
             return self.encode(ids, mask)
@@ -54,17 +55,34 @@ class TextEncoder(nn.Module):
         extent = ((mask != 0) * columns).amax(1).clamp(min=1)  # (B,) each text's last unpadded column + 1
         order = torch.argsort(extent, stable=True)  # shortest first; ties in batch order
         groups = order.chunk(self.length_buckets)
-        widths = torch.stack([extent[group[-1]] for group in groups]).tolist()  # each group's longest: one host sync
+        widths = bucket_widths(x.get("lengths"), [len(g) for g in groups], extent, groups)
         parts = [self.encode(ids[group, :width], mask[group, :width]) for group, width in zip(groups, widths)]
         return torch.cat(parts)[torch.argsort(order)]  # back in batch order
 
     def encode(self, ids: Tensor, mask: Tensor) -> Tensor:
         """(B, W) token ids and attention mask -> (B, hidden)."""
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, W, H)
+        # The mask as the (B, 1, 1, W) boolean transformers takes as it is: from a 2-D one it
+        # would first ask whether every token counts (a host read each call) to drop the mask.
+        attend = mask[:, None, None, :].bool()
+        hidden = self.model(input_ids=ids, attention_mask=attend).last_hidden_state  # (B, W, H)
         if self.pooling == "cls":
             return hidden[:, 0]
         weights = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def bucket_widths(lengths: list[int] | None, sizes: list[int], extent: Tensor, groups: tuple[Tensor, ...]) -> list[int]:
+    """Each length bucket's width: the longest text of the group of ``sizes[k]`` texts that
+    comes k-th in order of length.
+
+    From the view's host ``lengths`` when the loader gives them (the same multiset as
+    ``extent``'s, whatever order shuffle-BN put the batch in, so the k-th group's longest is the
+    same): no host read. Else from ``extent`` (B,) on the device: one host read.
+    """
+    if lengths is None:
+        return extent[torch.stack([group[-1] for group in groups])].tolist()  # indexed by a tensor: no read each
+    ordered = sorted(lengths)
+    return [ordered[end - 1] for end in itertools.accumulate(sizes)]
 
 
 def token_inputs(cfg: ModelConfig, input_shape: Any) -> int:

@@ -21,7 +21,6 @@ record): none after epoch 0 means no recompilation at evaluations, saves or the 
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from typing import Any
 
@@ -105,7 +104,7 @@ class Warmup:
                    **{f"compile_{name}_s": round(s, 2) for name, s in self.compile_s.items()}}
         tracker.log("first_step", figures, 0, 0)
         if dist.is_main():
-            print(first_step_line(seconds, total, self.compile_s), file=sys.stderr, flush=True)
+            print(first_step_line(seconds, total, self.compile_s), flush=True)
 
     def compiles_since(self) -> dict[str, int]:
         """The frames compiled since the last call (an epoch record's ``compiles``); nothing

@@ -1,6 +1,7 @@
 """A batch of any input. A view is a tensor (B, ...) (images: (B, 3, H, W)) or a dict of such
 tensors (token ids and an attention mask, say); these helpers are where the engine looks inside
-one, so nothing else asks which it is."""
+one, so nothing else asks which it is. A dict may also carry host values beside its tensors (a
+text view's lengths, known to the loader): they travel as they are, in batch order."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ View = Tensor | dict[str, Tensor]
 
 
 def map_tensors(x: View, fn: Callable[[Tensor], Tensor]) -> View:
-    """``fn`` applied to the tensor, or to each tensor of the dict."""
-    return {k: fn(v) for k, v in x.items()} if isinstance(x, dict) else fn(x)
+    """``fn`` applied to the tensor, or to each tensor of the dict (its host values kept as they are)."""
+    return {k: fn(v) if isinstance(v, Tensor) else v for k, v in x.items()} if isinstance(x, dict) else fn(x)
+
+
+def first_tensor(x: View) -> Tensor:
+    """The tensor, or the dict's first tensor."""
+    return next(v for v in x.values() if isinstance(v, Tensor)) if isinstance(x, dict) else x
 
 
 def batch_size(x: View) -> int:
     """B, the first dimension (every tensor of a dict shares it)."""
-    return next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
+    return first_tensor(x).shape[0]
 
 
 def to_device(x: View, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format) -> View:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moco_engine.runtime.batches import View, batch_size, map_tensors
+from moco_engine.runtime.batches import View, batch_size, first_tensor, map_tensors
 
 
 def launched_by_torchrun() -> bool:
@@ -204,7 +204,7 @@ def shuffle_batch(x: View, same_size: bool = True) -> tuple[View, Callable[[Tens
     (``model.bn_splits > 1``), whose slices then differ from the query encoder's.
     """
     b = batch_size(x)
-    device = next(iter(x.values())).device if isinstance(x, dict) else x.device
+    device = first_tensor(x).device
     if not is_distributed():
         perm = torch.randperm(b, device=device)
         unshuffle = torch.argsort(perm)

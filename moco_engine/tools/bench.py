@@ -59,7 +59,7 @@ from moco_engine.runtime.batches import View, batch_size, to_device
 from moco_engine.runtime.precision import autocast
 from moco_engine.tools.bench_cases import CASES, Case
 from moco_engine.tools.cli import with_version
-from moco_engine.tools.opcount import count_ops
+from moco_engine.tools.opcount import count_ops, step_counters
 from moco_engine.tools.report import case_table
 from moco_engine.tools.timing import median_seconds, paired_medians, peak_memory, profile, sync
 
@@ -99,8 +99,10 @@ def step_inputs(trainer, case: Case) -> tuple[View, View]:
     device = trainer.device
     if case.tokens:
         vocab = trainer.loaders.text.tokenizer.vocab_size
+        # The loader's host lengths beside them, as a view padded to its batch's longest carries them.
         return tuple({"input_ids": torch.randint(5, vocab, (case.batch, case.tokens), device=device),
-                      "attention_mask": torch.ones(case.batch, case.tokens, dtype=torch.long, device=device)}
+                      "attention_mask": torch.ones(case.batch, case.tokens, dtype=torch.long, device=device),
+                      "lengths": [case.tokens] * case.batch}
                      for _ in range(2))
     shape = (case.batch, 3, case.image_size, case.image_size)
     return tuple(torch.randn(shape, device=device).contiguous(memory_format=trainer.memory_format) for _ in range(2))
@@ -129,6 +131,7 @@ def supervised_step(trainer, case: Case, x, labels) -> Callable[[], None]:
         loss.backward()
         opt.step()
 
+    step.optimizer = opt  # its step counters' reads are the optimizer's, not the step's
     return step
 
 
@@ -235,7 +238,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
     }
     result["breakdown_s"] = breakdown(trainer, x_k, idx, args.repeats, args.warmup)
     eager = not (trainer.cfg.train.compile or trainer.cfg.train.cuda_graphs)  # compiled kernels are no ATen ops
-    result["ops"] = {"supervised": count_ops(sup_fn).as_dict(), "moco": count_ops(moco_fn).as_dict()} if eager else None
+    result["ops"] = {"supervised": count_ops(sup_fn, step_counters(sup_fn.optimizer)).as_dict(),
+                     "moco": count_ops(moco_fn, step_counters(trainer.optimizer)).as_dict()} if eager else None
     if args.data:
         result["data_s"] = data_path(trainer, args.repeats, args.warmup)
     if args.profile:
@@ -244,30 +248,35 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
 
 
 def form_op_counts(case: Case, args: argparse.Namespace) -> dict[str, dict]:
-    """The operators one eager step dispatches: the supervised step, then the MoCo step with
-    plain BatchNorm ("plain") and with each split-BN form, on ``case``'s model at a batch of 8
-    samples per slice (the counts do not grow with the batch: every form's operators are per
-    layer and per slice, not per sample). Each step runs once before it is counted (the first
+    """The operators one eager step dispatches, and its host reads: the supervised step, then
+    the MoCo step with plain BatchNorm ("plain") and with each split-BN form, on ``case``'s
+    model at a batch of 8 samples per slice (the counts do not grow with the batch: every form's
+    operators are per layer and per slice, not per sample; a text case at its own batch). Each step runs once before it is counted (the first
     call makes the optimizer's momentum buffers)."""
     splits = max(case.bn_splits, 2)
-    small = replace(case, batch=8 * splits, queue=min(case.queue, 1024))
+    # A text case at its own batch: length buckets cut the batch into groups, so there the
+    # batch decides how many encoder calls a step makes.
+    small = case if case.tokens else replace(case, batch=8 * splits, queue=min(case.queue, 1024))
     eager = {**vars(args), "compile": False, "cuda_graphs": False, "data": False}
     counts = {}
-    # Split-BN is MoCo v1/v2's (shuffle-BN's companion); MoCo v3 keeps plain (or synchronised) BN.
-    forms = ("plain",) if case.method == "moco_v3" or case.tokens else ("plain", *(f for f in SplitBatchNorm.FORMS if f != "auto"))
+    # Split-BN is MoCo v1/v2's (shuffle-BN's companion); MoCo v3 and BYOL keep plain (or synchronised) BN.
+    forms = ("plain",) if case.method != "moco" or case.tokens else ("plain", *(f for f in SplitBatchNorm.FORMS if f != "auto"))
     for form in forms:
         variant = replace(small, bn_splits=1 if form == "plain" else splits)
         trainer = build_trainer(variant, argparse.Namespace(**{**eager, "split_bn": "auto" if form == "plain" else form}))
         x_q, x_k = step_inputs(trainer, variant)
         idx = torch.arange(variant.batch, device=trainer.device)
-        steps = {"moco": partial(trainer.train_step, x_q, x_k, idx)}
+        steps = {"moco": (partial(trainer.train_step, x_q, x_k, idx), trainer.optimizer)}
         if form == "plain":
             labels = torch.randint(0, 1000, (variant.batch,), device=trainer.device)
-            steps = {"supervised": supervised_step(trainer, variant, x_q, labels), **steps}
-        for step_name, step in steps.items():
+            supervised = supervised_step(trainer, variant, x_q, labels)
+            steps = {"supervised": (supervised, supervised.optimizer), **steps}
+        for step_name, (step, optimizer) in steps.items():
             step()
-            row = "supervised" if step_name == "supervised" else f"MoCo, {form if form == 'plain' else 'split-BN ' + form}"
-            counts[row] = {"batch": variant.batch, "bn_splits": variant.bn_splits, **count_ops(step).as_dict()}
+            method = {"moco": "MoCo", "moco_v3": "MoCo v3", "byol": "BYOL"}[case.method]
+            row = "supervised" if step_name == "supervised" else f"{method}, {form if form == 'plain' else 'split-BN ' + form}"
+            counted = count_ops(step, ignore_reads_of=step_counters(optimizer))
+            counts[row] = {"batch": variant.batch, "bn_splits": variant.bn_splits, **counted.as_dict()}
     return counts
 
 

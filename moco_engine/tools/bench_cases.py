@@ -18,7 +18,7 @@ class Case:
     head: str = "mlp"
     bn_splits: int = 1
     augmentation: str = "cifar"
-    method: str = "moco"  # moco (v1/v2) | moco_v3
+    method: str = "moco"  # moco (v1/v2) | moco_v3 | byol
     patch_size: int = 16  # vit_*: the patch side
     settings: tuple[str, ...] = ()  # further key=value of the method's recipe
     tokens: int = 0  # a text case: each view's padded width W in tokens (0: an image case)
@@ -26,7 +26,7 @@ class Case:
     @property
     def floor(self) -> float:
         """The least a step can cost, in supervised steps of one view (module docstring)."""
-        return 8 / 3 if self.method == "moco_v3" else 4 / 3
+        return 8 / 3 if self.method in ("moco_v3", "byol") else 4 / 3
 
 
 # MoCo v3's ViT recipe (configs/experiment/moco_v3_imagenet_vit_small.yaml) as the bench builds it:
@@ -48,6 +48,11 @@ CONTRIEVER = (*TEXT, "model.params.layers=12", "model.params.hidden=768", "model
               "optim.lr=5e-5", "data.text.chunk_length=256", "data.text.vocab_size=30522")
 
 
+# BYOL's recipe (configs/experiment/cifar10_byol.yaml) as the bench builds it.
+BYOL = ("model.hidden_dim=4096", "model.dim=256", "model.momentum=0.996", "model.momentum_schedule=cosine",
+        "loss.byol_hidden_dim=4096", "optim.lr=0.05", "optim.weight_decay=1e-5")
+
+
 CASES = {
     # The MoCo authors' CIFAR-10 demo: CIFAR ResNet-18, batch 512, K 4096, split-BN over 8 slices.
     "r18-cifar": Case("resnet18", True, 32, 512, 4096, head="linear", bn_splits=8),
@@ -63,9 +68,15 @@ CASES = {
     # MoCo v3 with ViT-Tiny/4 at 32 px (configs/experiment/moco_v3_cifar10_vit_tiny.yaml), batch 256.
     "vit-t-cifar": Case("vit_tiny", False, 32, 256, 1024, head="mlp3_bn", augmentation="moco_v3_cifar",
                         method="moco_v3", patch_size=4, settings=V3_VIT),
+    # BYOL (configs/experiment/cifar10_byol.yaml) on the demo's model at the CPU batch: no negatives.
+    "byol-cifar-cpu": Case("resnet18", True, 32, 64, 4096, head="mlp_bn", method="byol", settings=BYOL),
     # Text: configs/experiment/scifact_contriever.yaml's BERT and step; W 48 is about its views' mean
     # padded width (spans of 10-50% of 128-token chunks, padded to the batch's longest).
     "bert-scifact": Case("bert", False, 0, 128, 4096, head="none", tokens=48, settings=SCIFACT),
+    # The same with the CPU recipe's four length buckets (each encoded on its own: four times the
+    # encoder's operators); configs/experiment/scifact_contriever_gpu.yaml has none.
+    "bert-scifact-buckets": Case("bert", False, 0, 128, 4096, head="none", tokens=48,
+                                 settings=(*SCIFACT, "model.params.length_buckets=4")),
     # Contriever's step on one of its 32 GPUs: BERT-base (12 x 768), 64 chunks, K 131,072, spans of
     # 5-50% of 256 tokens padded to the batch's longest (about 130).
     "bert-base": Case("bert", False, 0, 64, 131072, head="none", tokens=128, settings=CONTRIEVER),

@@ -59,9 +59,10 @@ def ops_table(counts: dict[str, dict], what: str) -> str:
     """Operators dispatched per step (``opcount.OpCounts.as_dict`` of each row), forward and
     backward, the optimizer and MoCo's updates included."""
     batch = any("batch" in c for c in counts.values())
-    lines = [f"| {what} |{' batch |' if batch else ''} operators | compute (kernels) | views | allocations |",
-             "| --- " * (5 + batch) + "|"]
+    lines = [f"| {what} |{' batch |' if batch else ''} operators | compute (kernels) | views | allocations | host reads |",
+             "| --- " * (6 + batch) + "|"]
     for name, c in counts.items():
+        kinds = ", ".join(f"{k} {n}" for k, n in c.get("host_read_kinds", {}).items())
         lines.append(f"| {name} |{' ' + str(c['batch']) + ' |' if batch else ''} {c['total']:,} | {c['compute']:,} | "
-                     f"{c['views']:,} | {c['allocations']:,} |")
+                     f"{c['views']:,} | {c['allocations']:,} | {c.get('host_reads', 0)}{' (' + kinds + ')' if kinds else ''} |")
     return "\n".join(lines)
