@@ -66,3 +66,27 @@ def test_cuda_graphs_train_like_the_eager_step(tmp_path, symmetric, bn):
     assert len(losses["graphs"]) == 6 and all(torch.isfinite(torch.tensor(losses["graphs"])))
     # Compiled kernels round differently; the first step (identical weights and inputs) agrees closely.
     assert losses["graphs"][0] == pytest.approx(losses["eager"][0], rel=1e-3)
+
+
+def test_the_gpu_text_recipe_replays_cuda_graphs_at_one_width_and_reads_nothing(tmp_path):
+    """configs/experiment/scifact_contriever_gpu.yaml's shape on the embedded sample: every view
+    padded to one width, f_q and f_k replayed as CUDA graphs, no host read in a step."""
+    pytest.importorskip("transformers")
+    from pathlib import Path
+
+    from moco_engine.tools.opcount import count_ops, step_counters
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "experiment"
+    cfg = load_config([str(root / "scifact_contriever.yaml"), str(root / "scifact_contriever_gpu.yaml")], [
+        "data.root=''", "data.text.vocab_size=400", "model.params.layers=1", "model.params.hidden=32",
+        "model.params.heads=2", "model.params.intermediate=64", "model.dim=32", "optim.batch_size=32",
+        "queue.size=256", "train.epochs=1", "train.steps_per_epoch=4", "eval.knn_every=0",
+        f"train.out_dir={tmp_path / 'run'}", "train.device=cuda"])
+    trainer = Trainer(cfg)
+    final = trainer.fit()
+    assert final["steps"] == 4 and trainer.parts.graphed
+    (x_q, x_k), _, idx = next(iter(trainer.loaders.train))
+    assert "lengths" not in x_q and x_q["input_ids"].shape == x_k["input_ids"].shape  # one width, no host lengths
+    step = lambda: trainer.train_step(x_q, x_k, idx)  # noqa: E731
+    step()
+    assert count_ops(step, step_counters(trainer.optimizer)).host_reads == {}

@@ -132,12 +132,18 @@ def test_every_gpu_job_is_a_valid_command_line(tmp_path):
     tests = [j for j in jobs if j.argv[1:3] == ["-m", "pytest"]]
     assert jobs[0] is tests[0] and [j.name for j in tests] == ["gpu tests", "gpu tests, CUDA graphs"]
     assert all(j.needs_cuda for j in jobs if j not in tests)
-    names = {j.name for j in jobs}
-    for form in ("strided", "one_pass", "per_slice"):
-        assert {f"r18-{form}", f"r18-{form}-compiled", f"r18-{form}-cuda-graphs"} <= names
-    assert {"r18-plain-bn", "r18-strided-nchw", "r50-224", "r50-224-compiled", "r18-queue-65536", "r18-ops",
-            "r18-data", "vit-s-224", "vit-t-cifar"} <= names
-    for job in (j for j in jobs if j not in tests):
+    names = [j.name for j in jobs]
+    # Issue 34's telling jobs, in this order, before the rest.
+    telling = ["gpu tests", "r18-plain-bn", "r18-grouped", "r18-grouped-cuda-graphs", "r18-plain-bn-cuda-graphs",
+               "r18-strided", "r50-224", "vit-s-224", "vit-t-cifar", "bert-base", "bert-scifact", "scifact-gpu-epochs"]
+    assert names[:len(telling)] == telling
+    assert {"r18-one_pass", "r18-per_slice", "r18-strided-nchw", "r50-224-compiled", "r18-queue-65536", "r18-ops",
+            "r18-data", "bert-scifact-buckets", "r18-grouped-compiled"} <= set(names)
+    (scifact,) = [j for j in jobs if j.run_dir is not None]
+    recipes = [a for a in scifact.argv if a.endswith(".yaml")]
+    cfg = load_config(recipes, [a for a in scifact.argv[3:] if "=" in a and not a.endswith(".yaml")])
+    assert cfg.train.cuda_graphs and cfg.model.params["length_buckets"] == 1 and cfg.train.epochs == 2
+    for job in (j for j in jobs if j not in tests and j.run_dir is None):
         assert job.argv[1:3] == ["-m", "moco_engine.tools.bench"] and job.status == "not run"
         args = bench_parser().parse_args(job.argv[3:])
         check_arguments(args)

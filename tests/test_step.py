@@ -9,9 +9,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 from torch import nn
 
-from moco_engine.config.schema import LossConfig
+from moco_engine.config.schema import LossConfig, load_config
 from moco_engine.method.encoders import Encoder, MomentumEncoder
 from moco_engine.method.negatives import InBatch, MemoryBank, Queue
 from moco_engine.method.objectives import Objective, build_objective
@@ -142,3 +143,22 @@ def test_nce_keeps_its_normaliser_only_after_the_optimizer_step_and_never_for_a_
     parts.objective = good
     moco_step(parts, x, x, idx, LR, M)
     assert torch.isfinite(bank.log_z)  # the first estimate, kept after the step
+
+
+@pytest.mark.parametrize("method", [
+    ["model.bn_split_form=per_slice"], ["model.bn_split_form=grouped"], ["model.bn_split_form=strided"],
+    ["model.bn_split_form=one_pass"], ["negatives.kind=memory_bank", "loss.name=nce"],
+    ["method=moco_v3", "negatives.kind=momentum_batch", "model.head=mlp_bn", "model.bn=plain"],
+    ["method=byol", "model.head=mlp_bn"],
+], ids=["per_slice", "grouped", "strided", "one_pass", "memory_bank", "moco_v3", "byol"])
+def test_no_step_reads_the_device(tmp_path, method):
+    """Issue 34: a step never waits for the device (no item, bool, nonzero, tolist, cpu): on a
+    GPU the host then queues the next step while this one runs."""
+    from moco_engine.run.trainer import Trainer
+    from moco_engine.tools.opcount import count_ops, step_counters
+
+    trainer = Trainer(load_config([], [*TINY, "train.channels_last=true", f"train.out_dir={tmp_path}", *method]))
+    (x_q, x_k), _, idx = next(iter(trainer.loaders.train))
+    step = lambda: trainer.train_step(x_q, x_k, idx)  # noqa: E731
+    step()  # the first step makes the optimizer's state
+    assert count_ops(step, step_counters(trainer.optimizer)).host_reads == {}

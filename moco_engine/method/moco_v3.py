@@ -69,6 +69,7 @@ def moco_v3_step(parts: StepParts, x_1: Any, x_2: Any, indices: Tensor, lr: floa
     # The metrics see the first direction's logits as [positive, negatives] (positive dropped from them).
     first = logits[0].detach()
     positive = torch.arange(first.shape[0], device=first.device) + offset
-    own = F.one_hot(positive, first.shape[1]).bool()
+    # (F.one_hot would read the labels' range to the host: two syncs a step.)
+    own = torch.arange(first.shape[1], device=first.device)[None, :] == positive[:, None]  # (B, G)
     as_moco = torch.cat([first.gather(1, positive[:, None]), first.masked_fill(own, float("-inf"))], dim=1)
     return {**contrastive_metrics(as_moco, q_1.detach(), parts.temperature), "loss": loss.detach(), **source_metrics}

@@ -54,6 +54,8 @@ DEMO_COMMAND = " ".join(("moco-train", *DEMO_FILES, *DEMO_OVERRIDES))
 COMPILED_OVERRIDES = ("train.compile=true",)
 COMPILED_CAP_S = 150.0  # enough for its compilation, its first step and a few epochs
 PROBE_CAP_S = 45.0
+#: SciFact in BEIR's layout (the shared data folder beside the checkout), for the text GPU recipe's job.
+SCIFACT = ROOT.parent / "shared" / "data" / "scifact-beir.tar.xz"
 MIN_START_S = 10.0  # a job is not started with less time than this left
 GRACE_S = 30.0  # from SIGTERM to SIGKILL: a training run's save
 
@@ -82,6 +84,7 @@ class Job:
     cap_s: float
     needs_cuda: bool = False
     json_out: Path | None = None  # where the command writes its figures (moco-bench --json)
+    run_dir: Path | None = None  # a training job's run folder (its figures read from metrics.jsonl)
     status: str = "not run"
     seconds: float = 0.0
     returncode: int | None = None
@@ -126,13 +129,15 @@ def quick_jobs(out: Path, data: Path, cpu: bool) -> list[Job]:
         ]
     g = dict(needs_cuda=True)
     compiled = dict(cap_s=150.0, needs_cuda=True)
+    # Issue 34's telling jobs first: plain BN against split-BN's GPU form (grouped), eager and
+    # graphed, the strided form it replaced, ResNet-50, MoCo v3, text; then the SciFact GPU recipe's epochs.
     jobs = [
         eager_tests,
-        bench_job("r18-strided", "r18-cifar", out, "--split-bn", "strided", **g),
-        bench_job("r18-one_pass", "r18-cifar", out, "--split-bn", "one_pass", **g),
         bench_job("r18-plain-bn", "r18-cifar", out, "--bn-splits", "1", **g),
-        bench_job("r18-strided-cuda-graphs", "r18-cifar", out, "--split-bn", "strided", "--cuda-graphs", **compiled),
-        bench_job("r18-strided-compiled", "r18-cifar", out, "--split-bn", "strided", "--compile", **compiled),
+        bench_job("r18-grouped", "r18-cifar", out, "--split-bn", "grouped", **g),
+        bench_job("r18-grouped-cuda-graphs", "r18-cifar", out, "--split-bn", "grouped", "--cuda-graphs", **compiled),
+        bench_job("r18-plain-bn-cuda-graphs", "r18-cifar", out, "--bn-splits", "1", "--cuda-graphs", **compiled),
+        bench_job("r18-strided", "r18-cifar", out, "--split-bn", "strided", **g),
         bench_job("r50-224", "r50-224", out, cap_s=90.0, **g),
         # MoCo v3 (Issue 26): its step against the floor of 8/3 supervised steps.
         bench_job("vit-s-224", "vit-s-224", out, cap_s=120.0, **g),
@@ -140,17 +145,21 @@ def quick_jobs(out: Path, data: Path, cpu: bool) -> list[Job]:
         # Text (Issue 27): Contriever's BERT-base step (64 chunks, K 131,072) and the SciFact recipe's.
         bench_job("bert-base", "bert-base", out, cap_s=120.0, **g),
         bench_job("bert-scifact", "bert-scifact", out, **g),
+        scifact_gpu_job(out),
+        bench_job("r18-ops", "r18-cifar", out, "--ops", **g),
         graph_tests,
+        bench_job("r18-one_pass", "r18-cifar", out, "--split-bn", "one_pass", **g),
         bench_job("r18-per_slice", "r18-cifar", out, "--split-bn", "per_slice", **g),
         # The strided form's view is free in NCHW; under channels_last it copies to NCHW and back.
         bench_job("r18-strided-nchw", "r18-cifar", out, "--split-bn", "strided", "--no-channels-last", **g),
-        bench_job("r18-ops", "r18-cifar", out, "--ops", **g),
-        bench_job("r18-queue-65536", "r18-cifar", out, "--split-bn", "strided", "--queue", "65536", **g),
+        bench_job("r18-strided-cuda-graphs", "r18-cifar", out, "--split-bn", "strided", "--cuda-graphs", **compiled),
+        bench_job("r18-grouped-compiled", "r18-cifar", out, "--split-bn", "grouped", "--compile", **compiled),
+        bench_job("r18-queue-65536", "r18-cifar", out, "--split-bn", "grouped", "--queue", "65536", **g),
         bench_job("r18-data", "r18-cifar", out, "--data", "--data-root", str(data), "--pipeline", "device",
                   cap_s=150.0, needs_cuda=True),  # decoding the 60,000 JPEGs first
+        bench_job("bert-scifact-buckets", "bert-scifact-buckets", out, **g),
+        bench_job("r18-strided-compiled", "r18-cifar", out, "--split-bn", "strided", "--compile", **compiled),
         bench_job("r18-one_pass-cuda-graphs", "r18-cifar", out, "--split-bn", "one_pass", "--cuda-graphs", **compiled),
-        bench_job("r18-one_pass-compiled", "r18-cifar", out, "--split-bn", "one_pass", "--compile", **compiled),
-        bench_job("r18-per_slice-compiled", "r18-cifar", out, "--split-bn", "per_slice", "--compile", **compiled),
         bench_job("r50-224-compiled", "r50-224", out, "--compile", cap_s=200.0, needs_cuda=True),
         bench_job("r18-per_slice-cuda-graphs", "r18-cifar", out, "--split-bn", "per_slice", "--cuda-graphs", **compiled),
     ]
@@ -158,9 +167,22 @@ def quick_jobs(out: Path, data: Path, cpu: bool) -> list[Job]:
     for job in jobs:
         if "--data-root" in job.argv and not data.exists():
             job.status = f"skipped: no archive at {data}"
-        if job.name.startswith("bert") and not text:
+        if job.name.startswith("scifact") and not SCIFACT.exists():
+            job.status = f"skipped: no SciFact archive at {SCIFACT}"
+        if job.name.startswith(("bert", "scifact")) and not text:
             job.status = "skipped: transformers is not installed (README, 'Proving it on a GPU')"
     return jobs
+
+
+def scifact_gpu_job(out: Path) -> Job:
+    """Two epochs of the SciFact recipe in its GPU form (configs/experiment/scifact_contriever_gpu.yaml):
+    each epoch's time (target: at most 1.5 s on an H200) and the first step's, in its own run folder."""
+    recipes = ROOT / "configs" / "experiment"
+    return Job("scifact-gpu-epochs", entry("cli.train_main", str(recipes / "scifact_contriever.yaml"),
+                                           str(recipes / "scifact_contriever_gpu.yaml"), f"data.root={SCIFACT}",
+                                           "train.epochs=2", f"train.out_dir={out / 'scifact_gpu'}",
+                                           "train.resume=auto", "track.progress=false", "track.wandb.mode=disabled"),
+               cap_s=120.0, needs_cuda=True, run_dir=out / "scifact_gpu")
 
 
 def demo_jobs(work: Path, data: Path, cpu: bool, budget_s: float) -> list[Job]:
@@ -221,6 +243,8 @@ def run_job(job: Job, deadline: float, log, cwd: Path) -> None:
     job.seconds = time.monotonic() - start
     if job.json_out is not None and job.json_out.exists():
         job.result = json.loads(job.json_out.read_text())
+    if job.run_dir is not None:
+        job.result = training_figures(job.run_dir)
 
 
 def run_jobs(jobs: list[Job], budget_s: float, out: Path, work: Path, mode: str, on_cuda: bool, finish) -> dict:
@@ -257,6 +281,11 @@ def bench_rows(jobs: list[Job]) -> list[str]:
             rows.append(f"| {job.name} | | | | | {forms} | {job.status} |")
         else:
             rows.append(f"| {job.name} | | | | | | {job.status} |")
+    for job in (j for j in jobs if j.run_dir is not None and j.result):
+        f = job.result
+        epochs = ", ".join(f"{s:.2f}" for s in f["epoch_s"])
+        rows += ["", f"{job.name}: first step after {f['first_step_s']} s, epochs (s) {epochs or 'none'}, "
+                     f"last evaluation {f['last_eval']} ({job.status})"]
     return rows
 
 
@@ -282,19 +311,21 @@ def write_report(out: Path, mode: str, env: dict, jobs: list[Job], extra: dict |
 
 
 def training_figures(run: Path) -> dict:
-    """How far a demo run came, from its ``metrics.jsonl``: the first step's time and its
-    compilation, the epochs done, their median time, the recompilations after epoch 0, the kNN
-    curve (by epochs completed)."""
+    """How far a training job came, from its ``metrics.jsonl``: the first step's time and its
+    compilation, the epochs done, each one's time and their median, the recompilations after
+    epoch 0, the kNN curve (by epochs completed) and the last evaluation."""
     from moco_engine.run.tracking import METRICS_FILE, knn_curve, read_metrics
 
     metrics = run / METRICS_FILE
     first = read_metrics(metrics, "first_step")
     epochs = read_metrics(metrics, "epoch")
+    evals = read_metrics(metrics, "eval")
     epoch_s = [r["epoch_s"] for r in epochs]
     return {"first_step_s": first[0]["seconds"] if first else None, "compile_s": first[0]["compile_s"] if first else None,
-            "epochs_done": len(epochs), "median_epoch_s": statistics.median(epoch_s) if epoch_s else None,
+            "epochs_done": len(epochs), "epoch_s": epoch_s, "median_epoch_s": statistics.median(epoch_s) if epoch_s else None,
             "recompiles_after_epoch_0": sum(r.get("compiles", 0) for r in epochs[1:]) if epochs else None,
-            "knn_curve": dict(knn_curve(metrics))}
+            "knn_curve": dict(knn_curve(metrics)),
+            "last_eval": {k: v for k, v in evals[-1].items() if k not in ("kind", "step", "time")} if evals else None}
 
 
 def demo_summary(work: Path, jobs: list[Job], out: Path) -> tuple[dict, list[str]]:
