@@ -82,7 +82,7 @@ def digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
+@pytest.mark.parametrize("resumed", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["fresh", "resumed"])
 def test_sigterm_while_compiling_stops_within_seconds_and_loses_nothing(tmp_path, resumed):
     run = tmp_path / "run"
     args = [*COMPILED, "eval.at_start=false", "train.epochs=2", f"train.out_dir={run}"]

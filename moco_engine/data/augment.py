@@ -37,10 +37,17 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # as torchvision's rgb_to_grayscale (tens
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 
 
-@functools.lru_cache(maxsize=64)
 def _const(values: tuple[float, ...], device: torch.device) -> Tensor:
     """A small constant on ``device``, made once: building it from a Python list each step
-    would be a blocking host-to-device copy, a host sync per step on CUDA."""
+    would be a blocking host-to-device copy, a host sync per step on CUDA. Inside a compiled
+    graph it is a constant of the graph (dynamo would trace through the cache, and warn)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, device=device)
+    return _cached_const(values, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_const(values: tuple[float, ...], device: torch.device) -> Tensor:
     return torch.tensor(values, device=device)
 
 
