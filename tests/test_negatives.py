@@ -213,3 +213,46 @@ def test_log_z_is_the_first_estimate_then_a_moving_average_of_z():
     assert first.item() == pytest.approx(2.0)
     expected = math.log(0.99 * math.exp(2.0) + 0.01 * math.exp(3.0))
     assert blend_log_z(first, torch.tensor(3.0)).item() == pytest.approx(expected)
+
+
+def test_the_same_instance_mask_is_on_when_the_queue_is_large_against_an_epoch(tmp_path, recwarn):
+    """Issue 35: queue.mask_same_instance=auto masks once K >= half an epoch's items; a K above
+    them is said in one line before the first step; queue_same_instance_scored is the share of
+    queries whose own older key is among the negatives scored: 0 with the mask."""
+    from conftest import TINY
+
+    from moco_engine.config.schema import load_config
+    from moco_engine.run.tracking import METRICS_FILE, read_metrics
+    from moco_engine.run.trainer import Trainer
+
+    def build(name: str, *extra: str) -> Trainer:
+        return Trainer(load_config([], [*TINY, "data.synthetic_size=48", "train.epochs=3", "eval.knn_every=0",
+                                        f"train.out_dir={tmp_path / name}", *extra]))
+
+    def run(name: str, *extra: str) -> tuple[Trainer, list[dict]]:
+        trainer = build(name, *extra)
+        trainer.fit()
+        return trainer, read_metrics(tmp_path / name / METRICS_FILE, "epoch")
+
+    small, epochs = run("small", "queue.size=200")  # 48 items, K 200: each item's key held about four times
+    assert small.negatives.mask_same_instance
+    (line,) = [str(w.message) for w in recwarn if "queue.size" in str(w.message)]
+    assert line == ("queue.size K=200 is more than an epoch's 48 items: the queue holds items' own older keys, "
+                    "masked from their own queries")
+    assert epochs[-1]["queue_same_instance"] > 0.5 and all(r["queue_same_instance_scored"] == 0 for r in epochs)
+    off, epochs = run("off", "queue.size=200", "queue.mask_same_instance=false")
+    assert not off.negatives.mask_same_instance
+    assert all(r["queue_same_instance_scored"] == r["queue_same_instance"] for r in epochs)
+    assert build("half", "queue.size=24").negatives.mask_same_instance  # K = half an epoch's items
+    assert not build("large", "queue.size=23").negatives.mask_same_instance
+
+
+def test_old_configs_boolean_mask_setting_still_loads(tmp_path):
+    from moco_engine.config.schema import ConfigError, load_config
+
+    for value, expected in (("false", "false"), ("true", "true"), ("auto", "auto"), ("False", "false")):
+        f = tmp_path / "old.yaml"
+        f.write_text(f"queue:\n  mask_same_instance: {value}\n")
+        assert load_config([str(f)]).queue.mask_same_instance == expected
+    with pytest.raises(ConfigError, match="'queue.mask_same_instance' = 'sometimes': must be one of auto, true, false"):
+        load_config([], ["queue.mask_same_instance=sometimes"])

@@ -80,9 +80,11 @@ def test_plain_corpora_one_document_a_line_or_a_text_field(tmp_path, capsys):
     ('{"_id": "d1", "text": "x"}\n{"_id": "d2", "text": \n', None, r"corpus.jsonl, line 2: not valid JSON"),
     ('{"_id": "d1", "text": "x"}\n{"_id": "d2"}\n', None, r"corpus.jsonl, line 2: no 'text' field"),
     (b'{"_id": "d1", "text": "caf\xe9"}\n', None, r"corpus.jsonl, line 1: not UTF-8 text"),
-    (None, "query-id\tcorpus-id\tscore\nq1\td9\t1\n", r"qrels/test.tsv, line 2: corpus id 'd9' is not in corpus.jsonl"),
     (None, "query-id\tcorpus-id\tscore\nq7\td1\t1\n", r"qrels/test.tsv, line 2: query id 'q7' is not in queries.jsonl"),
     (None, "query-id\tcorpus-id\tscore\nq1 d1 1\n", r"qrels/test.tsv, line 2: expected 'query-id<TAB>corpus-id<TAB>score'"),
+    # Issue 35: a file without its header (its first pair was skipped), a line with a fourth column.
+    (None, "q1\td1\t1\n", r"qrels/test.tsv, line 1: a judgement where BEIR's header 'query-id<TAB>corpus-id<TAB>score'"),
+    (None, "query-id\tcorpus-id\tscore\nq1\td1\t1\tx\n", r"qrels/test.tsv, line 2: .*got 4 field\(s\)"),
     ('{"_id": "d1", "text": "x"}\n{"_id": "d1", "text": "y"}\n', None, r"document id 'd1' appears more than once"),
     ("\n", None, r"corpus.jsonl: no documents"),
 ])
@@ -91,7 +93,7 @@ def test_bad_text_input_is_one_line_naming_file_and_line(tmp_path, corpus, qrels
     if corpus is not None:
         (root / "corpus.jsonl").write_bytes(corpus if isinstance(corpus, bytes) else corpus.encode())
     with pytest.raises(DataError, match=message):
-        read_text_data(root)
+        read_text_data(root).qrels["test"]  # a split's qrels are read when first asked for
 
 
 @pytest.mark.fault("data")
@@ -237,3 +239,42 @@ def test_training_batches_follow_the_sampler_and_resume_mid_epoch_alike():
     fixed = TextTwoViews(s, SPEC, 16, sampler, seed=0, width=SPEC.max_width(64))
     (q, _), _, _ = next(iter(fixed))
     assert q["input_ids"].shape == (16, 34)
+
+
+@pytest.mark.fault("data")
+def test_queries_that_are_all_empty_are_one_line(tmp_path):
+    """Issue 35: a queries.jsonl whose every text is empty was trained and evaluated on."""
+    root = beir_folder(tmp_path / "empty")
+    (root / "queries.jsonl").write_text("\n".join(json.dumps({"_id": q["_id"], "text": " "}) for q in QUERIES) + "\n")
+    with pytest.raises(DataError, match=r"queries.jsonl: every one of its 2 queries is empty"):
+        read_text_data(root)
+
+
+def test_what_beir_reads_this_reads(tmp_path, capsys):
+    """Issue 35, as BEIR's GenericDataLoader reads a set: tab-separated qrels after a header, ids as
+    strings (numeric ones too), a title that may be missing, empty documents kept (and judged),
+    a judged corpus id the corpus lacks kept as a relevant document never retrieved, and only the
+    qrels split in use read (a fault in another split does not stop a run)."""
+    from moco_engine.evaluation.retrieval import bm25_run, retrieval_scores
+
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    docs = [{"_id": "995", "title": "", "text": ""}, {"_id": "7", "text": "mice eat cheese and grain"},
+            {"_id": "8", "title": "Cats", "text": "cats chase mice"}]
+    (root / "corpus.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    (root / "queries.jsonl").write_text(json.dumps({"_id": "1", "text": "what do mice eat"}) + "\n"
+                                        + json.dumps({"_id": "2", "text": "the empty one"}) + "\n")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n1\t7\t1\n2\t995\t1\n2\t404\t1\n")
+    (root / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n1 7 1\n")  # broken: read only when asked for
+    data = read_text_data(root)
+    assert data.corpus.ids == ["995", "7", "8"] and data.corpus.joined() == ["", "mice eat cheese and grain", "Cats cats chase mice"]
+    assert "1 empty document(s) kept (retrievable; no tokens to train on) (line 1)" in capsys.readouterr().err
+    queries, qrels = data.split("test")
+    assert qrels == {"1": {"7": 1}, "2": {"995": 1, "404": 1}}
+    assert "1 judgement(s) of documents not in corpus.jsonl, kept and counted as never retrieved (line 4: corpus id '404')" \
+        in capsys.readouterr().err
+    run = bm25_run(data.corpus.joined(), data.corpus.ids, queries)
+    scores = retrieval_scores(qrels, run)
+    assert run["1"] and scores["recall@100"] < 1  # "404" can never be retrieved: counted as missed
+    with pytest.raises(DataError, match="dev.tsv, line 2"):
+        data.split("dev")

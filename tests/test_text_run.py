@@ -20,7 +20,7 @@ from moco_engine.config.schema import UserError, load_config
 from moco_engine.run.checkpoint import latest_checkpoint
 from moco_engine.run.tracking import read_metrics
 from moco_engine.run.trainer import Trainer
-from moco_engine.tools.cli import eval_main, export_main
+from moco_engine.tools.cli import eval_main, export_main, train_main
 from moco_engine.tools.opcount import count_ops
 
 TEXT = ["data.name=text", "data.text.vocab_size=400", "data.text.chunk_length=32", "data.text.max_length=48",
@@ -254,3 +254,42 @@ def test_length_buckets_give_the_whole_batchs_embeddings_and_gradients_to_roundi
     assert torch.equal(encoder({**view, "lengths": host}), encoder(view))
     with pytest.raises(UserError, match="'model.params.length_buckets' = 0"):
         Trainer(load_config([], [*TINY, *TEXT, "model.params.length_buckets=0"]))
+
+
+def test_a_text_run_without_qrels_still_ends_with_what_comes_next(tmp_path, capsys):
+    """Issue 35: no qrels/train.tsv, no monitor, and still the Next: lines."""
+    words = "protein cell gene virus sample study patients effect trial dose brain tissue signal model".split()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(60)) for i in range(40)) + "\n")
+    code = train_main([*TINY, *TEXT, f"data.root={corpus}", "train.epochs=1", f"train.out_dir={tmp_path / 'run'}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"trained 1 epoch ({tmp_path / 'run'}); no retrieval monitor: the corpus has no qrels/train.tsv" in out
+    assert "Next:" in out and f"moco-export {tmp_path / 'run'} --format sentence-transformers" in out
+
+
+def test_a_beir_set_with_judged_empty_and_missing_documents_trains_and_evaluates(tmp_path, capsys):
+    """Issue 35: the set BEIR reads is read: an empty document judged by the qrels is indexed and
+    scored, a judged id missing from the corpus is a warning, and the run and moco-eval go on."""
+    import tarfile
+
+    from moco_engine.data.text_source import EMBEDDED_TEXT
+
+    with tarfile.open(EMBEDDED_TEXT) as tar:
+        tar.extractall(tmp_path / "set", filter="data")
+    (root,) = [p.parent for p in (tmp_path / "set").rglob("corpus.jsonl")]
+    with open(root / "corpus.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "995", "title": "", "text": ""}) + "\n")
+    qid = json.loads((root / "queries.jsonl").read_text().splitlines()[0])["_id"]
+    for split in ("train", "test"):
+        with open(root / "qrels" / f"{split}.tsv", "a") as f:
+            f.write(f"{qid}\t995\t1\n{qid}\t404\t1\n")
+    run = tmp_path / "run"
+    final = Trainer(text_cfg(tmp_path, f"data.root={root}", "train.epochs=1")).fit()
+    assert 0 <= final["ndcg@10"] <= 1
+    err = capsys.readouterr().err
+    assert "1 empty document(s) kept" in err and "1 judgement(s) of documents not in corpus.jsonl" in err
+    assert eval_main(["retrieval", str(run), "eval.split=test"]) == 0
+    path, _ = latest_checkpoint(run)
+    report = json.loads(path.with_name(f"{path.stem}.retrieval.json").read_text())
+    assert report["queries"] >= 150 and all(0 <= report[s]["ndcg@10"] <= 1 for s in ("run", "bm25", "untrained"))

@@ -20,6 +20,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.bn": ("shuffle", "sync", "plain"),
     "model.norm": ("batch", "group"),
     "model.bn_split_form": ("auto", "per_slice", "one_pass", "strided", "grouped"),
+    "queue.mask_same_instance": ("auto", "true", "false"),
     "method": ("moco", "moco_v3", "byol"),
     "queue.dtype": ("float32", "bfloat16", "float16"),
     "memory_bank.init": ("random", "encode"),
@@ -59,6 +60,8 @@ def validate(cfg: Config) -> None:
     need(cfg.track.collapse_threshold >= 0, "track.collapse_threshold", cfg.track.collapse_threshold, "must be >= 0")
     for key in ("pair_margin", "triplet_margin", "lifted_margin"):
         need(getattr(cfg.loss, key) >= 0, f"loss.{key}", getattr(cfg.loss, key), "must be >= 0")
+    # A bool of old configs and checkpoints arrives as "True"/"False": the same choice.
+    cfg.queue.mask_same_instance = str(cfg.queue.mask_same_instance).lower()
     for key, choices in CHOICES.items():
         value = setting(cfg, key)
         need(value in choices, key, value, f"must be one of {', '.join(choices)}")

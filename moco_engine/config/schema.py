@@ -130,7 +130,7 @@ class NegativesConfig:
 @dataclass
 class QueueConfig:
     size: int = 1024  # K, the number of negatives (the queue's length; the bank's samples per step)
-    mask_same_instance: bool = False  # drop a query's own older key from its negatives
+    mask_same_instance: str = "auto"  # drop a query's own older key from its negatives: auto (when K >= half an epoch's items) | true | false
     dtype: str = "float32"  # float32 | bfloat16 | float16 storage (logits are always float32)
 
 

@@ -10,8 +10,13 @@
   Some lines carry extra fields after those seven and some hold quote characters, so the columns
   are read by position and nothing is unquoted.
 
-Bad input is one line naming the file and line (:class:`~moco_engine.data.images.DataError`);
-an empty document is left out with one warning for all of them.
+Bad input is one line naming the file and line (:class:`~moco_engine.data.images.DataError`).
+What BEIR's ``GenericDataLoader`` reads, this reads: a BEIR document with an id is kept when its
+title and text are empty (indexed and retrievable, and the qrels may judge it; the training
+stream has no tokens of it), with one warning for all of them; a plain corpus's blank line is
+left out. A qrels line naming a corpus id that the corpus lacks is kept, with one warning: the
+metrics then count that relevant document as never retrieved, as BEIR's do. Each qrels split
+is read and checked when first asked for (:class:`Qrels`), so a run reads only the split it uses.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -45,13 +50,34 @@ class Corpus:
         return [f"{t} {x}" if t else x for t, x in zip(self.titles, self.texts)]
 
 
+class Qrels(Mapping):
+    """A BEIR set's relevance judgements by split (``qrels/<split>.tsv``): split -> query id ->
+    document id -> grade, each split read and checked (:func:`read_qrels`) when first asked for."""
+
+    def __init__(self, files: Files | None = None, names: dict[str, str] | None = None, corpus: Corpus | None = None,
+                 queries: dict[str, str] | None = None):
+        self.files, self.names, self.corpus, self.queries = files, names or {}, corpus, queries or {}
+        self.read: dict[str, dict[str, dict[str, int]]] = {}
+
+    def __getitem__(self, split: str) -> dict[str, dict[str, int]]:
+        if split not in self.read:
+            self.read[split] = read_qrels(self.files, self.names[split], self.corpus, self.queries)
+        return self.read[split]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 @dataclass
 class TextData:
     """A corpus and, for BEIR data, its queries and relevance judgements per split."""
 
     corpus: Corpus
     queries: dict[str, str] = field(default_factory=dict)
-    qrels: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # split -> qid -> doc id -> grade
+    qrels: Mapping[str, dict[str, dict[str, int]]] = field(default_factory=Qrels)  # split -> qid -> doc id -> grade
     source: str = ""
 
     def split(self, name: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
@@ -139,7 +165,8 @@ def read_text_data(path: str | Path) -> TextData:
 
     Raises:
         DataError: a missing path, a folder without ``corpus.jsonl``, a malformed line, bytes
-            that are not UTF-8, a qrels id missing from the corpus or the queries, no documents.
+            that are not UTF-8, no documents, every query empty (a qrels split's own faults when
+            it is first read).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -154,9 +181,10 @@ def read_text_data(path: str | Path) -> TextData:
     corpus = read_corpus(files, "corpus.jsonl")
     queries = ({str(o["_id"]): str(o["text"]) for _, o in json_lines(files, "queries.jsonl", ("_id", "text"))}
                if "queries.jsonl" in files.names else {})
-    qrels = {PurePosixPath(n).stem: read_qrels(files, n, corpus, queries)
-             for n in sorted(files.names) if n.startswith("qrels/") and n.endswith(".tsv")}
-    return TextData(corpus, queries, qrels, source=str(path))
+    if queries and not any(text.strip() for text in queries.values()):
+        raise DataError(f"{files.label('queries.jsonl')}: every one of its {len(queries)} queries is empty")
+    names = {PurePosixPath(n).stem: n for n in sorted(files.names) if n.startswith("qrels/") and n.endswith(".tsv")}
+    return TextData(corpus, queries, Qrels(files, names, corpus, queries), source=str(path))
 
 
 def read_corpus(files: Files, name: str) -> Corpus:
@@ -164,13 +192,12 @@ def read_corpus(files: Files, name: str) -> Corpus:
     empty = []
     for number, obj in json_lines(files, name, ("_id", "text")):
         title, text = str(obj.get("title") or "").strip(), str(obj["text"] or "").strip()
-        if not title and not text:
+        if not title and not text:  # kept, as BEIR keeps it: retrievable, and the qrels may judge it
             empty.append(number)
-            continue
         ids.append(str(obj["_id"]))
         titles.append(title)
         texts.append(text)
-    return finish(Corpus(ids, titles, texts), files.label(name), empty)
+    return finish(Corpus(ids, titles, texts), files.label(name), empty, kept=True)
 
 
 def read_plain(path: Path) -> Corpus:
@@ -196,11 +223,13 @@ def read_plain(path: Path) -> Corpus:
     return finish(Corpus(ids, titles, texts), str(path), empty)
 
 
-def finish(corpus: Corpus, label: str, empty: list[int]) -> Corpus:
+def finish(corpus: Corpus, label: str, empty: list[int], kept: bool = False) -> Corpus:
+    """``corpus`` checked: some text, no id twice; its empty documents (lines ``empty``) said in one line."""
     if empty:
-        print(f"warning: {label}: {len(empty)} empty document(s) left out (line {empty[0]}"
+        what = "kept (retrievable; no tokens to train on)" if kept else "left out"
+        print(f"warning: {label}: {len(empty)} empty document(s) {what} (line {empty[0]}"
               f"{', ...' if len(empty) > 1 else ''})", file=sys.stderr, flush=True)
-    if not len(corpus):
+    if len(corpus) == len(empty) if kept else not len(corpus):
         raise DataError(f"{label}: no documents")
     if len(set(corpus.ids)) != len(corpus.ids):
         seen: set[str] = set()
@@ -213,24 +242,39 @@ def read_qrels(files: Files, name: str, corpus: Corpus, queries: dict[str, str])
     """``query-id corpus-id score`` lines after a header, as {qid: {doc id: grade}}.
 
     Raises:
-        DataError: a line without three tab-separated fields or an integer grade, or an id that
-            the corpus or the queries lack (file and line named).
+        DataError: a first line that is a judgement, not the header; a line without exactly three
+            tab-separated fields or an integer grade, or a query id that the queries lack (file and
+            line named). A corpus id the corpus lacks is one warning line.
     """
     docs = set(corpus.ids)
     qrels: dict[str, dict[str, int]] = {}
+    unknown: list[tuple[int, str]] = []  # (line, corpus id) of judgements of documents the corpus lacks
     for number, line in files.lines(name):
-        if number == 1 or not line.strip():
+        parts = line.rstrip("\r\n").split("\t")
+        if number == 1:  # BEIR's header; a judgement there means the file has none (it would be lost)
+            if len(parts) == 3 and parts[2].strip().lstrip("-").isdigit():
+                raise DataError(f"{files.label(name)}, line 1: a judgement where BEIR's header "
+                                "'query-id<TAB>corpus-id<TAB>score' belongs")
             continue
-        parts = line.split("\t")
+        if not line.strip():
+            continue
         try:
+            if len(parts) != 3:
+                raise ValueError
             qid, did, grade = parts[0], parts[1], int(parts[2])
-        except (IndexError, ValueError):
-            raise DataError(f"{files.label(name)}, line {number}: expected 'query-id<TAB>corpus-id<TAB>score'") from None
+        except ValueError:
+            raise DataError(f"{files.label(name)}, line {number}: expected 'query-id<TAB>corpus-id<TAB>score', "
+                            f"got {len(parts)} field(s)") from None
         if qid not in queries:
             raise DataError(f"{files.label(name)}, line {number}: query id {qid!r} is not in queries.jsonl")
         if did not in docs:
-            raise DataError(f"{files.label(name)}, line {number}: corpus id {did!r} is not in corpus.jsonl")
+            unknown.append((number, did))
         qrels.setdefault(qid, {})[did] = grade
+    if unknown:  # BEIR keeps them: a relevant document no run can retrieve counts as missed
+        (line, did), n = unknown[0], len(unknown)
+        print(f"warning: {files.label(name)}: {n} judgement(s) of documents not in corpus.jsonl, kept and "
+              f"counted as never retrieved (line {line}: corpus id {did!r}{', ...' if n > 1 else ''})",
+              file=sys.stderr, flush=True)
     return qrels
 
 

@@ -22,6 +22,7 @@ any DDP wrapper: every process updates it identically from the gathered keys.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -159,15 +160,18 @@ class Queue(NegativeSource):
     @torch.no_grad()
     def metrics(self, indices: Tensor) -> dict[str, Tensor]:
         """fill (share of slots holding real keys), mean and max age (updates since written),
-        and the share of the batch whose own older key is in the queue."""
+        the share of the batch whose own older key is in the queue, and of those it scores."""
         filled = self.index >= 0
+        held = torch.isin(indices, self.index).float().mean()  # the share of the batch whose own older key is held
         age = (self.clock - self.written).float()
         n = filled.sum().clamp(min=1)
         return {
             "queue_fill": filled.float().mean(),
             "queue_age_mean": torch.where(filled, age, 0.0).sum() / n,
             "queue_age_max": torch.where(filled, age, 0.0).max(),
-            "queue_same_instance": torch.isin(indices, self.index).float().mean(),
+            "queue_same_instance": held,
+            # ... and among the negatives actually scored: none when the mask drops them.
+            "queue_same_instance_scored": torch.zeros_like(held) if self.mask_same_instance else held,
         }
 
 
@@ -357,9 +361,23 @@ def bank_bytes(cfg: Config, num_items: int) -> tuple[str, str, int]:
     return "negatives.kind", f"the memory bank of N={num_items} items of D={d}", 2 * num_items * d * 4 + num_items * 8
 
 
+def masks_same_instance(setting: str, size: int, num_items: int) -> bool:
+    """``queue.mask_same_instance``: "auto" masks when K is at least half an epoch's items, where
+    the queue holds most items' own older keys (a 1,000-image set with K = 4,096 holds each about
+    four times); "true" and "false" decide alone."""
+    return setting == "true" or (setting == "auto" and 2 * size >= num_items)
+
+
 @register_negatives("queue", reads=("queue",), planned=queue_bytes)
 def build_queue(cfg: Config, num_items: int) -> Queue:
-    return Queue(cfg.queue.size, cfg.model.dim, cfg.queue.mask_same_instance, cfg.queue.dtype)
+    """A queue of K keys for ``num_items`` items an epoch; one warning line when K exceeds them."""
+    k = cfg.queue.size
+    mask = masks_same_instance(cfg.queue.mask_same_instance, k, num_items)
+    if k > num_items and dist.is_main():
+        held = "masked from their own queries" if mask else "scored as negatives: queue.mask_same_instance=false"
+        warnings.warn(f"queue.size K={k} is more than an epoch's {num_items} items: the queue holds items' own "
+                      f"older keys, {held}", stacklevel=2)
+    return Queue(k, cfg.model.dim, mask, cfg.queue.dtype)
 
 
 @register_negatives("memory_bank", reads=("queue.size", "memory_bank"), planned=bank_bytes)

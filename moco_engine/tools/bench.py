@@ -72,6 +72,7 @@ def build_trainer(case: Case, args: argparse.Namespace):
     if case.tokens:  # the embedded SciFact sample: its tokenizer and chunks; the step's inputs are random
         return Trainer(load_config([], [
             "data.name=text", f"model.arch={case.arch}", f"model.head={case.head}", f"queue.size={case.queue}",
+            "queue.mask_same_instance=false",  # as the official builders: like for like
             f"optim.batch_size={case.batch}", f"train.device={args.device}", f"train.precision={args.precision}",
             f"train.compile={args.compile}", f"train.cuda_graphs={args.cuda_graphs}", "train.out_dir=runs/bench",
             "track.progress=false", *case.settings]))
@@ -84,7 +85,7 @@ def build_trainer(case: Case, args: argparse.Namespace):
         f"model.arch={case.arch}", f"model.patch_size={case.patch_size}", f"model.head={case.head}",
         *([f"model.cifar_stem={case.cifar_stem}"] if case.arch.startswith("resnet") else []),
         f"model.bn_splits={case.bn_splits}", f"model.bn_split_form={args.split_bn}",
-        f"queue.size={case.queue}", f"optim.batch_size={case.batch}",
+        f"queue.size={case.queue}", "queue.mask_same_instance=false", f"optim.batch_size={case.batch}",
         f"train.device={args.device}", f"train.precision={args.precision}",
         f"train.channels_last={not args.no_channels_last}", f"train.compile={args.compile}",
         f"train.cuda_graphs={args.cuda_graphs}",

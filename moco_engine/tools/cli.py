@@ -107,24 +107,28 @@ def _train(args: list[str]) -> int:
         return EXIT_DIVERGED
     finally:
         dist.teardown()
-    if "knn_top1" in final and main_process:
-        print("\n".join(closing_lines(final, trainer.run_dir)), flush=True)
-    elif "ndcg@10" in final and main_process:
-        print("\n".join(text_closing_lines(final, trainer.run_dir, cfg.eval.retrieval_split)), flush=True)
+    if main_process:  # every finished run says what comes next, with a monitor or without
+        lines = (text_closing_lines(final, trainer.run_dir, cfg.eval.retrieval_split) if trainer.loaders.text is not None
+                 else closing_lines(final, trainer.run_dir))
+        print("\n".join(lines), flush=True)
     return 0
 
 
 def closing_lines(final: dict, run_dir: Path) -> list[str]:
     """What a finished ``moco-train`` prints: the kNN figure against the random network's (when
-    ``eval.at_start`` measured it), where the curve is, and the commands that come next."""
+    ``eval.at_start`` measured it; or why there is none), where the curve is, and the commands
+    that come next."""
     from moco_engine.run.folder import KNN_PLOT_FILE
     from moco_engine.run.tracking import METRICS_FILE, knn_curve
     from moco_engine.tools.proof import DEMO_COMMAND
 
-    start = [top1 for epoch, top1 in knn_curve(run_dir / METRICS_FILE) if epoch == 0]
-    versus = (f"; {start[-1]:.2f}% at random initialisation ({final['knn_top1'] - start[-1]:+.2f} points)"
-              if start else "")
-    lines = [f"kNN top-1: {final['knn_top1']:.2f}% after {final['epochs']} epochs ({run_dir}){versus}"]
+    if "knn_top1" not in final:  # no labelled test split: no monitor
+        lines = [f"trained {epochs_text(final['epochs'])} ({run_dir}); no kNN figure: the data have no labelled test split"]
+    else:
+        start = [top1 for epoch, top1 in knn_curve(run_dir / METRICS_FILE) if epoch == 0]
+        versus = (f"; {start[-1]:.2f}% at random initialisation ({final['knn_top1'] - start[-1]:+.2f} points)"
+                  if start else "")
+        lines = [f"kNN top-1: {final['knn_top1']:.2f}% after {final['epochs']} epochs ({run_dir}){versus}"]
     if (run_dir / KNN_PLOT_FILE).exists():
         lines.append(f"kNN curve: {run_dir / KNN_PLOT_FILE}")
     return lines + [
@@ -135,15 +139,24 @@ def closing_lines(final: dict, run_dir: Path) -> list[str]:
     ]
 
 
+def epochs_text(n: int) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
 def text_closing_lines(final: dict, run_dir: Path, split: str) -> list[str]:
-    """What a finished text run prints: the monitor's nDCG@10 against the random network's, and
-    the commands that report the held-out figure."""
+    """What a finished text run prints: the monitor's nDCG@10 against the random network's (or
+    why there is none), and the commands that report the held-out figure."""
     from moco_engine.run.tracking import METRICS_FILE, knn_curve
 
-    start = [v for epoch, v in knn_curve(run_dir / METRICS_FILE, "ndcg@10") if epoch == 0]
-    versus = f"; {start[-1]:.4f} at random initialisation" if start else ""
-    return [f"nDCG@10 on the {split} qrels (the monitor): {final['ndcg@10']:.4f} after {final['epochs']} epochs "
-            f"({run_dir}){versus}",
+    if "ndcg@10" not in final:  # no qrels for the monitor
+        first = (f"trained {epochs_text(final['epochs'])} ({run_dir}); no retrieval monitor: the corpus has no "
+                 f"qrels/{split}.tsv")
+    else:
+        start = [v for epoch, v in knn_curve(run_dir / METRICS_FILE, "ndcg@10") if epoch == 0]
+        versus = f"; {start[-1]:.4f} at random initialisation" if start else ""
+        first = (f"nDCG@10 on the {split} qrels (the monitor): {final['ndcg@10']:.4f} after {final['epochs']} epochs "
+                 f"({run_dir}){versus}")
+    return [first,
             "Next:",
             f"  moco-eval retrieval {run_dir} eval.split=test       # the held-out figure, BM25 and the untrained encoder beside it",
             f"  moco-export {run_dir} --format sentence-transformers"]
