@@ -5,12 +5,14 @@ sentence-transformers export, and a local model folder as the starting point."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ from moco_engine.tools.cli import eval_main, export_main, train_main
 from moco_engine.tools.opcount import count_ops
 
 TEXT = ["data.name=text", "data.text.vocab_size=400", "data.text.chunk_length=32", "data.text.max_length=48",
-        "data.text.query_max_length=16", "model.arch=bert", "model.params.layers=1", "model.params.hidden=32",
+        "model.arch=bert", "model.params.layers=1", "model.params.hidden=32",
         "model.params.heads=2", "model.params.intermediate=64", "model.params.max_positions=64", "eval.batch_size=256",
         "model.bn=plain", "model.bn_splits=1"]
 
@@ -162,13 +164,40 @@ def test_the_sentence_transformers_export_gives_the_embeddings_retrieval_uses(tm
     out = tmp_path / "st"
     assert export_main([str(tmp_path / "run"), "--format", "sentence-transformers", "--out", str(out)]) == 0
     assert export_main([str(tmp_path / "run"), "--format", "sentence-transformers", "--out", str(out)]) == 2  # no overwrite
-    texts = ["Mice fed a high-fat diet gain weight.", "Vitamin D deficiency is common in winter.", "short"]
-    theirs = torch.from_numpy(SentenceTransformer(str(out), device="cpu").encode(texts))
+    # Issue 35: a query longer than the documents' cut is cut alike by the folder and by
+    # moco-eval (queries at data.text.query_max_length=0: max_length, 48 tokens here).
+    long = " ".join(["vitamin d deficiency in mice fed a high fat diet"] * 12)
+    texts = ["Mice fed a high-fat diet gain weight.", "Vitamin D deficiency is common in winter.", "short", long]
     corpus = trainer.loaders.text
-    batches = TextPlain(corpus.tokenizer.encode(texts), corpus.spec, 8, 48, torch.device("cpu"))
-    ours = torch.nn.functional.normalize(encode_texts(trainer.encoder_q.backbone, batches, 3, torch.device("cpu")), dim=1)
+    assert len(corpus.tokenizer.encode([long])[0]) + 2 > corpus.lengths[1] == 48
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with LogCapture() as logs:
+            model = SentenceTransformer(str(out), device="cpu")
+    assert not caught and not logs.records, [str(w.message) for w in caught] + [r.getMessage() for r in logs.records]
+    theirs = torch.from_numpy(model.encode(texts))
+    batches = TextPlain(corpus.tokenizer.encode(texts), corpus.spec, 8, corpus.lengths[1], torch.device("cpu"))
+    ours = torch.nn.functional.normalize(encode_texts(trainer.encoder_q.backbone, batches, 4, torch.device("cpu")), dim=1)
     assert torch.allclose(theirs, ours, atol=1e-5)
     assert AutoModel.from_pretrained(str(out)).config.hidden_size == 32
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert len(set(modes.values())) == 1, modes  # model.safetensors as readable as the rest
+
+
+class LogCapture(logging.Handler):
+    """Every log record of WARNING or above, from any logger, while in the block."""
+
+    def __enter__(self):
+        self.records = []
+        self.setLevel(logging.WARNING)
+        logging.getLogger().addHandler(self)
+        return self
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeHandler(self)
 
 
 def test_a_run_starts_from_a_local_model_folder_and_its_tokenizer(tmp_path):

@@ -135,8 +135,9 @@ def validate(cfg: Config) -> None:
         need(0 <= getattr(text, key) < 1, f"data.text.{key}", getattr(text, key), "must lie in [0, 1)")
     need(text.deletion + text.replacement + text.masking < 1, "data.text.masking", text.masking,
          "data.text.deletion + replacement + masking must be < 1")
-    for key in ("max_length", "query_max_length"):
-        need(getattr(text, key) >= 3, f"data.text.{key}", getattr(text, key), "must be >= 3 ([CLS], a token, [SEP])")
+    need(text.max_length >= 3, "data.text.max_length", text.max_length, "must be >= 3 ([CLS], a token, [SEP])")
+    need(text.query_max_length == 0 or text.query_max_length >= 3, "data.text.query_max_length", text.query_max_length,
+         "must be 0 (as max_length) or >= 3 ([CLS], a token, [SEP])")
     need(cfg.eval.knn_every >= 0, "eval.knn_every", cfg.eval.knn_every, "must be >= 0")
     need(cfg.eval.knn_k >= 1, "eval.knn_k", cfg.eval.knn_k, "must be >= 1")
     need(cfg.eval.knn_t > 0, "eval.knn_t", cfg.eval.knn_t, "must be > 0")

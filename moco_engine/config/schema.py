@@ -57,7 +57,7 @@ class TextDataConfig:
     replacement: float = 0.0  # ... else replaced by a random non-special token
     masking: float = 0.0  # ... else replaced by [MASK]
     max_length: int = 256  # evaluation: passages truncated to this many tokens, [CLS] and [SEP] included
-    query_max_length: int = 64  # evaluation: queries truncated likewise
+    query_max_length: int = 0  # evaluation: queries truncated likewise (0: at max_length, as the sentence-transformers export does)
 
 
 @dataclass

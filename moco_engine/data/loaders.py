@@ -39,7 +39,7 @@ from moco_engine.data.recipes import (
 from moco_engine.data.sampling import EpochSampler, Indexed, ReshuffledEpochs, TwoViews, make_loader
 from moco_engine.data.sources import SOURCES, build_splits
 from moco_engine.data.text import ChunkPlain, TextTwoViews
-from moco_engine.data.text_source import text_splits
+from moco_engine.data.text_source import query_length, text_splits
 from moco_engine.data.tokenizer import TextTokenizer
 
 
@@ -180,7 +180,7 @@ def input_shape(cfg: DataConfig, splits: Splits) -> Any:
         return (3, cfg.image_size, cfg.image_size)
     if splits.text is not None:  # token ids of up to W positions, and the vocabulary they index
         t = cfg.text  # W: the longest of a view, a whole chunk (the bank's refresh), a document, a query
-        width = max(splits.text.spec.max_width(t.chunk_length), t.chunk_length + 2, t.max_length, t.query_max_length)
+        width = max(splits.text.spec.max_width(t.chunk_length), t.chunk_length + 2, t.max_length, query_length(t))
         return {"input_ids": (width,), "attention_mask": (width,), "vocab_size": (splits.text.tokenizer.vocab_size,)}
     view = splits.plain(splits.train.load(0))
     return {k: tuple(v.shape) for k, v in view.items()} if isinstance(view, dict) else tuple(view.shape)

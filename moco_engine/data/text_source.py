@@ -47,7 +47,7 @@ class TextCorpus:
     docs: list[list[int]]
     stream: TokenStream
     spec: SpanSpec
-    lengths: tuple[int, int] = (256, 64)
+    lengths: tuple[int, int] = (256, 256)
 
 
 class Chunks(ItemSet):
@@ -89,7 +89,14 @@ def open_text(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> TextCo
     if stream.num_chunks < 2:
         raise DataError(f"{data.source}: {len(stream.ids)} tokens make {stream.num_chunks} chunk(s) of "
                         f"data.text.chunk_length={t.chunk_length}; a run needs at least 2")
-    return TextCorpus(data, tokenizer, docs, stream, span_spec(cfg, tokenizer), (t.max_length, t.query_max_length))
+    return TextCorpus(data, tokenizer, docs, stream, span_spec(cfg, tokenizer), (t.max_length, query_length(t)))
+
+
+def query_length(text) -> int:
+    """Where evaluation cuts a query, in tokens: ``data.text.query_max_length``, or with 0 (the
+    default) ``max_length``, the documents' length, which is the one the sentence-transformers
+    export can express (its one ``max_seq_length``)."""
+    return text.query_max_length or text.max_length
 
 
 @register_data_source("text", reads=("data.root", "data.text"))

@@ -3,7 +3,8 @@
 The folder is what ``sentence_transformers.SentenceTransformer(folder)`` loads: the transformer
 and its tokenizer at the root (``config.json``, ``model.safetensors``, ``tokenizer.json``, as
 ``transformers.AutoModel.from_pretrained(folder)`` reads them), ``sentence_bert_config.json``
-with the evaluation's truncation, ``1_Pooling`` (mean or [CLS], as the run pools) and, for a run
+with the evaluation's truncation (queries and documents at ``data.text.max_length``, the one
+convention both keep), ``1_Pooling`` (mean or [CLS], as the run pools) and, for a run
 of unit embeddings, ``2_Normalize``; ``modules.json`` lists them. Its embeddings are the ones
 retrieval uses (the backbone's, before any projection head), equal to rounding (tested).
 """
@@ -11,9 +12,12 @@ retrieval uses (the backbone's, before any projection head), equal to rounding (
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 from moco_engine.config.schema import Config, UserError
+from moco_engine.data.text_source import query_length
 from moco_engine.data.tokenizer import SPECIAL
 from moco_engine.method.encoders import Encoder
 from moco_engine.method.text_encoder import TextEncoder
@@ -36,8 +40,13 @@ def export_sentence_transformers(cfg: Config, encoder: Encoder, tokenizer_json: 
         raise UserError(f"{out} exists; remove it or pass --out elsewhere")
     from transformers import PreTrainedTokenizerFast
 
+    text = cfg.data.text
+    if query_length(text) != text.max_length:  # one max_seq_length cuts queries and documents alike
+        print(f"warning: data.text.query_max_length={text.query_max_length}: the folder cuts queries at "
+              f"max_length={text.max_length} tokens, as documents; a longer query embeds otherwise than in moco-eval",
+              file=sys.stderr, flush=True)
     out.mkdir(parents=True)
-    backbone.model.save_pretrained(str(out))
+    with_pooler(backbone.model).save_pretrained(str(out))
     names = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIAL))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer_from_json(tokenizer_json), **names,
                                         model_max_length=cfg.data.text.max_length)
@@ -53,7 +62,33 @@ def export_sentence_transformers(cfg: Config, encoder: Encoder, tokenizer_json: 
         (out / "2_Normalize").mkdir()
         modules.append(("2", "2_Normalize", "normalize"))
     write(out / "modules.json", [{"idx": int(i), "name": i, "path": path, "type": MODULES[kind]} for i, path, kind in modules])
+    readable = 0o666 & ~current_umask()  # safetensors writes its file 0600; every file as the others are
+    for path in out.rglob("*"):
+        if path.is_file():
+            path.chmod(readable)
     return out
+
+
+def with_pooler(model):
+    """The run's BERT with a pooler, as ``AutoModel.from_pretrained`` builds one: the run drops
+    it (Contriever's ``src/contriever.py`` does; its weights would get no gradient), and a folder
+    without its weights makes every load print them as missing. Its weights are a fresh BERT
+    initialisation that nothing reads: the folder pools the token states."""
+    if getattr(model, "pooler", None) is not None:
+        return model
+    from transformers import BertModel
+
+    full = BertModel(model.config, add_pooling_layer=True)
+    missing, unexpected = full.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or not all(k.startswith("pooler.") for k in missing):
+        raise RuntimeError(f"BERT with a pooler differs from the run's beyond it: {missing + unexpected}")
+    return full
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def tokenizer_from_json(text: str):
