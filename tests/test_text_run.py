@@ -322,3 +322,19 @@ def test_a_beir_set_with_judged_empty_and_missing_documents_trains_and_evaluates
     path, _ = latest_checkpoint(run)
     report = json.loads(path.with_name(f"{path.stem}.retrieval.json").read_text())
     assert report["queries"] >= 150 and all(0 <= report[s]["ndcg@10"] <= 1 for s in ("run", "bm25", "untrained"))
+
+
+def test_a_bucketed_text_step_reads_nothing_from_the_device(tmp_path):
+    """Issue 34: with length buckets the loader hands the views' lengths over on the host (read in
+    the same sync that pads the batch), and the step reads nothing; without buckets the views
+    carry no host list, which a compiled encoder would guard on."""
+    from moco_engine.tools.opcount import step_counters
+
+    trainer = Trainer(text_cfg(tmp_path, "model.params.length_buckets=3"))
+    (x_q, x_k), _, idx = next(iter(trainer.loaders.train))
+    assert x_q["lengths"] == (x_q["attention_mask"].sum(1)).tolist()
+    step = lambda: trainer.train_step(x_q, x_k, idx)  # noqa: E731
+    step()
+    assert count_ops(step, step_counters(trainer.optimizer)).host_reads == {}
+    (plain, _), _, _ = next(iter(Trainer(text_cfg(tmp_path / "plain")).loaders.train))
+    assert "lengths" not in plain

@@ -239,7 +239,9 @@ def _text_loaders(cfg: Config, corpus: Any, sampler: EpochSampler, device: torch
     # (no host sync for the batch's longest view); else each batch pads to its longest.
     fixed = (world > 1 and cfg.model.bn == "shuffle") or device.type == "cuda"
     width = corpus.spec.max_width(cfg.data.text.chunk_length) if fixed else None
-    train = TextTwoViews(stream, corpus.spec, cfg.optim.batch_size, sampler, cfg.train.seed, cfg.data.drop_last, width)
+    buckets = int(cfg.model.params.get("length_buckets", 1)) > 1  # they take their widths from the host lengths
+    train = TextTwoViews(stream, corpus.spec, cfg.optim.batch_size, sampler, cfg.train.seed, cfg.data.drop_last, width,
+                         host_lengths=buckets)
     # The items' plain views (the memory bank's encodings): the chunks as the epoch
     # Loaders.items_at names cuts them, [CLS] chunk [SEP].
     whole = ChunkPlain(stream, cfg.train.seed, corpus.spec, cfg.eval.batch_size, device)

@@ -134,7 +134,7 @@ class TokenStream:
 
 
 def span_views(stream: Tensor, starts: Tensor, lengths: Tensor, keys: Tensor, view: int, spec: SpanSpec,
-               chunk_length: int, width: int | None = None) -> dict[str, Tensor]:
+               chunk_length: int, width: int | None = None, host_lengths: bool = False) -> dict[str, Tensor]:
     """One random view of each of B chunks.
 
     Args:
@@ -144,12 +144,14 @@ def span_views(stream: Tensor, starts: Tensor, lengths: Tensor, keys: Tensor, vi
         view: 0 or 1, which of the pair (its own slots of the items' random numbers).
         chunk_length: L, the longest a chunk is.
         width: pad to this many tokens (None: to the longest view of the batch, one host sync).
+        host_lengths: with ``width`` None, also give each view's tokens as a host list.
 
     Returns:
         {"input_ids": (B, W) long, "attention_mask": (B, W) long}: [CLS] span [SEP] [PAD]...;
-        padded to the batch's longest, also "lengths": each view's tokens ([CLS] and [SEP]
-        included) as a list on the host, read in the same sync, from which a length-bucketed
-        encoder takes its widths without reading the device (``method/text_encoder.py``).
+        with ``host_lengths``, also "lengths": each view's tokens ([CLS] and [SEP] included) as a
+        list, read in the same host sync, from which a length-bucketed encoder takes its widths
+        without reading the device (``method/text_encoder.py``). Only then: a compiled encoder
+        would guard on the list's values and recompile for every batch.
     """
     device = stream.device
     base = 2 * view
@@ -172,8 +174,8 @@ def span_views(stream: Tensor, starts: Tensor, lengths: Tensor, keys: Tensor, vi
     tokens = torch.where(kept & (u >= cut) & (u < cut + spec.masking), spec.mask_id, tokens)
     # Compact the kept tokens to the left, after [CLS]: a kept token's place is 1 + the number kept before it.
     n_kept = kept.sum(1)
-    lengths = (n_kept + 2).tolist() if width is None else None  # the one host read of the batch's views
-    full = max(lengths) if width is None else width
+    known = (n_kept + 2).tolist() if width is None and host_lengths else None  # the one host read of the views
+    full = width if width is not None else max(known) if known is not None else int(n_kept.max()) + 2
     ids = torch.full((len(keys), full), spec.pad_id, dtype=torch.long, device=device)
     place = torch.where(kept, torch.cumsum(kept.long(), 1), full - 1)  # dropped ones aim at the last column
     ids.scatter_(1, place, torch.where(kept, tokens, ids.gather(1, place)))
@@ -181,7 +183,7 @@ def span_views(stream: Tensor, starts: Tensor, lengths: Tensor, keys: Tensor, vi
     ids.scatter_(1, (n_kept + 1)[:, None], spec.sep_id)
     mask = (torch.arange(full, device=device)[None, :] < (n_kept + 2)[:, None]).long()
     view = {"input_ids": ids * mask + spec.pad_id * (1 - mask), "attention_mask": mask}
-    return view if lengths is None else {**view, "lengths": lengths}
+    return view if known is None else {**view, "lengths": known}
 
 
 class TextTwoViews:
@@ -191,12 +193,13 @@ class TextTwoViews:
     Args:
         width: pad every view to this many tokens (under torchrun with shuffle-BN, whose
             gathers need one shape on every rank); None: to the batch's longest view.
+        host_lengths: give each view's lengths as a host list (for length buckets).
     """
 
     def __init__(self, stream: TokenStream, spec: SpanSpec, batch_size: int, sampler: EpochSampler, seed: int,
-                 drop_last: bool = True, width: int | None = None):
+                 drop_last: bool = True, width: int | None = None, host_lengths: bool = False):
         self.stream, self.spec, self.batch_size, self.sampler, self.seed = stream, spec, batch_size, sampler, seed
-        self.drop_last, self.width = drop_last, width
+        self.drop_last, self.width, self.host_lengths = drop_last, width, host_lengths
 
     def __len__(self) -> int:
         share = self.sampler.share_size()
@@ -207,7 +210,7 @@ class TextTwoViews:
         starts, lengths = self.stream.chunks(self.seed, epoch)
         keys = item_keys(self.seed, epoch, items)
         return tuple(span_views(self.stream.ids, starts[items], lengths[items], keys, v, self.spec,
-                                self.stream.chunk_length, self.width)
+                                self.stream.chunk_length, self.width, self.host_lengths)
                      for v in (0, 1))
 
     def __iter__(self) -> Iterator[tuple[tuple[dict, dict], Tensor, Tensor]]:
