@@ -77,7 +77,10 @@ def test_count_ops_counts_host_reads_where_the_dispatcher_cannot_see_them():
         adamw.step()
 
     step()  # AdamW reads its step counters (host tensors on a GPU too): they are left out when named
-    assert count_ops(step).host_reads and count_ops(step, step_counters(adamw)).host_reads == {}
+    plain, named = count_ops(step), count_ops(step, step_counters(adamw))
+    assert plain.host_reads and named.host_reads == {}
+    # ... and their operators (an increment and a read per parameter) launch no kernel anywhere.
+    assert named.host == 2 * len(step_counters(adamw)) and named.compute == plain.compute - named.host
 
 
 def test_count_ops_counts_the_backward_and_sorts_views_from_kernels():

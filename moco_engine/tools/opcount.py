@@ -48,6 +48,7 @@ class OpCounts:
     by_name: Counter = field(default_factory=Counter)
     views: int = 0
     allocations: int = 0
+    host: int = 0  # operators on host values by design (the optimizer's step counters): no kernel on any device
     host_reads: Counter = field(default_factory=Counter)  # how each read happened: its count
 
     @property
@@ -57,12 +58,12 @@ class OpCounts:
     @property
     def compute(self) -> int:
         """Operators that launch at least one kernel on a GPU."""
-        return self.total - self.views - self.allocations
+        return self.total - self.views - self.allocations - self.host
 
     def as_dict(self, top: int = 15) -> dict:
         """The totals and the ``top`` most frequent operators (for JSON)."""
         return {"total": self.total, "compute": self.compute, "views": self.views,
-                "allocations": self.allocations, "top": dict(self.by_name.most_common(top)),
+                "allocations": self.allocations, "host": self.host, "top": dict(self.by_name.most_common(top)),
                 "host_reads": sum(self.host_reads.values()), "host_read_kinds": dict(self.host_reads)}
 
 
@@ -77,11 +78,17 @@ class _Counter(TorchDispatchMode):
         super().__init__()
         self.counts = OpCounts()
         self.ignored = ignored  # data pointers of the tensors whose reads do not count
+        self.host = set(ignored)  # ... and which live on the host by design (no kernel on any device)
         self.reading = 0  # inside a counted method: its own operators are that read
 
     def read(self, kind: str, tensor) -> None:
         if not (isinstance(tensor, torch.Tensor) and tensor.data_ptr() in self.ignored):
             self.counts.host_reads[kind] += 1
+
+    def on_host(self, args) -> bool:
+        """Whether an operator works on the host values named to ``count_ops`` (its first tensor)."""
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        return first is not None and first.device.type == "cpu" and first.data_ptr() in self.host
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
@@ -90,6 +97,8 @@ class _Counter(TorchDispatchMode):
             self.counts.allocations += 1
         elif getattr(func, "is_view", False) or name == "aten.detach.default":
             self.counts.views += 1
+        elif self.on_host(args):
+            self.counts.host += 1
         out = func(*args, **(kwargs or {}))
         if not self.reading and args and isinstance(args[0], torch.Tensor):
             to_host = (name == "aten._to_copy.default" and args[0].device.type != "cpu"
@@ -128,7 +137,9 @@ class _Counter(TorchDispatchMode):
 
 def count_ops(fn: Callable[[], object], ignore_reads_of: Iterable[torch.Tensor] = ()) -> OpCounts:
     """The operators one call of ``fn()`` dispatches, forward and backward, and its host reads
-    (but those of ``ignore_reads_of``: the optimizer's step counters).
+    (but those of ``ignore_reads_of``: the optimizer's step counters, host tensors on a GPU too,
+    whose operators, an increment and a read a step, launch no kernel and are counted as ``host``,
+    not compute).
 
     Run ``fn`` once before counting: a first call builds what later calls reuse (optimizer
     momentum buffers, lazily made workspaces) and would count those too.
