@@ -168,6 +168,21 @@ def test_split_bn_grouped_reads_and_writes_channels_last_without_a_copy():
     assert not layer[2].inplace
 
 
+def test_split_bn_grouped_compiles_to_the_same_numbers():
+    """Compile-friendly (Issue 34): dynamo and AOT autograd trace the grouped form, running
+    statistics included, with nothing changed."""
+    torch.manual_seed(0)
+    layers = [split_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()), 4, "grouped")
+              .to(memory_format=torch.channels_last) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(16, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(layers[0], backend="aot_eager")
+    for out in (compiled(x), layers[1](x)):
+        out.sum().backward()
+    assert torch.equal(layers[0][0].weight.grad, layers[1][0].weight.grad)
+    assert torch.equal(layers[0][1].running_var, layers[1][1].running_var)
+
+
 def test_split_bn_with_one_split_is_plain_batchnorm():
     x = torch.randn(8, 3, 4, 4)
     bn, plain = SplitBatchNorm(3, 1), nn.BatchNorm2d(3)
