@@ -85,7 +85,7 @@ def main() -> int:
             torch.save({"negatives": {k: v.cpu() for k, v in self.negatives.state_dict().items()},
                         "encoder_q": {k: v.cpu() for k, v in self.encoder_q.state_dict().items()},
                         "seen": seen, "world": dist.world_size(), "step": self.step, "final": result,
-                        "tokenizer": self.tokenizer_json, **held}, out / f"rank{dist.rank()}.pt")
+                        **self.loaders.source_state(), **held}, out / f"rank{dist.rank()}.pt")
             return result
         encoder = self.encoder_q if self.encoder_k is None else self.encoder_k
         full = extract_features(encoder, self.loaders.plain_train, self.device, batch_stats=True)[0]

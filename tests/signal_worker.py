@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-import moco_engine.run.monitor as monitor
+import moco_engine.evaluation.monitor as monitor
 import moco_engine.run.trainer as engine
 from moco_engine.tools.cli import train_main
 

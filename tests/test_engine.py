@@ -197,7 +197,7 @@ def test_incompatible_checkpoint_is_refused_in_one_line(tmp_path):
 @pytest.mark.parametrize("precision,dtype", [("fp32", None), ("bf16", torch.bfloat16)])
 def test_evaluation_runs_at_the_runs_precision(tmp_path, monkeypatch, precision, dtype):
     seen = []
-    monkeypatch.setattr("moco_engine.run.monitor.knn_monitor", lambda *args: seen.append(args[-1]) or {})
+    monkeypatch.setattr("moco_engine.evaluation.monitor.knn_monitor", lambda *args: seen.append(args[-1]) or {})
     trainer = Trainer(tiny(tmp_path, f"train.precision={precision}", "train.device=cpu"))
     trainer.evaluate_knn()
     assert seen == [dtype]

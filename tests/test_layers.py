@@ -66,6 +66,30 @@ def test_no_module_imports_another_modules_underscore_names():
     assert not reached, "\n".join(reached)
 
 
+#: Modules of one modality: the run layer reaches them only through modality-neutral ones
+#: (the loaders' source state, the evaluation layer's monitor).
+MODALITY_MODULES = ("moco_engine.data.text", "moco_engine.data.text_source", "moco_engine.data.tokenizer",
+                    "moco_engine.data.corpus", "moco_engine.data.images", "moco_engine.data.device",
+                    "moco_engine.data.augment", "moco_engine.data.recipes", "moco_engine.method.text_encoder",
+                    "moco_engine.method.vit", "moco_engine.method.timm_backbones", "moco_engine.evaluation.retrieval",
+                    "moco_engine.evaluation.text_eval", "moco_engine.evaluation.export_text")
+
+
+def test_the_run_layer_imports_nothing_of_one_modality():
+    """Issue 35: the loop, checkpoints and resume never name a modality; a text run's tokenizer
+    is its source's state (data/loaders.py), kept through hooks."""
+    found = []
+    for module, path in modules().items():
+        if module.startswith("moco_engine.run."):
+            for line, target, names in imports(path):
+                for t in [f"{target}.{n}" for n in names if f"{target}.{n}" in modules()] or [target]:
+                    if t.startswith(MODALITY_MODULES):
+                        found.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {t}")
+            if "tokeniz" in path.read_text().lower():
+                found.append(f"{path.relative_to(PACKAGE.parent)}: names a tokenizer")
+    assert not found, "\n".join(found)
+
+
 def test_the_checker_sees_an_upward_import(tmp_path):
     """The direction check is real: a method module importing the run layer is caught."""
     bad = tmp_path / "bad.py"

@@ -42,7 +42,7 @@ def test_a_text_run_monitors_retrieval_on_the_train_qrels_and_keeps_its_tokenize
     evals = read_metrics(tmp_path / "run" / "metrics.jsonl", "eval")
     assert [r["epoch"] for r in evals] == [-1, 1]  # the random network's, then the last epoch's
     saved = (tmp_path / "run" / "tokenizer.json").read_text()
-    assert saved == trainer.tokenizer_json and latest_checkpoint(tmp_path / "run")[1]["tokenizer"] == saved
+    assert saved == trainer.loaders.source_state()["tokenizer"] and latest_checkpoint(tmp_path / "run")[1]["tokenizer"] == saved
     assert (tmp_path / "run" / "knn.png").exists()
     (q, k), targets, idx = next(iter(trainer.loaders.train))
     assert q["input_ids"].dtype == torch.long and (targets == -1).all() and len(idx) == 16
@@ -76,7 +76,7 @@ def test_a_resumed_text_run_ends_bit_identical_to_a_straight_one(tmp_path, monke
 
     monkeypatch.setattr(text_source, "train_wordpiece", no_training)  # the resume reads the checkpoint's
     resumed = Trainer(text_cfg(tmp_path / "b", "train.resume=auto", *run))
-    assert resumed.tokenizer_json == straight.tokenizer_json
+    assert resumed.loaders.source_state() == straight.loaders.source_state()
     resumed.fit()
     for a, b in zip(straight.encoder_q.state_dict().values(), resumed.encoder_q.state_dict().values()):
         assert torch.equal(a, b)

@@ -353,6 +353,26 @@ def split_args(words: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]
     return files, overrides, [w for w in words if w not in files and w not in overrides]
 
 
+def differing_values(saved: dict[str, Any], now: dict[str, Any], keys: Any) -> list[str]:
+    """``key a (checkpoint) vs b (config)`` for every dotted key of ``keys`` whose value differs
+    between a saved config dict and this one (keys ``saved`` predates are left out)."""
+    missing = object()
+
+    def get(d: Any, key: str) -> Any:
+        for part in key.split("."):
+            if not isinstance(d, dict) or part not in d:
+                return missing
+            d = d[part]
+        return d
+
+    out = []
+    for key in keys:
+        a, b = get(saved, key), get(now, key)
+        if a is not missing and a != b:
+            out.append(f"{key} {a!r} (checkpoint) vs {b!r} (config)")
+    return out
+
+
 def setting(cfg: Any, key: str) -> Any:
     """The value of a dotted key (``queue.size``) of a :class:`Config`."""
     for part in key.split("."):

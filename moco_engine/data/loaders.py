@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from moco_engine.data.recipes import (
 from moco_engine.data.sampling import EpochSampler, Indexed, ReshuffledEpochs, TwoViews, make_loader
 from moco_engine.data.sources import SOURCES, build_splits
 from moco_engine.data.text import ChunkPlain, TextTwoViews
-from moco_engine.data.text_source import query_length, text_splits
+from moco_engine.data.text_source import query_length, resumed_tokenizer, text_splits
 from moco_engine.data.tokenizer import TextTokenizer
 
 
@@ -85,6 +86,21 @@ class Loaders:
         """Whether the inputs are images (the preview, the memory format, images per second)."""
         return self.spec is not None
 
+    # The data source's own state, which the run saves, restores and compares without knowing
+    # what it is (a text run's tokenizer; nothing for images).
+    def source_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the source beside the model (top-level keys of the snapshot)."""
+        return self.text.state() if self.text is not None else {}
+
+    def source_misfit(self, saved: dict[str, Any]) -> str | None:
+        """Why a checkpoint's snapshot ``saved`` cannot continue with this source, or None."""
+        return self.text.misfit(saved) if self.text is not None else None
+
+    def save_source(self, run_dir: Path) -> None:
+        """Write the source's state into the run folder, as a user reads it (``tokenizer.json``)."""
+        if self.text is not None:
+            self.text.tokenizer.save(run_dir)
+
     def items_at(self, epoch: int) -> None:
         """Make the plain train views the items as ``epoch`` cuts them: text's stream chunks
         move each epoch (``data/text.py``); images and other items stay as they are."""
@@ -124,24 +140,34 @@ def resolve_pipeline(data: DataConfig) -> str:
     return "device" if SOURCES[data.name].in_memory else "cpu"
 
 
+def resumed_source(cfg: Config, saved: dict[str, Any]) -> Any:
+    """What a resumed run's source continues with, from the snapshot ``saved`` it resumes from
+    (:func:`build_loaders`' ``resumed``): a text run's tokenizer; None for the others.
+
+    Raises:
+        ConfigError: the checkpoint's source state was made with other settings (named).
+    """
+    return resumed_tokenizer(cfg, saved) if cfg.data.name == "text" else None
+
+
 def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
-                  view: Callable | None = None, tokenizer: str | None = None) -> Loaders:
+                  view: Callable | None = None, resumed: Any = None) -> Loaders:
     """Open ``cfg.data`` and build this rank's loaders.
 
     Args:
         view: the CPU path's random view of an item in place of the source's or the recipe's
             (tests use a mild one to make a few steps learn); the device path takes only recipes.
-        tokenizer: a text run's tokenizer (JSON) in place of the configured one: a resume's,
-            from its checkpoint.
+        resumed: :func:`resumed_source`'s result for a resume: a text run's tokenizer (JSON)
+            in place of the configured one.
 
     Raises:
         UserError: the data cannot be used (missing, or fewer items than one global batch; the
             device path for items that are not images).
     """
-    if tokenizer is None:
+    if resumed is None:
         splits = build_splits(cfg.data, seed=cfg.train.seed)
-    else:
-        splits = text_splits(cfg.data, TextTokenizer.from_json(tokenizer, "the checkpoint's tokenizer"))
+    else:  # a text run's: its checkpoint's tokenizer
+        splits = text_splits(cfg.data, TextTokenizer.from_json(resumed, "the checkpoint's tokenizer"))
     num_items = len(splits.train)
     if num_items < cfg.optim.batch_size * world:
         raise UserError(

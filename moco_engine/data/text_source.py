@@ -9,13 +9,15 @@ documents only; the queries and qrels serve the retrieval monitor and ``moco-eva
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from moco_engine.config.schema import DataConfig
+from moco_engine.config.schema import Config, ConfigError, DataConfig, differing_values, to_dict
 from moco_engine.data.corpus import TextData, read_text_data
 from moco_engine.data.images import DataError
 from moco_engine.data.items import ItemSet, Splits
@@ -48,6 +50,45 @@ class TextCorpus:
     stream: TokenStream
     spec: SpanSpec
     lengths: tuple[int, int] = (256, 256)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the source: the tokenizer, as JSON (a resume and
+        ``moco-eval`` read the corpus with it)."""
+        return {"tokenizer": self.tokenizer.json}
+
+    def misfit(self, saved: dict[str, Any]) -> str | None:
+        """Why a checkpoint's state ``saved`` cannot continue with this corpus (another tokenizer:
+        the same ids would mean other words), or None."""
+        theirs = saved.get("tokenizer")
+        if theirs == self.tokenizer.json:
+            return None
+        sizes = [len(json.loads(t)["model"]["vocab"]) if t else 0 for t in (theirs, self.tokenizer.json)]
+        return (f"was trained with another tokenizer than this run's (vocabulary of {sizes[0]} tokens, here "
+                f"{sizes[1]}; data.text.* or data.root changed): resume with the settings it was trained with")
+
+
+#: The settings that make a trained tokenizer (data/tokenizer.py): a resume keeps its
+#: checkpoint's only when they are unchanged.
+TOKENIZER_SETTINGS = ("data.text.tokenizer", "data.text.vocab_size", "data.text.lowercase")
+
+
+def resumed_tokenizer(cfg: Config, saved: dict[str, Any]) -> str | None:
+    """The tokenizer (JSON) a resumed text run continues with: its checkpoint's (``saved``, a
+    snapshot), so a resume never trains one again (another ``tokenizers`` release could give
+    other ids). None: the config names a tokenizer (read as named, then compared), or the
+    checkpoint holds none.
+
+    Raises:
+        ConfigError: the checkpoint's tokenizer was made with other :data:`TOKENIZER_SETTINGS`
+            than this config's (named).
+    """
+    if cfg.data.text.tokenizer or not saved.get("tokenizer"):
+        return None
+    changed = differing_values(saved["config"], to_dict(cfg), TOKENIZER_SETTINGS)
+    if changed:
+        raise ConfigError(f"was trained with another tokenizer than this run's ({'; '.join(changed)}): resume "
+                          "with the settings it was trained with")
+    return saved["tokenizer"]
 
 
 class Chunks(ItemSet):

@@ -263,7 +263,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", requir
 
 def peek(path: Path) -> dict[str, Any] | None:
     """A checkpoint's entries with its tensors mapped from the file, not read (a look at its
-    config or tokenizer before the run is built), or None when it cannot be read: the resume
+    config or its data source's state before the run is built), or None when it cannot be read: the resume
     itself then loads and verifies it, and says why it cannot."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -317,24 +317,10 @@ def misfits(saved: dict[str, Any], fresh: dict[str, Any], sections: tuple[str, .
 def differing_settings(saved: dict[str, Any], now: dict[str, Any], keys: tuple[str, ...] | None = None) -> list[str]:
     """``key a (checkpoint) vs b (config)`` for every setting of ``keys`` (default: those of
     :data:`SHAPING_GROUPS`) whose value differs (keys a checkpoint predates are left out)."""
-    from moco_engine.config.schema import valid_keys
+    from moco_engine.config.schema import differing_values, valid_keys
 
-    missing = object()
-
-    def get(d: Any, key: str) -> Any:
-        for part in key.split("."):
-            if not isinstance(d, dict) or part not in d:
-                return missing
-            d = d[part]
-        return d
-
-    out = []
-    for key in keys if keys is not None else valid_keys():
-        if keys is not None or key.startswith(SHAPING_GROUPS):
-            a, b = get(saved, key), get(now, key)
-            if a is not missing and a != b:
-                out.append(f"{key} {a!r} (checkpoint) vs {b!r} (config)")
-    return out
+    return differing_values(saved, now, keys if keys is not None else
+                            [k for k in valid_keys() if k.startswith(SHAPING_GROUPS)])
 
 
 def latest_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu",

@@ -4,7 +4,8 @@ A snapshot (format 2) is tensors and plain containers only::
 
     config                    the resolved config (to_dict)
     input_shape               one input's shape, as the backbone was built for (moco-eval rebuilds it)
-    tokenizer                 a text run's tokenizer (its JSON; None for other runs): resume and moco-eval use it
+    (the source's state)      the data source's own keys (``data/loaders.py``, ``Loaders.source_state``):
+                              a resume and moco-eval read the data with them
     epoch, step, step_in_epoch, last_eval, best_eval, wandb_run_id, nonfinite_skips, eval_pending
     encoder_q, encoder_k, predictor, negatives      model sections (None where the run has none);
                                                     BatchNorm statistics: the ranks' mean
@@ -16,14 +17,15 @@ Taking one is a collective under torchrun (every rank calls :func:`take`; rank 0
 
 from __future__ import annotations
 
-import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moco_engine.config.schema import Config, to_dict
+from moco_engine.config.schema import Config, ConfigError, to_dict
+from moco_engine.data.loaders import resumed_source
 from moco_engine.method.step import (
     MODEL_SECTIONS,
     StepParts,
@@ -44,9 +46,9 @@ NAN_SENTINELS = ("negatives.log_z",)
 
 
 def take(parts: StepParts, cfg: Config, device: torch.device, counters: dict[str, Any],
-         tokenizer: str | None = None) -> dict[str, Any]:
+         source_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything needed to continue the run exactly, with ``counters`` (the keys of :data:`COUNTERS`)
-    and a text run's ``tokenizer``."""
+    and the data source's ``source_state``."""
     with dist.rank_mean_buffers(parts.encoder_q, parts.encoder_k, parts.predictor):
         model = model_state(parts)
     own = {"rng": rng_state(device), "buffers": {name: b.detach().cpu().clone() for name, b in statistics(parts)}}
@@ -54,7 +56,7 @@ def take(parts: StepParts, cfg: Config, device: torch.device, counters: dict[str
         "format": FORMAT,
         "config": to_dict(cfg),
         "input_shape": parts.input_shape,
-        "tokenizer": tokenizer,
+        **(source_state or {}),
         **{name: counters[name] for name in COUNTERS},
         **model,
         "optimizer": parts.optimizer.state_dict(),
@@ -69,51 +71,40 @@ def unusable(state: dict[str, Any]) -> str | None:
     return f"holds non-finite values ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else None
 
 
-# The settings that make a trained tokenizer (data/tokenizer.py): a resume keeps the checkpoint's
-# only when they are unchanged.
-TOKENIZER_SETTINGS = ("data.text.tokenizer", "data.text.vocab_size", "data.text.lowercase")
-
-
-def saved_tokenizer(cfg: Config, run_dir: Path) -> str | None:
-    """The tokenizer (JSON) a resume of this text run continues with: the one its checkpoint
-    holds, so a resume never trains it again (another ``tokenizers`` release could give other
-    ids). None: not a text run, a tokenizer the config names (read as named; :func:`restore`
-    compares it), or nothing to resume (``train.resume`` unset, or no readable checkpoint).
+def saved_source(cfg: Config, run_dir: Path) -> Any:
+    """What a resume's data source continues with (``loaders.resumed_source``), from the newest
+    readable checkpoint that holds it (or the one ``train.resume`` names); None: nothing to
+    resume, or nothing kept (the data are read as configured).
 
     Raises:
-        CheckpointError: the checkpoint's tokenizer was made with other
-            :data:`TOKENIZER_SETTINGS` than this config's (named).
+        CheckpointError: the checkpoint's source state was made with other settings (named).
     """
-    if cfg.data.name != "text" or cfg.data.text.tokenizer or not cfg.train.resume:
+    if not cfg.train.resume:
         return None
     paths = reversed(ckpt.checkpoint_files(run_dir)) if cfg.train.resume == "auto" else [Path(cfg.train.resume).expanduser()]
     for path in paths:
         state = ckpt.peek(path)
-        if state is None or not state.get("tokenizer"):
-            continue
-        changed = ckpt.differing_settings(state["config"], to_dict(cfg), TOKENIZER_SETTINGS)
-        if changed:
-            raise ckpt.CheckpointError(f"checkpoint {path} was trained with another tokenizer than this run's "
-                                       f"({'; '.join(changed)}): resume with the settings it was trained with")
-        return state["tokenizer"]
+        try:
+            kept = resumed_source(cfg, state) if state is not None else None
+        except ConfigError as e:
+            raise ckpt.CheckpointError(f"checkpoint {path} {e}") from None
+        if kept is not None:
+            return kept
     return None
 
 
 def restore(parts: StepParts, state: dict[str, Any], cfg: Config, device: torch.device, source: str,
-            tokenizer: str | None = None) -> dict[str, Any]:
+            source_misfit: Callable[[dict[str, Any]], str | None] | None = None) -> dict[str, Any]:
     """Load a snapshot into ``parts`` and this rank's random streams; returns its counters.
 
     Raises:
         CheckpointError: its tensors (every name and shape of the model and the negatives) do
-            not fit this run, the settings that differ named; or it was trained with another
-            tokenizer than this run's ``tokenizer`` (the same ids would mean other words).
+            not fit this run, the settings that differ named; or the data source's
+            ``source_misfit`` finds its state unfit (what for, in its words).
     """
-    saved = state.get("tokenizer")
-    if saved != tokenizer:
-        sizes = [len(json.loads(t)["model"]["vocab"]) if t else 0 for t in (saved, tokenizer)]
-        raise ckpt.CheckpointError(f"{source} was trained with another tokenizer than this run's (vocabulary of "
-                                   f"{sizes[0]} tokens, here {sizes[1]}; data.text.* or data.root changed): "
-                                   "resume with the settings it was trained with")
+    misfit = source_misfit(state) if source_misfit is not None else None
+    if misfit:
+        raise ckpt.CheckpointError(f"{source} {misfit}")
     problems = ckpt.misfits(state, model_state(parts), MODEL_SECTIONS)
     if problems:
         settings = ckpt.differing_settings(state["config"], to_dict(cfg))

@@ -24,6 +24,7 @@ from torch import Tensor
 from moco_engine.config.rules import ignored_warning
 from moco_engine.config.schema import Config
 from moco_engine.data.loaders import build_loaders, preview_pairs
+from moco_engine.evaluation.monitor import Monitor
 from moco_engine.method.init_from import init_backbone
 from moco_engine.method.moco_v3 import moco_v3_step
 from moco_engine.method.schedules import lr_at, momentum_at
@@ -31,7 +32,6 @@ from moco_engine.method.step import Skipped, build_parts, byol_step, moco_step
 from moco_engine.run import checkpoint as ckpt
 from moco_engine.run import folder, snapshot
 from moco_engine.run.cadence import Cadence
-from moco_engine.run.monitor import Monitor
 from moco_engine.run.signals import StopNow, StopRequested, StopSignals
 from moco_engine.run.tracking import Meter, Tracker
 from moco_engine.run.warmup import Warmup
@@ -71,9 +71,8 @@ class Trainer:
             print(ignored, file=sys.stderr, flush=True)
         torch.manual_seed(cfg.train.seed + self.rank)
         random.seed(cfg.train.seed + self.rank)
-        # A resumed text run reads its corpus with its checkpoint's tokenizer, never a re-trained one.
-        self.loaders = build_loaders(cfg, self.device, self.rank, self.world, view,
-                                     snapshot.saved_tokenizer(cfg, self.run_dir))
+        # A resumed run reads its data as its checkpoint's source state says (a text run's vocabulary).
+        self.loaders = build_loaders(cfg, self.device, self.rank, self.world, view, snapshot.saved_source(cfg, self.run_dir))
         # The model and the queue start identical on every rank; per-rank randomness after them.
         torch.manual_seed(cfg.train.seed)
         self.parts = build_parts(cfg, self.device, self.amp_dtype, self.loaders.num_items, self.loaders.input_shape)
@@ -105,11 +104,6 @@ class Trainer:
     negatives = property(lambda self: self.parts.negatives, doc="the negative source")
     predictor = property(lambda self: self.parts.predictor, doc="BYOL's predictor (else None)")
     optimizer = property(lambda self: self.parts.optimizer, doc="the optimizer of f_q (and the predictor)")
-
-    @property
-    def tokenizer_json(self) -> str | None:
-        """A text run's tokenizer as JSON (checkpoints hold it), else None."""
-        return self.loaders.text.tokenizer.json if self.loaders.text is not None else None
 
     @property
     def total_steps(self) -> int:
@@ -224,11 +218,12 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The run's snapshot (``snapshot.py``): a collective under torchrun."""
         return snapshot.take(self.parts, self.cfg, self.device, {name: getattr(self, name) for name in snapshot.COUNTERS},
-                             self.tokenizer_json)
+                             self.loaders.source_state())
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         """Restore a :meth:`state_dict` (refused, naming the settings that differ, if it does not fit)."""
-        for name, value in snapshot.restore(self.parts, state, self.cfg, self.device, source, self.tokenizer_json).items():
+        for name, value in snapshot.restore(self.parts, state, self.cfg, self.device, source,
+                                            self.loaders.source_misfit).items():
             setattr(self, name, value)  # the counters: epoch, step, ... (snapshot.COUNTERS)
 
     def save(self) -> Path | None:
@@ -290,8 +285,8 @@ class Trainer:
                 self.init_backbone()
             self.negatives.on_start(self.encode_interruptibly)  # e.g. the memory bank's init=encode
         folder.write_config(self.run_dir, self.cfg)
-        if self.loaders.text is not None and dist.is_main():  # also in every checkpoint
-            self.loaders.text.tokenizer.save(self.run_dir)
+        if dist.is_main():  # the source's state, also in every checkpoint
+            self.loaders.save_source(self.run_dir)
 
     def fit(self) -> dict[str, float]:
         """Pretrain for ``train.epochs`` epochs (continuing a resumed run) and return the final
