@@ -5,7 +5,6 @@ sentence-transformers export, and a local model folder as the starting point."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import signal
@@ -152,7 +151,7 @@ def test_moco_eval_retrieval_and_sts_report_the_run_bm25_and_the_untrained_encod
     assert report["pairs"] == 30 and -100 <= report["run"]["spearman"] <= 100 and "untrained" in report
 
 
-def test_the_sentence_transformers_export_gives_the_embeddings_retrieval_uses(tmp_path):
+def test_the_sentence_transformers_export_gives_the_embeddings_retrieval_uses(tmp_path, capfd):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
@@ -170,11 +169,13 @@ def test_the_sentence_transformers_export_gives_the_embeddings_retrieval_uses(tm
     texts = ["Mice fed a high-fat diet gain weight.", "Vitamin D deficiency is common in winter.", "short", long]
     corpus = trainer.loaders.text
     assert len(corpus.tokenizer.encode([long])[0]) + 2 > corpus.lengths[1] == 48
+    capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with LogCapture() as logs:
-            model = SentenceTransformer(str(out), device="cpu")
-    assert not caught and not logs.records, [str(w.message) for w in caught] + [r.getMessage() for r in logs.records]
+        model = SentenceTransformer(str(out), device="cpu")
+    # transformers writes its load report (a pooler "MISSING") through its own handler, to stderr.
+    printed = capfd.readouterr()
+    assert not caught and "LOAD REPORT" not in printed.err + printed.out and "MISSING" not in printed.err, printed.err
     theirs = torch.from_numpy(model.encode(texts))
     batches = TextPlain(corpus.tokenizer.encode(texts), corpus.spec, 8, corpus.lengths[1], torch.device("cpu"))
     ours = torch.nn.functional.normalize(encode_texts(trainer.encoder_q.backbone, batches, 4, torch.device("cpu")), dim=1)
@@ -183,21 +184,6 @@ def test_the_sentence_transformers_export_gives_the_embeddings_retrieval_uses(tm
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
     assert len(set(modes.values())) == 1, modes  # model.safetensors as readable as the rest
 
-
-class LogCapture(logging.Handler):
-    """Every log record of WARNING or above, from any logger, while in the block."""
-
-    def __enter__(self):
-        self.records = []
-        self.setLevel(logging.WARNING)
-        logging.getLogger().addHandler(self)
-        return self
-
-    def emit(self, record):
-        self.records.append(record)
-
-    def __exit__(self, *exc):
-        logging.getLogger().removeHandler(self)
 
 
 def test_a_run_starts_from_a_local_model_folder_and_its_tokenizer(tmp_path):

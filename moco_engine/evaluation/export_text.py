@@ -12,7 +12,6 @@ retrieval uses (the backbone's, before any projection head), equal to rounding (
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -62,7 +61,7 @@ def export_sentence_transformers(cfg: Config, encoder: Encoder, tokenizer_json: 
         (out / "2_Normalize").mkdir()
         modules.append(("2", "2_Normalize", "normalize"))
     write(out / "modules.json", [{"idx": int(i), "name": i, "path": path, "type": MODULES[kind]} for i, path, kind in modules])
-    readable = 0o666 & ~current_umask()  # safetensors writes its file 0600; every file as the others are
+    readable = (out / "modules.json").stat().st_mode & 0o777  # safetensors writes its file 0600: all as this one
     for path in out.rglob("*"):
         if path.is_file():
             path.chmod(readable)
@@ -84,11 +83,6 @@ def with_pooler(model):
         raise RuntimeError(f"BERT with a pooler differs from the run's beyond it: {missing + unexpected}")
     return full
 
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def tokenizer_from_json(text: str):
