@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from moco_engine.tools import proof
+from moco_engine.tools import proof, proof_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_cpu_mode_runs_the_kit_end_to_end_and_writes_both_reports(tmp_path):
     assert proof.DEMO_COMMAND.split(" ", 1)[1].replace("configs/", f"{ROOT}/configs/") in train["command"]
     assert 0 <= demo["probe_top1"] <= 100 and demo["median_epoch_s"] > 0
     md = (out / "proof_demo_cpu.md").read_text()
-    for epoch, ref in proof.REFERENCE.items():
+    for epoch, ref in proof_report.REFERENCE.items():
         assert f"| {epoch} |  | {ref} |  |" in md  # the reference's points, beside this run's (none here)
     assert "| kNN top-1 >= 77.7 at epoch 200 |" in md and "not met" in md
     assert (out / "demo_knn.png").stat().st_size > 1000
