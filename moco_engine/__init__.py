@@ -21,7 +21,7 @@ FACE = {
     "Config": "moco_engine.config.schema",
     "ConfigError": "moco_engine.config.schema",
     "UserError": "moco_engine.config.schema",
-    "load_config": "moco_engine.config.schema",
+    "load_config": "moco_engine.config.loading",
     "Backbone": "moco_engine.method.backbones",
     "register_backbone": "moco_engine.method.backbones",
     "register_head": "moco_engine.method.heads",

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from moco_engine.config.schema import load_config
+from moco_engine.config.loading import load_config
 from moco_engine.run.checkpoint import checkpoint_files
 from moco_engine.run.tracking import METRICS_FILE, read_metrics
 from moco_engine.run.trainer import Trainer

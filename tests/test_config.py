@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from moco_engine.config.schema import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
+from moco_engine.config.loading import from_dict, load_config, to_dict, to_yaml
+from moco_engine.config.schema import Config, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

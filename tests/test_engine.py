@@ -10,7 +10,8 @@ import torch
 from conftest import ROOT, TINY
 from torchvision import transforms as T
 
-from moco_engine.config.schema import UserError, load_config
+from moco_engine.config.loading import load_config
+from moco_engine.config.schema import UserError
 from moco_engine.method.schedules import lr_at
 from moco_engine.run.checkpoint import checkpoint_files, latest_checkpoint
 from moco_engine.run.trainer import Trainer

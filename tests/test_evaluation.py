@@ -87,7 +87,8 @@ def test_the_probe_schedules_are_the_two_main_lincls_by_hand_and_the_fc_steps_at
     12·½(1 + cos(π·e/90)) in epoch e."""
     import math
 
-    from moco_engine.config.schema import LinearConfig, load_config
+    from moco_engine.config.loading import load_config
+    from moco_engine.config.schema import LinearConfig
     from moco_engine.evaluation.probe import fit_linear, probe_lr
 
     v1 = load_config(["configs/linear/moco.yaml"]).linear

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from moco_engine.config.schema import load_config, to_dict
+from moco_engine.config.loading import load_config, to_dict
 from moco_engine.evaluation.export import export, moco_v3_checkpoint
 from moco_engine.method.encoders import MomentumEncoder, build_encoder, build_predictor
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY
 
-from moco_engine.config.schema import load_config
+from moco_engine.config.loading import load_config
 from moco_engine.run.checkpoint import (
     CheckpointError,
     checkpoint_files,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY
 
-from moco_engine.config.schema import load_config
+from moco_engine.config.loading import load_config
 from moco_engine.data.augment import random_views
 from moco_engine.data.recipes import view_spec
 from moco_engine.method.norms import SplitBatchNorm

@@ -221,7 +221,7 @@ def test_the_same_instance_mask_is_on_when_the_queue_is_large_against_an_epoch(t
     queries whose own older key is among the negatives scored: 0 with the mask."""
     from conftest import TINY
 
-    from moco_engine.config.schema import load_config
+    from moco_engine.config.loading import load_config
     from moco_engine.run.tracking import METRICS_FILE, read_metrics
     from moco_engine.run.trainer import Trainer
 
@@ -248,7 +248,8 @@ def test_the_same_instance_mask_is_on_when_the_queue_is_large_against_an_epoch(t
 
 
 def test_old_configs_boolean_mask_setting_still_loads(tmp_path):
-    from moco_engine.config.schema import ConfigError, load_config
+    from moco_engine.config.loading import load_config
+    from moco_engine.config.schema import ConfigError
 
     for value, expected in (("false", "false"), ("true", "true"), ("auto", "auto"), ("False", "false")):
         f = tmp_path / "old.yaml"

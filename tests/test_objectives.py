@@ -9,7 +9,7 @@ import torch
 from conftest import TINY
 from torchvision import transforms as T
 
-from moco_engine.config.schema import load_config
+from moco_engine.config.loading import load_config
 from moco_engine.method.objectives import LOSSES, build_objective
 from moco_engine.run.trainer import Trainer
 

@@ -12,7 +12,8 @@ import torchvision
 from conftest import TINY
 from torch import nn
 
-from moco_engine.config.schema import ModelConfig, load_config
+from moco_engine.config.loading import load_config
+from moco_engine.config.schema import ModelConfig
 from moco_engine.evaluation.export import (
     detectron2_checkpoint,
     detectron2_name,

@@ -123,7 +123,7 @@ def test_the_demo_without_its_archive_is_a_one_line_error(tmp_path, capsys):
 def test_every_gpu_job_is_a_valid_command_line(tmp_path):
     """A typo would cost GPU minutes: each quick job's options parse and pass moco-bench's checks,
     and the demo's training command is a valid config."""
-    from moco_engine.config.schema import load_config
+    from moco_engine.config.loading import load_config
     from moco_engine.tools.bench import CASES, bench_parser, check_arguments
 
     data = tmp_path / "cifar10.tar.gz"

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from conftest import TINY
 from torch import nn
 
-from moco_engine.config.schema import LossConfig, load_config
+from moco_engine.config.loading import load_config
+from moco_engine.config.schema import LossConfig
 from moco_engine.method.encoders import Encoder, MomentumEncoder
 from moco_engine.method.negatives import InBatch, MemoryBank, Queue
 from moco_engine.method.objectives import Objective, build_objective

@@ -106,7 +106,7 @@ def test_a_command_word_the_sweep_would_drop_is_refused(tmp_path):
 
 
 def test_settings_go_to_wandb_in_one_form_the_dotted_keys_a_sweep_uses():
-    from moco_engine.config.schema import load_config
+    from moco_engine.config.loading import load_config
     from moco_engine.run.folder import flat_settings
 
     flat = flat_settings(load_config([], ["queue.size=77"]))
@@ -195,7 +195,7 @@ def test_the_sweep_metric_is_the_best_over_every_segment_of_a_run(tmp_path):
 def test_the_run_summary_holds_the_best_knn_over_a_resumed_run(tmp_path, monkeypatch):
     from conftest import TINY
 
-    from moco_engine.config.schema import load_config
+    from moco_engine.config.loading import load_config
     from moco_engine.run import folder as run_module
     from moco_engine.run.trainer import Trainer
 

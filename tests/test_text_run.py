@@ -17,7 +17,8 @@ import pytest
 import torch
 from conftest import TINY
 
-from moco_engine.config.schema import UserError, load_config
+from moco_engine.config.loading import load_config
+from moco_engine.config.schema import UserError
 from moco_engine.run.checkpoint import latest_checkpoint
 from moco_engine.run.tracking import read_metrics
 from moco_engine.run.trainer import Trainer

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
-from moco_engine.config.schema import UserError, load_config
+from moco_engine.config.loading import load_config
+from moco_engine.config.schema import UserError
 from moco_engine.run.checkpoint import latest_checkpoint
 from moco_engine.run.folder import PREVIEW_FILE
 from moco_engine.run.tracking import wandb_mode

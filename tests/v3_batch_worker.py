@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moco_engine.config.schema import load_config  # noqa: E402
+from moco_engine.config.loading import load_config  # noqa: E402
 from moco_engine.run.trainer import Trainer  # noqa: E402
 from moco_engine.runtime import distributed as dist  # noqa: E402
 

@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 
-from moco_engine.config.schema import load_config
+from moco_engine.config.loading import load_config
 from moco_engine.run.trainer import Trainer
 
 

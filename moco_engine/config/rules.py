@@ -1,6 +1,6 @@
 """Every setting's domain, on top of its type: the closed choices, the registered names, the
 rules a config must satisfy (a value that type-checks but makes no sense names its key and the
-rule), and the settings the chosen parts ignore. ``schema.load_config`` applies :func:`validate`."""
+rule), and the settings the chosen parts ignore. ``loading.load_config`` applies :func:`validate`."""
 
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from moco_engine.config.schema import Config, ConfigError, DataConfig, differing_values, to_dict
+from moco_engine.config.loading import differing_values, to_dict
+from moco_engine.config.schema import Config, ConfigError, DataConfig
 from moco_engine.data.corpus import TextData, read_text_data
 from moco_engine.data.images import DataError
 from moco_engine.data.items import ItemSet, Splits

@@ -317,7 +317,8 @@ def misfits(saved: dict[str, Any], fresh: dict[str, Any], sections: tuple[str, .
 def differing_settings(saved: dict[str, Any], now: dict[str, Any], keys: tuple[str, ...] | None = None) -> list[str]:
     """``key a (checkpoint) vs b (config)`` for every setting of ``keys`` (default: those of
     :data:`SHAPING_GROUPS`) whose value differs (keys a checkpoint predates are left out)."""
-    from moco_engine.config.schema import differing_values, valid_keys
+    from moco_engine.config.loading import differing_values
+    from moco_engine.config.schema import valid_keys
 
     return differing_values(saved, now, keys if keys is not None else
                             [k for k in valid_keys() if k.startswith(SHAPING_GROUPS)])

@@ -23,7 +23,8 @@ from typing import Any
 
 from torch import Tensor
 
-from moco_engine.config.schema import Config, TrainConfig, UserError, setting, to_yaml, valid_keys
+from moco_engine.config.loading import to_yaml
+from moco_engine.config.schema import Config, TrainConfig, UserError, setting, valid_keys
 from moco_engine.run import checkpoint as ckpt
 from moco_engine.run.tracking import METRICS_FILE, Tracker, WandbBackend, knn_curve, wandb_mode
 from moco_engine.runtime import distributed as dist

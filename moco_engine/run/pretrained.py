@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moco_engine.config.schema import Config, UserError, load_config
+from moco_engine.config.loading import load_config
+from moco_engine.config.schema import Config, UserError
 from moco_engine.method.encoders import Encoder, build_encoder
 from moco_engine.run import checkpoint as ckpt
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from moco_engine.config.schema import Config, ConfigError, to_dict
+from moco_engine.config.loading import to_dict
+from moco_engine.config.schema import Config, ConfigError
 from moco_engine.data.loaders import resumed_source
 from moco_engine.method.step import (
     MODEL_SECTIONS,

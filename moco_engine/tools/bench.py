@@ -51,8 +51,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moco_engine.config.loading import load_config
 from moco_engine.config.rules import CHOICES, DEVICE
-from moco_engine.config.schema import ModelConfig, UserError, load_config
+from moco_engine.config.schema import ModelConfig, UserError
 from moco_engine.method.backbones import build_backbone
 from moco_engine.method.norms import SplitBatchNorm
 from moco_engine.runtime.batches import View, batch_size, to_device

@@ -17,7 +17,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from moco_engine.config.schema import UserError, load_config, split_args
+from moco_engine.config.loading import load_config, split_args
+from moco_engine.config.schema import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3  # the loss became NaN or infinite

@@ -39,7 +39,8 @@ from typing import Any
 
 import yaml
 
-from moco_engine.config.schema import ConfigError, UserError, load_config, split_args, yaml_problem
+from moco_engine.config.loading import load_config, split_args, yaml_problem
+from moco_engine.config.schema import ConfigError, UserError
 from moco_engine.run.plots import line_plot
 from moco_engine.run.tracking import METRICS_FILE, read_metrics
 from moco_engine.tools.cli import with_version
