@@ -60,21 +60,30 @@ def assert_same_ranks(a, b):
         assert torch.equal(ra["torch_rng"], rb["torch_rng"]) and ra["python_draw"] == rb["python_draw"]
 
 
-def stopped_and_resumed(out, *overrides, module=None):
-    """The run of ``straight_cpu``, SIGTERM'd on rank 1 in step 4 and resumed from its checkpoint."""
+def stopped_and_resumed(out, *overrides, module=None, keep=None):
+    """The run of ``straight_cpu``, SIGTERM'd on rank 1 in step 4 and resumed from its checkpoint
+    (the stopped run's folder first copied to ``keep``, if given)."""
     _, r = torchrun(out, *EXACT, *overrides, stop_at=4, rc=None, module=module)  # the workers exit 143, torchrun 1
     assert "stopped by SIGTERM after step 4" in r.stderr
     from moco_engine.run.checkpoint import latest_checkpoint
 
     state = latest_checkpoint(out / "run")[1]
     assert state["step"] == 4 and state["step_in_epoch"] == 1 and len(state["ranks"]) == 2  # mid-epoch, both ranks'
+    if keep is not None:
+        shutil.copytree(out / "run", keep)
     resumed, _ = torchrun(out, *EXACT, *overrides, "train.resume=auto", module=module)
     return resumed
 
 
 def test_a_two_rank_run_stopped_mid_epoch_and_resumed_is_bit_identical(tmp_path, straight_cpu):
-    assert_same_ranks(straight_cpu[1], stopped_and_resumed(tmp_path))
+    assert_same_ranks(straight_cpu[1], stopped_and_resumed(tmp_path, keep=tmp_path / "stopped"))
     assert not torch.equal(straight_cpu[1][0]["torch_rng"], straight_cpu[1][1]["torch_rng"])  # each rank its own
+    # The same mid-epoch checkpoint on one process: the epoch's rest would be dealt out anew.
+    r = subprocess.run([sys.executable, "-m", "moco_engine", *TINY, *EXACT, "train.device=cpu",
+                        f"train.out_dir={tmp_path / 'stopped'}", "train.resume=auto"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "stopped mid-epoch (after step 1 of its epoch) on 2 process(es); on 1 the epoch's remaining items" in r.stderr
 
 
 @pytest.mark.slow  # three more launches
@@ -97,6 +106,35 @@ def test_a_text_run_stopped_mid_epoch_under_torchrun_and_resumed_is_bit_identica
     assert straight[0]["final"] == resumed[0]["final"] and "ndcg@10" in straight[0]["final"]
     assert resumed[0]["tokenizer"] == resumed[1]["tokenizer"] == straight[0]["tokenizer"]
     assert straight[0]["seen"] != straight[1]["seen"]  # each rank its own chunks
+
+
+@pytest.fixture(scope="module")
+def shard_root(tmp_path_factory):
+    """moco-shard's folder of 120 JPEGs (3 classes) and 24 test ones."""
+    from test_shards import image_tree
+
+    from moco_engine.tools.shard import write_shards
+
+    base = tmp_path_factory.mktemp("shards")
+    write_shards(image_tree(base / "src"), base / "out", shard_size=16, progress=False)
+    return base / "out"
+
+
+@pytest.mark.slow  # three launches; one process's exact resume over shards is in the default run (test_shards.py)
+def test_a_shards_run_stopped_mid_epoch_under_torchrun_resumes_bit_identical(tmp_path, shard_root):
+    shards = ["data.name=shards", f"data.root={shard_root}", "data.pipeline=cpu"]
+    straight, _ = torchrun(tmp_path / "straight", *EXACT, *shards)
+    assert_same_ranks(straight, stopped_and_resumed(tmp_path / "stopped", *shards))
+    assert straight[0]["seen"] != straight[1]["seen"]  # each rank its own share of the epoch
+
+
+@pytest.mark.slow  # a torchrun launch with a restart
+def test_a_shards_rank_killed_by_sigkill_is_restarted_and_ends_bit_identical(tmp_path, shard_root):
+    shards = ["data.name=shards", f"data.root={shard_root}", "data.pipeline=cpu"]
+    straight, _ = torchrun(tmp_path / "straight", *EXACT, *shards)
+    ranks, r = torchrun(tmp_path / "crashed", *EXACT, *shards, crash_at=5, extra=["--max-restarts=1"])
+    assert "simulated crash of rank 1 at step 5" in r.stderr + r.stdout and "resumed from" in r.stdout
+    assert_same_ranks(straight, ranks)
 
 
 # torchrun's agent keeps one store across rounds: before distributed.setup named each round's key

@@ -36,7 +36,7 @@ OWNERS = {
     "model.head": "moco_engine.method.heads",
     "loss.name": "moco_engine.method.objectives",
     "negatives.kind": "moco_engine.method.negatives",
-    "data.name": ("moco_engine.data.sources", "moco_engine.data.text_source"),
+    "data.name": ("moco_engine.data.sources", "moco_engine.data.text_source", "moco_engine.data.shards"),
     "data.augmentation": "moco_engine.data.recipes",
 }
 

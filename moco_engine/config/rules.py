@@ -16,6 +16,7 @@ from moco_engine.config.schema import Config, ConfigError, setting, valid_keys
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.pipeline": ("auto", "cpu", "device"),
     "data.on_bad_image": ("fail", "skip"),
+    "data.decode": ("cpu", "gpu"),
     "model.momentum_schedule": ("constant", "cosine"),
     "model.bn": ("shuffle", "sync", "plain"),
     "model.norm": ("batch", "group"),
@@ -51,6 +52,7 @@ def validate(cfg: Config) -> None:
             need(math.isfinite(value), key, value, "must be a finite number")
     need(DEVICE.match(cfg.train.device) is not None, "train.device", cfg.train.device, "not a device (auto, cpu, cuda or cuda:N)")
     need(cfg.train.seed >= 0, "train.seed", cfg.train.seed, "must be >= 0")
+    need(0 <= cfg.data.max_bad_images < 1, "data.max_bad_images", cfg.data.max_bad_images, "must lie in [0, 1)")
     for group in ("optim", "linear"):
         opt = getattr(cfg, group)
         need(0 <= opt.momentum <= 1, f"{group}.momentum", opt.momentum, "SGD momentum must lie in [0, 1]")
@@ -109,6 +111,7 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", cfg.optim.warmup_epochs, "must be >= 0")
     need(cfg.optim.trust_coefficient > 0, "optim.trust_coefficient", cfg.optim.trust_coefficient, "must be > 0")
     need(cfg.train.epochs >= 1, "train.epochs", cfg.train.epochs, "must be >= 1")
+    need(cfg.train.steps >= 0, "train.steps", cfg.train.steps, "must be >= 0 (0: train.epochs epochs)")
     need(cfg.train.steps_per_epoch >= 0, "train.steps_per_epoch", cfg.train.steps_per_epoch, "must be >= 0")
     need(cfg.train.log_every >= 1, "train.log_every", cfg.train.log_every, "must be >= 1")
     need(cfg.train.max_nonfinite_skips >= 0, "train.max_nonfinite_skips", cfg.train.max_nonfinite_skips, "must be >= 0")

@@ -46,8 +46,8 @@ class TextDataConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "embedded"  # embedded | cifar10 | imagefolder | synthetic | any registered source (data/sources.py)
-    root: str = ""  # cifar10: torchvision root; imagefolder: a folder or a .tar/.tar.gz/.tar.xz
+    name: str = "embedded"  # embedded | cifar10 | imagefolder | shards | synthetic | text | any registered source (data/sources.py)
+    root: str = ""  # cifar10: torchvision root; imagefolder: a folder or a .tar/.tar.gz/.tar.xz; shards: moco-shard's folder or a .txt of shards
     test_root: str = ""  # where the test split lives when not under `root` (imagefolder)
     train_split: str = "train"  # imagefolder: sub-folder of the pretraining images
     test_split: str = "test"  # imagefolder: sub-folder of the kNN query images ("" = none)
@@ -57,6 +57,8 @@ class DataConfig:
     crop_min: float = 0.0  # the crops' smallest scale in place of the recipe's (0: the recipe's own; MoCo v3's ResNets: 0.2)
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
     on_bad_image: str = "fail"  # fail (stop, naming the file) | skip (leave unreadable images out, count and warn)
+    max_bad_images: float = 0.01  # shards: past this share of the images read being unreadable, stop
+    decode: str = "cpu"  # shards: cpu (PIL in the loader) | gpu (the loader sends the JPEG bytes; train.device decodes them in batches)
     drop_last: bool = True  # drop each epoch's last partial batch (off: a ragged last batch is trained on)
     pipeline: str = "auto"  # cpu (PIL augmentations in loader workers) | device (decoded once, augmented batched on train.device) | auto (device for embedded and cifar10, else cpu)
     synthetic_size: int = 512  # synthetic: number of training images (test: a quarter)
@@ -150,6 +152,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 7  # the embedded default run: about 2 minutes on 2 CPU cores
+    steps: int = 0  # a budget of optimizer steps (> 0: train.epochs is not read; the epochs follow from the data)
     out_dir: str = "runs/default"  # the run folder: config, checkpoints, metrics
     resume: str = ""  # "" (start fresh) | auto (latest checkpoint in out_dir, if any) | a path
     overwrite: bool = False  # allow starting fresh in a folder that holds checkpoints

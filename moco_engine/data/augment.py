@@ -89,6 +89,35 @@ def crop_boxes(n: int, height: int, width: int, scale, ratio, generator: torch.G
     return torch.where(found[:, None], box, fallback)
 
 
+def crop_boxes_each(heights: Tensor, widths: Tensor, scale, ratio, generator: torch.Generator) -> Tensor:
+    """:func:`crop_boxes` for n images of their own sizes ``heights``, ``widths`` (n,): the same
+    draws from ``generator`` (so images of one size get the very boxes :func:`crop_boxes` gives),
+    the fallback computed per image. Returns (n, 4) float (top, left, h, w)."""
+    device = generator.device
+    tries = 10
+    height, width = heights.to(device).float()[:, None], widths.to(device).float()[:, None]  # (n, 1)
+    u = torch.rand(len(heights), tries, 4, device=device, generator=generator)
+    target_area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    w = torch.round(torch.sqrt(target_area * aspect))
+    h = torch.round(torch.sqrt(target_area / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    top = torch.floor(u[..., 2] * (height - h + 1))
+    left = torch.floor(u[..., 3] * (width - w + 1))
+    first = torch.where(ok, torch.arange(tries, device=device), tries).amin(dim=1)
+    pick = first.clamp(max=tries - 1)[:, None]
+    box = torch.stack([t.gather(1, pick)[:, 0] for t in (top, left, h, w)], dim=1)
+    height, width = height[:, 0], width[:, 0]
+    in_ratio = width / height
+    narrow, wide = in_ratio < ratio[0], in_ratio > ratio[1]
+    fw = torch.where(wide, torch.round(height * ratio[1]), width)
+    fh = torch.where(narrow, torch.round(width / ratio[0]), height)
+    fallback = torch.stack([torch.div(height - fh, 2, rounding_mode="floor"), torch.div(width - fw, 2, rounding_mode="floor"),
+                            fh, fw], dim=1)
+    return torch.where((first < tries)[:, None], box, fallback)
+
+
 def crop_flip_grid(boxes: Tensor, flip: Tensor, height: int, width: int, size: int) -> Tensor:
     """The sampling grid that crops ``boxes`` (n, 4), flips where ``flip`` (n,) and resizes to
     ``size``: (n, size, size, 2) for ``grid_sample(align_corners=False)``.
@@ -211,14 +240,18 @@ class ViewParams:
     solarize: Tensor | None = None  # (n,) bool; drawn only by specs that solarize
 
 
-def draw_params(n: int, height: int, width: int, spec: ViewSpec, generator: torch.Generator) -> ViewParams:
-    """All random parameters of n views of (height, width) images, from ``generator``."""
+def draw_params(n: int, height: int | Tensor, width: int | Tensor, spec: ViewSpec, generator: torch.Generator) -> ViewParams:
+    """All random parameters of n views of (height, width) images, from ``generator``; with
+    ``height`` and ``width`` (n,) tensors, of images of their own sizes."""
     device = generator.device
 
     def coin(p: float) -> Tensor:
         return torch.rand(n, device=device, generator=generator) < p
 
-    boxes = crop_boxes(n, height, width, spec.scale, spec.ratio, generator)
+    if isinstance(height, Tensor):
+        boxes = crop_boxes_each(height, width, spec.scale, spec.ratio, generator)
+    else:
+        boxes = crop_boxes(n, height, width, spec.scale, spec.ratio, generator)
     flip, gray = coin(spec.flip_p), coin(spec.gray_p)
     factors, order = jitter_params(n, spec, generator)
     lo, hi = spec.blur_sigma
@@ -232,7 +265,12 @@ def apply_views(x: Tensor, p: ViewParams, spec: ViewSpec) -> Tensor:
     tensors, so ``torch.compile`` can fuse it. Returns (n, 3, size, size) normalised."""
     height, width = x.shape[-2:]
     grid = crop_flip_grid(p.boxes, p.flip, height, width, spec.size)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return finish_views(F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False), p, spec)
+
+
+def finish_views(x: Tensor, p: ViewParams, spec: ViewSpec) -> Tensor:
+    """Everything of a view after its crop, on crops x (n, 3, size, size) in [0, 1]: colour,
+    grayscale, blur, solarize, normalisation."""
     if spec.gray_before_jitter:
         x = torch.where(_per_sample(p.gray), grayscale(x).expand_as(x), x)
     x = color_jitter(x, p.factors, p.order)
@@ -260,6 +298,28 @@ def random_views(images: Tensor, spec: ViewSpec, generator: torch.Generator, app
     n, _, height, width = images.shape
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     return apply(x, draw_params(n, height, width, spec, generator), spec)
+
+
+def ragged_views(images: list[Tensor], spec: ViewSpec, generator: torch.Generator) -> Tensor:
+    """One random view of each of n images of their own sizes: :func:`random_views` for a
+    batch that cannot be stacked (decoded JPEGs). The same draws as :func:`random_views` on one
+    size; each image is cropped, flipped and resized alone, the rest runs on the whole batch.
+
+    Args:
+        images: n uint8 (3, H_i, W_i) tensors on the generator's device.
+
+    Returns:
+        (n, 3, size, size) float32, normalised with ``spec.mean`` and ``spec.std``.
+    """
+    device = generator.device
+    sizes = torch.tensor([tuple(x.shape[-2:]) for x in images], dtype=torch.float32).to(device)
+    p = draw_params(len(images), sizes[:, 0], sizes[:, 1], spec, generator)
+    crops = []
+    for i, x in enumerate(images):
+        grid = crop_flip_grid(p.boxes[i : i + 1], p.flip[i : i + 1], x.shape[-2], x.shape[-1], spec.size)
+        crops.append(F.grid_sample(x[None].float() / 255.0, grid, mode="bilinear", padding_mode="border",
+                                   align_corners=False))
+    return finish_views(torch.cat(crops), p, spec)
 
 
 def plain_views(images: Tensor, size: int, mean, std) -> Tensor:

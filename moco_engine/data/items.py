@@ -61,6 +61,9 @@ class Splits:
         plain: the deterministic view evaluation encodes (None: images, the recipe's).
         text: the text source's corpus (``data/text_source.TextCorpus``): the items are its
             chunks, viewed batched on the device (``data/text.py``), not one by one.
+        origin: what a checkpoint keeps of the source, to refuse a resume on other data:
+            ``state()`` (top-level keys of the snapshot) and ``misfit(saved)`` (why not, or None);
+            the text corpus (its tokenizer), the shards' fingerprint; None: nothing.
     """
 
     train: ItemSet
@@ -68,6 +71,7 @@ class Splits:
     view: Callable[[Any], Any] | None = None
     plain: Callable[[Any], Any] | None = None
     text: Any = None
+    origin: Any = None
 
     @property
     def images(self) -> bool:

@@ -39,6 +39,7 @@ from moco_engine.data.recipes import (
 )
 from moco_engine.data.sampling import EpochSampler, Indexed, ReshuffledEpochs, TwoViews, make_loader
 from moco_engine.data.sources import SOURCES, build_splits
+from moco_engine.data.stream import StreamTwoViews, decode_batch
 from moco_engine.data.text import ChunkPlain, TextTwoViews
 from moco_engine.data.text_source import query_length, resumed_tokenizer, text_splits
 from moco_engine.data.tokenizer import TextTokenizer
@@ -65,6 +66,7 @@ class Loaders:
         spec: the augmentation recipe the training views follow (None: the items are not images).
         text: the text source's corpus, tokenizer and view spec (None: not text); the retrieval
             monitor reads its queries and qrels.
+        origin: the source's state for checkpoints (``items.Splits.origin``; None: nothing).
     """
 
     train: Iterable
@@ -80,6 +82,7 @@ class Loaders:
     input_shape: Any
     spec: ViewSpec | None
     text: Any = None
+    origin: Any = None
 
     @property
     def images(self) -> bool:
@@ -87,14 +90,14 @@ class Loaders:
         return self.spec is not None
 
     # The data source's own state, which the run saves, restores and compares without knowing
-    # what it is (a text run's tokenizer; nothing for images).
+    # what it is (a text run's tokenizer, the shards' fingerprint; nothing for the other images).
     def source_state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the source beside the model (top-level keys of the snapshot)."""
-        return self.text.state() if self.text is not None else {}
+        return self.origin.state() if self.origin is not None else {}
 
     def source_misfit(self, saved: dict[str, Any]) -> str | None:
         """Why a checkpoint's snapshot ``saved`` cannot continue with this source, or None."""
-        return self.text.misfit(saved) if self.text is not None else None
+        return self.origin.misfit(saved) if self.origin is not None else None
 
     def save_source(self, run_dir: Path) -> None:
         """Write the source's state into the run folder, as a user reads it (``tokenizer.json``)."""
@@ -180,6 +183,13 @@ def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world: int =
     pipeline = resolve_pipeline(cfg.data)
     if splits.text is not None:
         train, plain = _text_loaders(cfg, splits.text, sampler, device, rank, world)
+    elif cfg.data.decode == "gpu":  # whatever data.pipeline says: the bytes go to the device
+        if spec is None or not hasattr(splits.train, "load_encoded"):
+            raise UserError(f"config key 'data.decode' = 'gpu': the training device decodes JPEG bytes that the "
+                            f"source sends, and data.name={cfg.data.name} does not (data.name=shards does)")
+        train = StreamTwoViews(splits.train, specs, cfg.optim.batch_size, sampler, cfg.train.seed,
+                               cfg.data.num_workers, device, cfg.data.drop_last)
+        plain = _plain_loaders(cfg, splits, device, rank, world)
     elif pipeline == "device" and spec is None:
         raise UserError(f"config key 'data.pipeline' = 'device': the device path makes image views, and "
                         f"data.name={cfg.data.name} gives items that are not images; use data.pipeline=cpu")
@@ -196,6 +206,7 @@ def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world: int =
         test=plain["test"] if labelled else None, test_shard=plain["test_shard"] if labelled else None,
         num_items=num_items, num_test=len(splits.test) if labelled else 0, num_classes=len(splits.train.classes),
         steps_per_epoch=steps, input_shape=input_shape(cfg.data, splits), spec=spec, text=splits.text,
+        origin=splits.origin,
     )
 
 
@@ -245,6 +256,12 @@ def _cpu_loaders(cfg: Config, splits: Splits, sampler: EpochSampler, device: tor
     views = TwoViews(view) if view is not None else TwoViews(first, second)
     train = make_loader(Indexed(splits.train, views, cfg.train.seed), cfg.optim.batch_size,
                         cfg.data.num_workers, sampler, drop_last=cfg.data.drop_last, pin_memory=pin)
+    return train, _plain_loaders(cfg, splits, device, rank, world)
+
+
+def _plain_loaders(cfg: Config, splits: Splits, device: torch.device, rank: int, world: int) -> dict:
+    """The CPU path's plain loaders of the train and test splits, whole and this rank's shard."""
+    pin = device.type == "cuda"
 
     def plain(split, shard=None):
         return plain_loader(cfg, splits, split, cfg.eval.batch_size, shard, pin)
@@ -255,7 +272,7 @@ def _cpu_loaders(cfg: Config, splits: Splits, sampler: EpochSampler, device: tor
 
     out = dict(zip(("train", "train_shard"), whole_and_shard(splits.train)))
     out["test"], out["test_shard"] = whole_and_shard(splits.test) if splits.test is not None else (None, None)
-    return train, out
+    return out
 
 
 def _text_loaders(cfg: Config, corpus: Any, sampler: EpochSampler, device: torch.device, rank: int,
@@ -312,6 +329,11 @@ def preview_pairs(loaders: Loaders, n: int, seed: int) -> Tensor | None:
         generator = step_generator(images.device, seed, 0, 0)
         views = loaders.train.apply_to(torch.cat([images, images]), generator)
         pairs = torch.stack([views[:n], views[n:]], dim=1).flatten(0, 1)
+    elif isinstance(loaders.train, StreamTwoViews):
+        stream = loaders.train
+        images = decode_batch([stream.items.load_encoded(i) for i in range(n)], torch.arange(n), stream.device, stream.items)
+        x_q, x_k = stream.views(images, step_generator(stream.device, seed, 0, 0))
+        pairs = torch.stack([x_q, x_k], dim=1).flatten(0, 1)
     else:
         dataset = loaders.train.dataset  # Indexed(TwoViews): item (epoch, i) -> ((x_q, x_k), y, i)
         pairs = torch.stack([view for i in range(n) for view in dataset[(0, i)][0]])

@@ -149,4 +149,4 @@ def text(cfg: DataConfig, seed: int) -> Splits:
 def text_splits(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> Splits:
     """The chunks as the items, the corpus beside them (read with ``tokenizer``, else the configured one)."""
     corpus = open_text(cfg, tokenizer)
-    return Splits(Chunks(corpus.stream.num_chunks), None, text=corpus)
+    return Splits(Chunks(corpus.stream.num_chunks), None, text=corpus, origin=corpus)

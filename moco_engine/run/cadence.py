@@ -20,29 +20,29 @@ class Cadence:
     """The run's log, evaluation, save and stop points.
 
     Args:
-        cfg: the run's config (``train.log_every``, ``train.save_every``, ``train.epochs``,
-            ``eval.knn_every``).
+        cfg: the run's config (``train.log_every``, ``train.save_every``, ``eval.knn_every``).
         signals: the run's stop signals.
         device: where the ranks' agreement is reduced.
         monitor: whether the run has a kNN monitor (a labelled test split).
+        epochs: the epochs the run's :class:`~moco_engine.method.schedules.Plan` begins.
     """
 
-    def __init__(self, cfg: Config, signals: StopSignals, device: torch.device, monitor: bool):
+    def __init__(self, cfg: Config, signals: StopSignals, device: torch.device, monitor: bool, epochs: int):
         self.train, self.eval = cfg.train, cfg.eval
-        self.signals, self.device, self.monitor = signals, device, monitor
+        self.signals, self.device, self.monitor, self.epochs = signals, device, monitor, epochs
 
-    def log_due(self, step: int, step_in_epoch: int, steps_per_epoch: int) -> bool:
+    def log_due(self, step: int, step_in_epoch: int, epoch_steps: int) -> bool:
         """After optimizer step ``step``: every ``train.log_every`` steps and at an epoch's end."""
-        return step % self.train.log_every == 0 or step_in_epoch == steps_per_epoch
+        return step % self.train.log_every == 0 or step_in_epoch == epoch_steps
 
     def eval_due(self, done: int) -> bool:
         """After ``done`` epochs: every ``eval.knn_every`` epochs and after the last one."""
         every = self.eval.knn_every
-        return self.monitor and (done == self.train.epochs or bool(every and done % every == 0))
+        return self.monitor and (done == self.epochs or bool(every and done % every == 0))
 
     def save_due(self, done: int) -> bool:
         """After ``done`` epochs: every ``train.save_every`` epochs and after the last one."""
-        return done == self.train.epochs or done % self.train.save_every == 0
+        return done == self.epochs or done % self.train.save_every == 0
 
     def stop_agreed(self, at_log: bool) -> bool:
         """Whether to stop after this step. Ranks must stop after the same step: they agree at

@@ -6,6 +6,7 @@ A snapshot (format 2) is tensors and plain containers only::
     input_shape               one input's shape, as the backbone was built for (moco-eval rebuilds it)
     (the source's state)      the data source's own keys (``data/loaders.py``, ``Loaders.source_state``):
                               a resume and moco-eval read the data with them
+    plan                      {"steps", "steps_per_epoch", "world"}: the run's length as its data gave it
     epoch, step, step_in_epoch, last_eval, best_eval, wandb_run_id, nonfinite_skips, eval_pending
     encoder_q, encoder_k, predictor, negatives      model sections (None where the run has none);
                                                     BatchNorm statistics: the ranks' mean
@@ -27,6 +28,7 @@ import torch
 from moco_engine.config.loading import to_dict
 from moco_engine.config.schema import Config, ConfigError
 from moco_engine.data.loaders import resumed_source
+from moco_engine.method.schedules import Plan
 from moco_engine.method.step import (
     MODEL_SECTIONS,
     StepParts,
@@ -47,9 +49,9 @@ NAN_SENTINELS = ("negatives.log_z",)
 
 
 def take(parts: StepParts, cfg: Config, device: torch.device, counters: dict[str, Any],
-         source_state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything needed to continue the run exactly, with ``counters`` (the keys of :data:`COUNTERS`)
-    and the data source's ``source_state``."""
+         source_state: dict[str, Any] | None = None, plan: Plan | None = None) -> dict[str, Any]:
+    """Everything needed to continue the run exactly, with ``counters`` (the keys of :data:`COUNTERS`),
+    the data source's ``source_state`` and the run's ``plan``."""
     with dist.rank_mean_buffers(parts.encoder_q, parts.encoder_k, parts.predictor):
         model = model_state(parts)
     own = {"rng": rng_state(device), "buffers": {name: b.detach().cpu().clone() for name, b in statistics(parts)}}
@@ -58,6 +60,8 @@ def take(parts: StepParts, cfg: Config, device: torch.device, counters: dict[str
         "config": to_dict(cfg),
         "input_shape": parts.input_shape,
         **(source_state or {}),
+        "plan": None if plan is None else {"steps": plan.steps, "steps_per_epoch": plan.steps_per_epoch,
+                                           "world": dist.world_size()},
         **{name: counters[name] for name in COUNTERS},
         **model,
         "optimizer": parts.optimizer.state_dict(),
@@ -95,23 +99,40 @@ def saved_source(cfg: Config, run_dir: Path) -> Any:
 
 
 def restore(parts: StepParts, state: dict[str, Any], cfg: Config, device: torch.device, source: str,
-            source_misfit: Callable[[dict[str, Any]], str | None] | None = None) -> dict[str, Any]:
+            source_misfit: Callable[[dict[str, Any]], str | None] | None = None,
+            plan: Plan | None = None) -> dict[str, Any]:
     """Load a snapshot into ``parts`` and this rank's random streams; returns its counters.
 
     Raises:
         CheckpointError: its tensors (every name and shape of the model and the negatives) do
-            not fit this run, the settings that differ named; or the data source's
-            ``source_misfit`` finds its state unfit (what for, in its words).
+            not fit this run, the settings that differ named; the data source's
+            ``source_misfit`` finds its state unfit (what for, in its words); on as many
+            processes, this run's data give epochs of another length than the ``plan`` saved; or
+            it stopped mid-epoch on another number of processes.
     """
     misfit = source_misfit(state) if source_misfit is not None else None
     if misfit:
         raise ckpt.CheckpointError(f"{source} {misfit}")
+    saved = state.get("plan")  # absent from checkpoints before train.steps
+    if (saved and plan is not None and saved["world"] == dist.world_size()
+            and saved["steps_per_epoch"] != plan.steps_per_epoch):
+        # Where the epoch's remaining items start and where the schedules are would both move.
+        raise ckpt.CheckpointError(f"{source} was written with {saved['steps_per_epoch']} steps an epoch, and this "
+                                   f"run gives {plan.steps_per_epoch} (its data, optim.batch_size or train.steps_per_epoch changed)")
     problems = ckpt.misfits(state, model_state(parts), MODEL_SECTIONS)
     if problems:
         settings = ckpt.differing_settings(state["config"], to_dict(cfg))
         more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
         raise ckpt.CheckpointError(f"{source} is incompatible with this config: {'; '.join(settings) or 'the model differs'} "
                                    f"({problems[0]}{more})")
+    written_by = len(state.get("ranks") or [None])
+    if written_by != dist.world_size() and state.get("step_in_epoch", 0):
+        # The sampler deals an epoch's items out by rank: on another number of ranks the rest of
+        # this epoch would be dealt anew, repeating some items and skipping others.
+        raise ckpt.CheckpointError(f"{source} stopped mid-epoch (after step {state['step_in_epoch']} of its epoch) on "
+                                   f"{written_by} process(es); on {dist.world_size()} the epoch's remaining items would be "
+                                   f"dealt out anew, some twice and some never: resume it on {written_by}, or from a "
+                                   f"checkpoint at an epoch's end")
     load_model_state(parts, state)
     counters = {name: state.get(name, default) for name, default in COUNTERS.items()}
     counters["last_eval"], counters["best_eval"] = dict(counters["last_eval"]), dict(counters["best_eval"])

@@ -23,14 +23,13 @@ from torch import Tensor
 
 from moco_engine.config.rules import ignored_warning
 from moco_engine.config.schema import Config
-from moco_engine.data.loaders import build_loaders, preview_pairs
+from moco_engine.data.loaders import build_loaders
 from moco_engine.evaluation.monitor import Monitor
-from moco_engine.method.init_from import init_backbone
 from moco_engine.method.moco_v3 import moco_v3_step
-from moco_engine.method.schedules import lr_at, momentum_at
+from moco_engine.method.schedules import Plan, lr_at, momentum_at
 from moco_engine.method.step import Skipped, build_parts, byol_step, moco_step
 from moco_engine.run import checkpoint as ckpt
-from moco_engine.run import folder, snapshot
+from moco_engine.run import folder, opening, records, snapshot
 from moco_engine.run.cadence import Cadence
 from moco_engine.run.signals import StopNow, StopRequested, StopSignals
 from moco_engine.run.tracking import Meter, Tracker
@@ -38,12 +37,7 @@ from moco_engine.run.warmup import Warmup
 from moco_engine.run.watch import Watch
 from moco_engine.runtime import distributed as dist
 from moco_engine.runtime.batches import batch_size, to_device
-from moco_engine.runtime.precision import (
-    autocast_dtype,
-    memory_format,
-    peak_memory_gib,
-    resolve_device,
-)
+from moco_engine.runtime.precision import autocast_dtype, memory_format, resolve_device
 
 
 class Trainer:
@@ -78,6 +72,7 @@ class Trainer:
         self.parts = build_parts(cfg, self.device, self.amp_dtype, self.loaders.num_items, self.loaders.input_shape)
         torch.manual_seed(cfg.train.seed + self.rank)
         self.step_fn = {"moco": moco_step, "moco_v3": moco_v3_step, "byol": byol_step}[cfg.method]
+        self.plan = Plan.of(cfg.train, self.loaders.steps_per_epoch)  # the run's length: epochs, or a budget of steps
 
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
@@ -87,7 +82,7 @@ class Trainer:
         self.tracker = Tracker(None, enabled=False)
         self.signals = signals or StopSignals()  # SIGTERM/SIGINT: save the completed state, exit
         self.monitor = Monitor(cfg.eval, self.loaders, self.device, self.amp_dtype)  # kNN or retrieval, the train set's encoding
-        self.cadence = Cadence(cfg, self.signals, self.device, monitor=self.monitor.active)
+        self.cadence = Cadence(cfg, self.signals, self.device, self.monitor.active, self.plan.epochs)
         # The first step's time and a compiled run's compilation, kept out of it (interruptible).
         self.warmup = Warmup(time.perf_counter() if launched is None else launched,
                              cfg.train.compile or cfg.train.cuda_graphs, self.signals, self.device)
@@ -104,10 +99,7 @@ class Trainer:
     negatives = property(lambda self: self.parts.negatives, doc="the negative source")
     predictor = property(lambda self: self.parts.predictor, doc="BYOL's predictor (else None)")
     optimizer = property(lambda self: self.parts.optimizer, doc="the optimizer of f_q (and the predictor)")
-
-    @property
-    def total_steps(self) -> int:
-        return self.cfg.train.epochs * self.loaders.steps_per_epoch
+    total_steps = property(lambda self: self.plan.steps, doc="optimizer steps in the whole run")
 
     # ======================================================================== one step
     def train_step(self, x_q: Any, x_k: Any, indices: Tensor) -> dict[str, Tensor] | None:
@@ -121,14 +113,10 @@ class Trainer:
         self.step += 1  # a skipped step's batch is used up too: the schedules move on
         self.unsaved = True
         if isinstance(out, Skipped):
-            self.count_skip(out.loss)
+            self.nonfinite_skips += 1  # past train.max_nonfinite_skips, the watch stops the run
+            self.tracker.warn(self.watch.skipped(self.nonfinite_skips, out.loss.item(), self.step))
             return None
         return out
-
-    def count_skip(self, loss: Tensor) -> None:
-        """Count a step skipped for its non-finite loss; stop past ``train.max_nonfinite_skips``."""
-        self.nonfinite_skips += 1
-        self.tracker.warn(self.watch.skipped(self.nonfinite_skips, loss.item(), self.step))
 
     # ======================================================================== epochs
     def train_epoch(self) -> dict[str, float] | None:
@@ -139,10 +127,11 @@ class Trainer:
         if self.encoder_k is not None:
             self.encoder_k.train()
         loaders.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * cfg.optim.batch_size)
-        self.tracker.start_epoch(self.epoch, cfg.train.epochs, loaders.steps_per_epoch, self.step_in_epoch)
+        epoch_steps = self.plan.epoch_steps(self.epoch)  # the last epoch of a budget may be cut short
+        self.tracker.start_epoch(self.epoch, self.plan.epochs, epoch_steps, self.step_in_epoch)
         meter = Meter()
         batches = iter(loaders.train)
-        while self.step_in_epoch < loaders.steps_per_epoch:
+        while self.step_in_epoch < epoch_steps:
             try:
                 (x_q, x_k), _, idx = self.warmup.first_batch(batches)
             except RuntimeError as e:
@@ -157,11 +146,11 @@ class Trainer:
             self.step_in_epoch += 1
             meter.add(metrics, batch_size(x_q))
             self.tracker.advance()
-            at_log = self.cadence.log_due(self.step, self.step_in_epoch, loaders.steps_per_epoch)
+            at_log = self.cadence.log_due(self.step, self.step_in_epoch, epoch_steps)
             stopping = self.cadence.stop_agreed(at_log)
             window = meter.take_window() if stopping or at_log else None
             if window is not None:
-                self.log_window(*window)
+                records.log_window(self, *window)
             if stopping:
                 self.tracker.end_epoch()
                 return None  # mid-epoch: step_in_epoch tells a resumed run where to go on
@@ -178,25 +167,6 @@ class Trainer:
         if hook_time > 1e-3:  # the memory bank's refresh: its cost in seconds and in % of the epoch
             out.update(refresh_s=hook_time, refresh_pct=100 * hook_time / (epoch_time + hook_time))
         return out
-
-    def log_window(self, means: dict[str, float], samples: int, elapsed: float) -> None:
-        """Log the mean metrics of the steps since the last log point (fetched in the
-        interval's one host sync), with the schedules' values, throughput and memory."""
-        cfg = self.cfg
-        self.watch.check_loss(means["loss"], self.step)
-        means["lr"] = self.optimizer.param_groups[0]["lr"]
-        means["momentum"] = momentum_at(cfg.model.momentum, cfg.model.momentum_schedule,
-                                        self.step - 1 + self.parts.ema_ahead, self.total_steps)
-        means["samples_per_s"] = samples * self.world / max(elapsed, 1e-9)
-        if self.loaders.images:
-            means["img_per_s"] = means["samples_per_s"]
-        if self.encoder_k is not None:
-            means["qk_weight_dist"] = self.encoder_k.relative_distance(self.encoder_q).item()
-        means["mem_peak_gib"] = peak_memory_gib(self.device)
-        collapsing = self.watch.collapse(means["embed_std"], self.epoch, self.step)
-        if collapsing:
-            self.tracker.warn(collapsing)
-        self.tracker.log("step", means, self.epoch, self.step)
 
     # ======================================================================== evaluation
     def encode_interruptibly(self) -> Tensor:
@@ -218,12 +188,12 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The run's snapshot (``snapshot.py``): a collective under torchrun."""
         return snapshot.take(self.parts, self.cfg, self.device, {name: getattr(self, name) for name in snapshot.COUNTERS},
-                             self.loaders.source_state())
+                             self.loaders.source_state(), self.plan)
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         """Restore a :meth:`state_dict` (refused, naming the settings that differ, if it does not fit)."""
         for name, value in snapshot.restore(self.parts, state, self.cfg, self.device, source,
-                                            self.loaders.source_misfit).items():
+                                            self.loaders.source_misfit, self.plan).items():
             setattr(self, name, value)  # the counters: epoch, step, ... (snapshot.COUNTERS)
 
     def save(self) -> Path | None:
@@ -261,35 +231,12 @@ class Trainer:
             self.stop()
 
     # ======================================================================== the run
-    def init_backbone(self) -> None:
-        """f_q's backbone from ``model.init_from`` (every rank reads the file), f_k's the same."""
-        line = init_backbone(self.encoder_q.backbone, self.cfg.model.init_from)
-        if self.encoder_k is not None:  # f_k starts as a copy of f_q, as without the file
-            self.encoder_k.encoder.backbone.load_state_dict(self.encoder_q.backbone.state_dict())
-        if dist.is_main():
-            print(line, file=sys.stderr, flush=True)
-
     def prepare_run_dir(self) -> None:
-        """Create the run folder; resume from it, or refuse to clobber a run already in it."""
-        folder.make_folder(self.run_dir)
-        resumed = folder.choose_resume(self.cfg.train, self.run_dir, snapshot.unusable)
-        if resumed is not None:
-            path, state = resumed
-            self.load_state_dict(state, source=f"checkpoint {path}")
-            self.saved = path
-            self.loaders.items_at(self.epoch)
-            if dist.is_main():
-                print(f"resumed from {path} at epoch {self.epoch}, step {self.step}", flush=True)
-        else:
-            if self.cfg.model.init_from:  # a fresh run only: a resumed one holds its own weights
-                self.init_backbone()
-            self.negatives.on_start(self.encode_interruptibly)  # e.g. the memory bank's init=encode
-        folder.write_config(self.run_dir, self.cfg)
-        if dist.is_main():  # the source's state, also in every checkpoint
-            self.loaders.save_source(self.run_dir)
+        """Create the run folder; resume from it, or start fresh (``opening.py``)."""
+        opening.prepare_run_dir(self)
 
     def fit(self) -> dict[str, float]:
-        """Pretrain for ``train.epochs`` epochs (continuing a resumed run) and return the final
+        """Pretrain for the run's plan (``train.epochs``, or ``train.steps``; continuing a resumed run) and return the final
         metrics, including the last kNN top-1 when the data set has a test split.
 
         A stop signal at any moment (a step, evaluation, the memory bank's refresh, a save,
@@ -306,22 +253,13 @@ class Trainer:
         cfg = self.cfg
         try:
             with self.signals.interruptible():  # start-up: nothing new to save yet
-                self.prepare_run_dir()
-                self.tracker = Tracker(self.run_dir, progress=cfg.track.progress, enabled=dist.is_main())
-                self.wandb_run_id = folder.start_wandb(cfg, self.run_dir, self.wandb_run_id, self.tracker)
-                if cfg.track.preview and self.step == 0 and dist.is_main() and self.loaders.images:
-                    pairs = preview_pairs(self.loaders, cfg.track.preview, cfg.train.seed)
-                    self.tracker.log_image("augmentations", folder.save_preview(pairs, self.run_dir), 0)
-            if not self.cadence.monitor and (cfg.eval.at_start or cfg.eval.knn_every) and dist.is_main():
-                what = (f"retrieval monitor off: no qrels/{cfg.eval.retrieval_split}.tsv" if self.loaders.text is not None
-                        else f"kNN monitor off: data.name={cfg.data.name} gives no labelled test split")
-                print(what, flush=True)
+                opening.open_run(self)
             self.stop_if_signalled()
             if cfg.eval.at_start and self.step == 0:
                 self.run_knn(-1)
             if self.eval_pending:  # a stop cut the last run's evaluation short
                 self.run_knn(self.epoch - 1)
-            while self.epoch < cfg.train.epochs:
+            while self.epoch < self.plan.epochs:
                 epoch_metrics = self.train_epoch()
                 if epoch_metrics is None:
                     self.stop()
@@ -351,15 +289,7 @@ class Trainer:
         self.stop_if_signalled()
         self.last_eval, self.eval_pending = result, False
         if result:
-            self.tracker.log("eval", result, epoch, self.step)
-            # The run summary a sweep ranks by: the best over every segment of the run (W&B's own
-            # max would cover only the segment since the last resume), of the trained network:
-            # the random one's (epoch -1) is the baseline, not a result.
-            if epoch >= 0:
-                self.best_eval = {k: max(v, self.best_eval.get(k, v)) for k, v in result.items()}
-                self.tracker.summarize({f"eval/{k}": v for k, v in self.best_eval.items()})
-            if dist.is_main():
-                folder.save_knn_plot(self.run_dir)
+            records.log_eval(self, result, epoch)
 
 
 def train(cfg: Config) -> dict[str, float]:

@@ -30,6 +30,7 @@ plain BatchNorm, on the case's model at a small batch (seconds on a CPU, even fo
 
     moco-bench r18-cifar                      # the MoCo CIFAR-10 demo's step
     moco-bench r18-cifar --data --data-root ../shared/data/cifar10_train_20k.tar.gz
+    moco-bench r50-224 --data --data-root .data/imagenette-shards --workers 8 --decode gpu   # shards, decoded on the GPU
     moco-bench tiny --device cpu              # seconds on a laptop
     moco-bench vit-t-cifar --device cpu --batch 32   # MoCo v3, ViT-Tiny/4, at a CPU's batch
     moco-bench r18-cifar --ops --device cpu   # operators per step, by split-BN form
@@ -79,8 +80,11 @@ def build_trainer(case: Case, args: argparse.Namespace):
             "track.progress=false", *case.settings]))
     data = ["data.name=synthetic", f"data.synthetic_size={case.batch}", "data.num_workers=0"]
     if args.data:
-        data = (["data.name=imagefolder", f"data.root={args.data_root}"] if args.data_root else ["data.name=embedded"])
-        data += [f"data.num_workers={args.workers}", f"data.pipeline={args.pipeline}"]
+        root = Path(args.data_root).expanduser()
+        shards = (root / "manifest.json").is_file() or root.suffix == ".txt"  # moco-shard's folder, or a list of shards
+        data = ([f"data.name={'shards' if shards else 'imagefolder'}", f"data.root={args.data_root}"] if args.data_root
+                else ["data.name=embedded"])
+        data += [f"data.num_workers={args.workers}", f"data.pipeline={args.pipeline}", f"data.decode={args.decode}"]
     cfg = load_config([], data + [
         f"method={case.method}", f"data.image_size={case.image_size}", f"data.augmentation={case.augmentation}",
         f"model.arch={case.arch}", f"model.patch_size={case.patch_size}", f"model.head={case.head}",
@@ -297,6 +301,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         (args.queue >= 0, "--queue", args.queue, "must be >= 0 (0 = the case's own)"),
         (args.batch >= 0, "--batch", args.batch, "must be >= 0 (0 = the case's own)"),
         (args.pipeline in ("cpu", "device"), "--pipeline", args.pipeline, "must be cpu or device"),
+        (args.decode in CHOICES["data.decode"], "--decode", args.decode, "must be cpu or gpu"),
         (args.precision in CHOICES["train.precision"], "--precision", args.precision,
          f"must be one of {', '.join(CHOICES['train.precision'])}"),
         (DEVICE.match(args.device) is not None, "--device", args.device, "not a device (auto, cpu, cuda or cuda:N)"),
@@ -326,7 +331,10 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--data", action="store_true", help="also time the real input path")
-    parser.add_argument("--data-root", default="", help="--data: an image folder or .tar archive (default: the embedded sample)")
+    parser.add_argument("--data-root", default="",
+                        help="--data: an image folder or .tar archive, or moco-shard's folder (default: the embedded sample)")
+    parser.add_argument("--decode", default="cpu",
+                        help="--data: cpu (PIL in the loader) | gpu (the loader sends JPEG bytes, the device decodes: shards)")
     parser.add_argument("--pipeline", default="cpu", help="--data: cpu (loader workers) | device (augmented on the device)")
     parser.add_argument("--workers", type=int, default=4, help="--data: loader processes of the cpu pipeline")
     parser.add_argument("--bn-splits", type=int, default=0, help="override the case's split-BN slices (1 = plain BN)")

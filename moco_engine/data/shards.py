@@ -1,0 +1,263 @@
+"""Image sets in WebDataset tar shards (``data.name=shards``), read through ``wids``.
+
+``data.root`` is a folder ``moco-shard`` wrote (``manifest.json``; ``<split>/shard-NNNNNN.tar``,
+``data.train_split`` and ``data.test_split`` pick the splits) or a ``.txt`` listing shard paths
+(relative to the list's folder) or URLs, one a line: the train split, unlabelled unless its
+samples carry a ``.cls``.
+
+Why ``wids`` (WebDataset's indexed reader): it gives the shards as a map-style data set, item i
+at a fixed place, fetching and caching remote shards and memory-mapping local ones. The engine's
+own :class:`~moco_engine.data.sampling.EpochSampler` then orders every epoch as for any other
+source: each rank reads a disjoint part, the order does not depend on the loader processes, a
+resume goes on mid-epoch exactly, and the memory bank and the kNN monitor see stable indices.
+(Streaming readers that iterate shards own the order and make the same harder.)
+
+An unreadable image is skipped with ``data.on_bad_image=skip`` (the next item stands in, one
+line per item, counted); past ``data.max_bad_images`` of the items a process has read, the run
+stops. Shards are checked when opened: a missing one, or one whose size is not the manifest's
+(truncated), is one line. A checkpoint keeps the shards' fingerprint; a resume onto rewritten
+shards is refused, naming the first that changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from moco_engine.config.schema import DataConfig
+from moco_engine.data.images import BAD_IMAGE, IMAGE_EXTENSIONS, DataError, ImageSet, decode
+from moco_engine.data.items import Splits
+from moco_engine.data.sources import IMAGE_SETTINGS, match_classes, register_data_source
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "moco-shard/1"
+EXTENSIONS = IMAGE_EXTENSIONS  # a wids sample's keys: ".jpg", ".cls", "__key__", ...
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}.tar"
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON, whole or not at all (a temporary file renamed)."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a moco-shard manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{path}: not a moco-shard manifest (format {manifest.get('format')!r}, "
+                        f"expected {MANIFEST_FORMAT!r})" if isinstance(manifest, dict) else f"{path}: not a moco-shard manifest")
+    return manifest
+
+
+class ShardImages(ImageSet):
+    """N images in tar shards: ``load(i)`` is item i as a PIL image, ``load_encoded(i)`` its
+    bytes as a uint8 tensor (decoded on the training device: ``stream.py``).
+
+    Args:
+        shards: per shard ``{"url": path or URL, "nsamples": items}``, in item order.
+        targets, classes: the items' class indices and the class names (empty: unlabelled).
+        on_bad: ``fail`` or ``skip`` (``data.on_bad_image``).
+        max_bad: the share of the items read past which skipped ones stop the run.
+    """
+
+    def __init__(self, shards: list[dict[str, Any]], targets: list[int], classes: list[str], on_bad: str = "fail",
+                 max_bad: float = 0.01, cache_dir: str = ""):
+        self.shards, self.targets, self.classes = shards, targets, classes
+        self.on_bad, self.max_bad, self.cache_dir = on_bad, max_bad, cache_dir
+        self.reads = 0
+        self.bad: set[int] = set()
+        self.dataset = None  # opened in the process that reads (each loader worker its own)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "dataset": None}  # open files and memory maps stay in their process
+
+    def open(self):
+        """wids' data set over the shards: item i -> (shard, place in it), the open shards in an LRU."""
+        if self.dataset is None:
+            import wids
+
+            cache = self.cache_dir or os.environ.get("WIDS_CACHE", str(Path.home() / ".cache" / "moco_engine" / "wids"))
+            with contextlib.redirect_stderr(io.StringIO()):  # wids prints its shard list on opening
+                self.dataset = wids.ShardListDataset(self.shards, transformations=[], cache_dir=cache)
+            self.dataset.cache = in_place_shards(LRU_SHARDS, self.dataset.localname)
+        return self.dataset
+
+    def sample_bytes(self, i: int) -> bytes:
+        sample = self.open()[i]
+        for ext in EXTENSIONS:
+            if ext in sample:
+                return sample[ext].getvalue()  # wids gives each member as a BytesIO
+        raise DataError(f"shard {sample['__shard__']}: item {sample['__key__']} has no image "
+                        f"(members: {', '.join(k for k in sample if not k.startswith('__'))})")
+
+    def load_encoded(self, i: int) -> torch.Tensor:
+        return torch.frombuffer(bytearray(self.sample_bytes(i)), dtype=torch.uint8)
+
+    def load(self, i: int) -> Image.Image:
+        n = len(self.targets)
+        for offset in range(min(n, 100)):
+            j = (i + offset) % n
+            data = self.sample_bytes(j)
+            self.reads += 1
+            try:
+                return decode(io.BytesIO(data))
+            except BAD_IMAGE as e:
+                self.skip(j, e)
+        raise DataError(f"no readable image among the 100 items from {i} on")
+
+    def skip(self, i: int, error: Exception | str) -> None:
+        """Count item ``i`` as unreadable; stop when skipping is off or past the share allowed."""
+        where = f"item {i} of {self.shards[int(np.searchsorted(self.offsets, i, side='right'))]['url']}"
+        if self.on_bad == "fail":
+            raise DataError(f"cannot read image {where}: {error} (data.on_bad_image=skip leaves such images out)")
+        if i not in self.bad:
+            self.bad.add(i)
+            print(f"warning: skipping unreadable image {where}: {error}", file=sys.stderr, flush=True)
+        if len(self.bad) > max(1.0, self.max_bad * self.reads):
+            raise DataError(f"{len(self.bad)} unreadable images among {self.reads} read, more than "
+                            f"data.max_bad_images = {self.max_bad} of them: the shards are damaged")
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.cumsum([s["nsamples"] for s in self.shards])
+
+
+LRU_SHARDS = 16  # shards a process keeps open (memory-mapped)
+
+
+def in_place_shards(size: int, localname):
+    """wids' LRU of open shards, reading a local shard where it lies: wids would take a lock
+    file beside it and copy it into its cache (a read-only disk fails, a large set is copied);
+    a URL is fetched into the cache as wids does."""
+    import wids
+
+    class InPlace(wids.wids.LRUShards):
+        def get_shard(self, url: str):
+            if "://" in url:
+                return super().get_shard(url)
+            self.accesses += 1
+            if url not in self.lru:
+                self.lru[url] = wids.wids.IndexedTarSamples(path=url)
+                self.misses += 1
+            return self.lru[url]
+
+    return InPlace(size, localname=localname)
+
+
+def check_local(shards: list[dict[str, Any]], where: str) -> None:
+    """One line for a local shard that is missing, or whose size is not the manifest's."""
+    for shard in shards:
+        if "://" in shard["url"]:
+            continue
+        path = Path(shard["url"])
+        if not path.is_file():
+            raise DataError(f"{where}: shard {path} is missing")
+        size = path.stat().st_size
+        if "filesize" in shard and size != shard["filesize"]:
+            raise DataError(f"{where}: shard {path} has {size} bytes, the manifest {shard['filesize']}: "
+                            "it was truncated or rewritten (run moco-shard again to finish it)")
+
+
+def manifest_split(root: Path, manifest: dict[str, Any], split: str, cfg: DataConfig) -> ShardImages:
+    entry = manifest["splits"].get(split)
+    if entry is None:
+        raise DataError(f"{root / MANIFEST}: no split '{split}' (it has {', '.join(manifest['splits'])})")
+    done = sum(s["nsamples"] for s in entry["shards"])
+    if done != entry["items"]:
+        raise DataError(f"{root / split}: {done} of {entry['items']} images are in shards: moco-shard did not "
+                        f"finish (run it again with the same source to finish)")
+    shards = [{"url": str(root / split / s["name"]), "label": f"{split}/{s['name']}", "nsamples": s["nsamples"],
+               "filesize": s["filesize"], "sha256": s["sha256"]} for s in entry["shards"]]
+    check_local(shards, str(root / MANIFEST))
+    targets = np.load(root / split / "targets.npy").tolist()
+    return ShardImages(shards, targets, list(manifest["classes"]), cfg.on_bad_image, cfg.max_bad_images)
+
+
+def listed_split(path: Path, cfg: DataConfig) -> ShardImages:
+    """The shards a ``.txt`` lists: counted, and their classes read, from the shards themselves."""
+    lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: lists no shards")
+    urls = [u if "://" in u else str((path.parent / u).resolve()) for _, u in lines]
+    for (n, _), url in zip(lines, urls):
+        if "://" not in url and not Path(url).is_file():
+            raise DataError(f"{path}, line {n}: shard {url} is missing")
+    import wids
+
+    counts, targets = [], []
+    for (n, _), url in zip(lines, urls):
+        try:
+            shard = wids.wids.IndexedTarSamples(path=url) if "://" not in url else None
+        except Exception as e:  # a truncated or foreign tar: wids asserts on its index
+            raise DataError(f"{path}, line {n}: shard {url} cannot be read as a tar of samples ({e or type(e).__name__})") from None
+        if shard is None:
+            raise DataError(f"{path}, line {n}: a URL needs its item count; list local shards, or shard with moco-shard")
+        counts.append(len(shard))
+        targets += [int(s[".cls"].getvalue()) if ".cls" in s else -1 for s in (shard[i] for i in range(len(shard)))]
+        shard.close()
+    labelled = all(t >= 0 for t in targets)
+    classes = [str(c) for c in range(max(targets) + 1)] if labelled else []
+    shards = [{"url": u, "nsamples": c} for u, c in zip(urls, counts)]
+    return ShardImages(shards, targets if labelled else [-1] * len(targets), classes, cfg.on_bad_image,
+                       cfg.max_bad_images)
+
+
+class ShardOrigin:
+    """The shards' fingerprint, kept in checkpoints: a resume onto rewritten shards is refused.
+    A moco-shard folder's shards are named within it (the folder may move); a listed one by its path."""
+
+    def __init__(self, images: ShardImages):
+        self.shards = [(s.get("label", s["url"]), s["nsamples"], s.get("sha256", "")) for s in images.shards]
+
+    def state(self) -> dict[str, Any]:
+        digest = hashlib.sha256(json.dumps(self.shards).encode()).hexdigest()
+        return {"shards": {"fingerprint": digest, "list": [list(s) for s in self.shards]}}
+
+    def misfit(self, saved: dict[str, Any]) -> str | None:
+        theirs = saved.get("shards")
+        if theirs is None or theirs["fingerprint"] == self.state()["shards"]["fingerprint"]:
+            return None
+        for old, new in zip(theirs["list"], self.shards):
+            if list(old) != list(new):
+                return (f"was trained on other shards: {new[0]} has changed since (items {old[1]} -> {new[1]}, "
+                        f"sha256 {old[2][:12] or '?'} -> {new[2][:12] or '?'}); resume on the shards it was trained on")
+        return f"was trained on {len(theirs['list'])} shards, and data.root lists {len(self.shards)}"
+
+
+@register_data_source("shards", reads=(*IMAGE_SETTINGS, "data.root", "data.train_split", "data.test_split",
+                                        "data.on_bad_image", "data.max_bad_images", "data.decode"))
+def shards(cfg: DataConfig, seed: int) -> Splits:
+    root = Path(cfg.root).expanduser()
+    if not root.exists():
+        raise DataError(f"data path not found: {root}")
+    if root.is_file():
+        if root.suffix != ".txt":
+            raise DataError(f"data.root for data.name=shards: a moco-shard folder or a .txt of shards, not {root}")
+        train, test = listed_split(root, cfg), None
+    else:
+        if not (root / MANIFEST).is_file():
+            raise DataError(f"{root}: no {MANIFEST} (write the folder with moco-shard SRC {root})")
+        manifest = read_manifest(root)
+        train = manifest_split(root, manifest, cfg.train_split, cfg)
+        test = manifest_split(root, manifest, cfg.test_split, cfg) if cfg.test_split else None
+        if test is not None:
+            match_classes(train, test)
+    return Splits(train, test, origin=ShardOrigin(train))
