@@ -3,6 +3,7 @@ epoch order (exact resume, stable indices), and every bad input as one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -129,7 +130,7 @@ def test_training_batches_do_not_depend_on_the_loader_processes(shards, tmp_path
 
 
 def test_a_shards_run_stopped_mid_epoch_resumes_bit_identical_with_stable_indices(shards, tmp_path):
-    extra = ("data.pipeline=cpu", "train.steps_per_epoch=0", "negatives.kind=memory_bank", "memory_bank.init=encode")
+    extra = ("data.pipeline=cpu", "negatives.kind=memory_bank", "memory_bank.init=encode")  # 2 epochs of 3 steps
     straight = Trainer(config(tmp_path / "a", shards, *extra))
     final = straight.fit()
     assert final["knn_top1"] > 0 and straight.loaders.num_items == 120 and straight.loaders.num_test == 24
@@ -237,6 +238,27 @@ def test_ragged_views_of_one_size_are_the_batched_views():
         assert torch.equal(one, each), (h, w)
 
 
+def test_ragged_views_crop_each_image_within_its_own_size():
+    """On images of several sizes, each view is the crop of its own image: the canvas repeats an
+    image's last row and column, which is what border padding reads beyond it."""
+    import torch.nn.functional as F
+
+    from moco_engine.data.augment import crop_flip_grid, draw_params, ragged_views
+    from moco_engine.data.recipes import view_specs
+
+    spec = view_specs("moco_v2", 16, 0.0)[0]
+    spec = dataclasses.replace(spec, jitter_p=0.0, gray_p=0.0, blur_p=0.0)  # the crop alone
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((20, 30), (41, 17), (25, 25), (9, 60))]
+    views = ragged_views(images, spec, torch.Generator().manual_seed(3))
+    sizes = torch.tensor([x.shape[1:] for x in images], dtype=torch.float32)
+    p = draw_params(4, sizes[:, 0], sizes[:, 1], spec, torch.Generator().manual_seed(3))
+    for i, x in enumerate(images):
+        grid = crop_flip_grid(p.boxes[i : i + 1], p.flip[i : i + 1], x.shape[1], x.shape[2], spec.size)
+        alone = F.grid_sample(x[None].float() / 255, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+        assert torch.allclose(views[i : i + 1], (alone - mean) / std, atol=1e-4), i
+
+
 @pytest.fixture(scope="module")
 def large_shards(tmp_path_factory):
     """Shards of JPEGs of several sizes above the crop (as full-size photographs are)."""
@@ -263,18 +285,18 @@ def test_the_two_decoders_give_the_same_pixels_up_to_rounding(large_shards):
 
 
 def test_decode_gpu_trains_on_ragged_images_and_resumes_bit_identical(large_shards, tmp_path):
-    extra = ("data.decode=gpu", "data.augmentation=moco_v2", "data.image_size=32", "train.steps_per_epoch=0",
-             "optim.batch_size=8", "data.num_workers=2", "track.preview=4")
+    extra = ("data.decode=gpu", "data.augmentation=moco_v2", "data.image_size=32", "optim.batch_size=8",
+             "data.num_workers=2", "track.preview=4")  # 2 epochs of 3 steps of 8 images of three sizes
     straight = Trainer(config(tmp_path / "a", large_shards, *extra))
     final = straight.fit()
-    assert straight.loaders.steps_per_epoch == 9 and final["steps"] == 18
+    assert straight.loaders.steps_per_epoch == 3 and final["steps"] == 6
     assert (tmp_path / "a" / "run" / "augmentations.png").is_file()
     stopped = Trainer(config(tmp_path / "b", large_shards, *extra))
     stopped.prepare_run_dir()
     stopped.train_epoch()
     stopped.signals.signum = 15
     stopped.train_epoch()
-    assert (stopped.step, stopped.step_in_epoch) == (10, 1)
+    assert (stopped.step, stopped.step_in_epoch) == (4, 1)
     stopped.save()
     del stopped
     resumed = Trainer(config(tmp_path / "b", large_shards, *extra, "train.resume=auto"))
@@ -304,3 +326,16 @@ def test_real_full_size_jpegs_train_through_both_decoders(tmp_path, decode):
     trainer = Trainer(cfg)
     assert trainer.loaders.num_items == len(json.loads((REAL / MANIFEST).read_text())["classes"])
     assert trainer.fit()["steps"] == 2
+
+
+def test_a_txt_of_urls_fetches_each_shard_once_into_the_cache(shards, tmp_path, monkeypatch):
+    """URLs through wids' downloader (file:// here: nothing leaves the machine), cached under their
+    whole URL, so train/ and test/ shards of one name stay apart."""
+    monkeypatch.setenv("WIDS_CACHE", str(tmp_path / "cache"))
+    listing = tmp_path / "urls.txt"
+    urls = [f"file://{p}" for p in (shards / "train" / "shard-000000.tar", shards / "test" / "shard-000000.tar")]
+    listing.write_text("\n".join(urls) + "\n")
+    loaders = build_loaders(config(tmp_path, listing, "data.test_split=''", "data.num_workers=0"), torch.device("cpu"))
+    assert loaders.num_items == 32 and len(list((tmp_path / "cache").iterdir())) == 2
+    x, targets, _ = next(iter(loaders.plain_train))
+    assert x.shape == (32, 3, 32, 32) and targets.tolist() == [0] * 16 + [0] * 8 + [1] * 8  # train's cats, test's cats, dogs

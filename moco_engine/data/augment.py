@@ -300,10 +300,47 @@ def random_views(images: Tensor, spec: ViewSpec, generator: torch.Generator, app
     return apply(x, draw_params(n, height, width, spec, generator), spec)
 
 
+def ragged_crops(images: list[Tensor], boxes: Tensor, flip: Tensor, size: int) -> Tensor:
+    """The crops ``boxes`` (n, 4) of n images of their own sizes, flipped where ``flip``, resized
+    to ``size``: (n, 3, size, size) float in [0, 1], as ``grid_sample`` (bilinear, border
+    padding, align_corners=False) makes them from each image alone, in a few batched gathers.
+
+    Output pixel u of a box (left j, width w) samples x = j + (u + ½)·w/size − ½ (mirrored,
+    u → size − 1 − u), clipped to [0, W − 1] as border padding clips it; the four neighbours
+    are read from all images laid end to end, so the memory is the output's, whatever the sizes.
+    """
+    device = boxes.device
+    heights = torch.tensor([x.shape[-2] for x in images], device=device)
+    widths = torch.tensor([x.shape[-1] for x in images], device=device)
+    flat = torch.cat([x.reshape(3, -1) for x in images], dim=1)  # (3, Σ H_i·W_i) uint8
+    offsets = torch.cumsum(heights * widths, 0) - heights * widths
+    top, left, h, w = boxes.unbind(1)
+    u = torch.arange(size, device=device, dtype=torch.float32)
+    ux = torch.where(flip[:, None], size - 1 - u, u)
+
+    def axis(start: Tensor, extent: Tensor, steps: Tensor, limit: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Each output pixel's two source rows (or columns) and the weight of the second: (n, size)."""
+        pos = start[:, None] + (steps + 0.5) * extent[:, None] / size - 0.5
+        pos = torch.minimum(pos.clamp(min=0), (limit - 1)[:, None].float())
+        low = pos.floor()
+        return low.long(), torch.minimum(low.long() + 1, (limit - 1)[:, None]), pos - low
+
+    y0, y1, wy = axis(top, h, u.expand(len(images), -1), heights)
+    x0, x1, wx = axis(left, w, ux, widths)
+
+    def read(rows: Tensor, cols: Tensor) -> Tensor:  # (n, size) each -> (n, 3, size, size)
+        index = offsets[:, None, None] + rows[:, :, None] * widths[:, None, None] + cols[:, None, :]
+        return flat[:, index.flatten()].view(3, len(images), size, size).transpose(0, 1).float() / 255.0
+
+    wy, wx = wy[:, None, :, None], wx[:, None, None, :]
+    return ((1 - wy) * ((1 - wx) * read(y0, x0) + wx * read(y0, x1))
+            + wy * ((1 - wx) * read(y1, x0) + wx * read(y1, x1)))
+
+
 def ragged_views(images: list[Tensor], spec: ViewSpec, generator: torch.Generator) -> Tensor:
-    """One random view of each of n images of their own sizes: :func:`random_views` for a
-    batch that cannot be stacked (decoded JPEGs). The same draws as :func:`random_views` on one
-    size; each image is cropped, flipped and resized alone, the rest runs on the whole batch.
+    """One random view of each of n images of their own sizes (decoded JPEGs): the draws of
+    :func:`random_views`, each crop box within its own image, the crops by :func:`ragged_crops`,
+    the rest on the whole batch. Images of one size take :func:`random_views` itself.
 
     Args:
         images: n uint8 (3, H_i, W_i) tensors on the generator's device.
@@ -311,15 +348,11 @@ def ragged_views(images: list[Tensor], spec: ViewSpec, generator: torch.Generato
     Returns:
         (n, 3, size, size) float32, normalised with ``spec.mean`` and ``spec.std``.
     """
-    device = generator.device
-    sizes = torch.tensor([tuple(x.shape[-2:]) for x in images], dtype=torch.float32).to(device)
+    if len({tuple(x.shape) for x in images}) == 1:
+        return random_views(torch.stack(images), spec, generator)
+    sizes = torch.tensor([tuple(x.shape[-2:]) for x in images], dtype=torch.float32).to(generator.device)
     p = draw_params(len(images), sizes[:, 0], sizes[:, 1], spec, generator)
-    crops = []
-    for i, x in enumerate(images):
-        grid = crop_flip_grid(p.boxes[i : i + 1], p.flip[i : i + 1], x.shape[-2], x.shape[-1], spec.size)
-        crops.append(F.grid_sample(x[None].float() / 255.0, grid, mode="bilinear", padding_mode="border",
-                                   align_corners=False))
-    return finish_views(torch.cat(crops), p, spec)
+    return finish_views(ragged_crops(images, p.boxes, p.flip, spec.size), p, spec)
 
 
 def plain_views(images: Tensor, size: int, mean, std) -> Tensor:

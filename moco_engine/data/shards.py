@@ -79,9 +79,9 @@ class ShardImages(ImageSet):
     """
 
     def __init__(self, shards: list[dict[str, Any]], targets: list[int], classes: list[str], on_bad: str = "fail",
-                 max_bad: float = 0.01, cache_dir: str = ""):
+                 max_bad: float = 0.01):
         self.shards, self.targets, self.classes = shards, targets, classes
-        self.on_bad, self.max_bad, self.cache_dir = on_bad, max_bad, cache_dir
+        self.on_bad, self.max_bad = on_bad, max_bad
         self.reads = 0
         self.bad: set[int] = set()
         self.dataset = None  # opened in the process that reads (each loader worker its own)
@@ -94,9 +94,8 @@ class ShardImages(ImageSet):
         if self.dataset is None:
             import wids
 
-            cache = self.cache_dir or os.environ.get("WIDS_CACHE", str(Path.home() / ".cache" / "moco_engine" / "wids"))
             with contextlib.redirect_stderr(io.StringIO()):  # wids prints its shard list on opening
-                self.dataset = wids.ShardListDataset(self.shards, transformations=[], cache_dir=cache)
+                self.dataset = wids.ShardListDataset(self.shards, transformations=[], localname=cached_name())
             self.dataset.cache = in_place_shards(LRU_SHARDS, self.dataset.localname)
         return self.dataset
 
@@ -141,6 +140,25 @@ class ShardImages(ImageSet):
 
 
 LRU_SHARDS = 16  # shards a process keeps open (memory-mapped)
+
+
+def cached_name():
+    """Where a remote shard is fetched to: ``$WIDS_CACHE`` (default ``~/.cache/moco_engine/wids``),
+    under its whole URL quoted (wids' basename-only naming would let train/ and test/ shards of one
+    name overwrite each other)."""
+    import wids
+
+    return wids.wids.DefaultLocalname(os.environ.get("WIDS_CACHE") or str(Path.home() / ".cache" / "moco_engine" / "wids"))
+
+
+def fetch(url: str) -> str:
+    """A remote shard's local copy (fetched once, by wids' downloader: curl, gsutil, aws, ...)."""
+    from wids.wids_dl import download_and_open
+
+    local = cached_name()(url)
+    with download_and_open(url, local):
+        pass
+    return local
 
 
 def in_place_shards(size: int, localname):
@@ -192,7 +210,8 @@ def manifest_split(root: Path, manifest: dict[str, Any], split: str, cfg: DataCo
 
 
 def listed_split(path: Path, cfg: DataConfig) -> ShardImages:
-    """The shards a ``.txt`` lists: counted, and their classes read, from the shards themselves."""
+    """The shards a ``.txt`` lists (paths, or URLs fetched into the cache once): counted, and their
+    classes read, from the shards themselves."""
     lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     if not lines:
         raise DataError(f"{path}: lists no shards")
@@ -205,11 +224,9 @@ def listed_split(path: Path, cfg: DataConfig) -> ShardImages:
     counts, targets = [], []
     for (n, _), url in zip(lines, urls):
         try:
-            shard = wids.wids.IndexedTarSamples(path=url) if "://" not in url else None
-        except Exception as e:  # a truncated or foreign tar: wids asserts on its index
+            shard = wids.wids.IndexedTarSamples(path=fetch(url) if "://" in url else url)
+        except Exception as e:  # a failed fetch, a truncated or foreign tar (wids asserts on its index)
             raise DataError(f"{path}, line {n}: shard {url} cannot be read as a tar of samples ({e or type(e).__name__})") from None
-        if shard is None:
-            raise DataError(f"{path}, line {n}: a URL needs its item count; list local shards, or shard with moco-shard")
         counts.append(len(shard))
         targets += [int(s[".cls"].getvalue()) if ".cls" in s else -1 for s in (shard[i] for i in range(len(shard)))]
         shard.close()
