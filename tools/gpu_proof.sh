@@ -10,8 +10,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"  # the checkout: its package, configs/ and .whl/
 PY=${PYTHON:-python3}  # the interpreter that has torch (python3 on the GPU machine)
-# The wheels in .whl/ (omegaconf's; transformers' for the text cases) where the interpreter lacks them.
-if ! "$PY" -c "import omegaconf, transformers" 2>/dev/null && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+# The wheels in .whl/ (omegaconf's; webdataset's and wids' for shards; transformers' for the text
+# cases) where the interpreter lacks them.
+if ! "$PY" -c "import omegaconf, transformers, webdataset, wids" 2>/dev/null && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/moco_site "$ROOT"/.whl/*.whl
     export PYTHONPATH="/tmp/moco_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
