@@ -230,19 +230,24 @@ def listed_split(path: Path, cfg: DataConfig) -> ShardImages:
         counts.append(len(shard))
         targets += [int(s[".cls"].getvalue()) if ".cls" in s else -1 for s in (shard[i] for i in range(len(shard)))]
         shard.close()
+    if not targets:
+        raise DataError(f"{path}: its {len(urls)} shard(s) hold no samples")
     labelled = all(t >= 0 for t in targets)
     classes = [str(c) for c in range(max(targets) + 1)] if labelled else []
-    shards = [{"url": u, "nsamples": c} for u, c in zip(urls, counts)]
+    shards = [{"url": u, "nsamples": c, **({} if "://" in u else {"bytes": Path(u).stat().st_size})}
+              for u, c in zip(urls, counts)]
     return ShardImages(shards, targets if labelled else [-1] * len(targets), classes, cfg.on_bad_image,
                        cfg.max_bad_images)
 
 
 class ShardOrigin:
     """The shards' fingerprint, kept in checkpoints: a resume onto rewritten shards is refused.
-    A moco-shard folder's shards are named within it (the folder may move); a listed one by its path."""
+    A moco-shard folder's shards are named within it (the folder may move) and known by their
+    SHA-256; a listed one by its path and its size (a URL's by its path alone)."""
 
     def __init__(self, images: ShardImages):
-        self.shards = [(s.get("label", s["url"]), s["nsamples"], s.get("sha256", "")) for s in images.shards]
+        self.shards = [(s.get("label", s["url"]), s["nsamples"], s.get("sha256") or str(s.get("bytes", "")))
+                       for s in images.shards]
 
     def state(self) -> dict[str, Any]:
         digest = hashlib.sha256(json.dumps(self.shards).encode()).hexdigest()
@@ -255,7 +260,7 @@ class ShardOrigin:
         for old, new in zip(theirs["list"], self.shards):
             if list(old) != list(new):
                 return (f"was trained on other shards: {new[0]} has changed since (items {old[1]} -> {new[1]}, "
-                        f"sha256 {old[2][:12] or '?'} -> {new[2][:12] or '?'}); resume on the shards it was trained on")
+                        f"{old[2][:12] or '?'} -> {new[2][:12] or '?'}); resume on the shards it was trained on")
         return f"was trained on {len(theirs['list'])} shards, and data.root lists {len(self.shards)}"
 
 
