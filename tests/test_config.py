@@ -85,7 +85,7 @@ def test_every_shipped_config_loads(path):
     if path.name == "scifact_contriever_gpu.yaml":  # layered on the CPU recipe, as its header says
         gpu = load_config([str(path.with_name("scifact_contriever.yaml")), str(path)], ["train.device=cpu"])
         assert gpu.model.params["length_buckets"] == 1 and gpu.train.cuda_graphs and gpu.model.params["layers"] == 2
-        assert gpu.optim.lr == 2.8e-3 and gpu.data.text.chunk_length == 128
+        assert gpu.optim.lr == 4.0e-3 and gpu.data.text.chunk_length == 128
     if path.name == "moco_v2_imagenet.yaml":  # layered on v1, as its header says
         v2 = load_config([str(path.with_name("moco_v1_imagenet.yaml")), str(path)], ["data.root=/data"])
         assert (v2.model.arch, v2.model.head, v2.loss.temperature, v2.optim.schedule) == ("resnet50", "mlp", 0.2, "cosine")

@@ -41,7 +41,7 @@ V3_VIT = ("model.freeze_patch_embed=true", "model.hidden_dim=4096", "model.dim=2
 TEXT = ("model.bn=plain", "model.bn_splits=1", "optim.name=adamw", "optim.betas=[0.9,0.98]", "optim.eps=1e-6",
         "optim.weight_decay=0.01", "loss.temperature=0.05")
 SCIFACT = (*TEXT, "model.params.layers=2", "model.params.hidden=128", "model.params.heads=2",
-           "model.params.intermediate=512", "model.params.dropout=0", "model.dim=128", "optim.lr=2.8e-3",
+           "model.params.intermediate=512", "model.params.dropout=0", "model.dim=128", "optim.lr=4e-3",
            "data.text.chunk_length=128")
 CONTRIEVER = (*TEXT, "model.params.layers=12", "model.params.hidden=768", "model.params.heads=12",
               "model.params.intermediate=3072", "model.dim=768", "model.normalize=false", "model.momentum=0.9995",
