@@ -55,44 +55,22 @@ def _cached_const(values: tuple[float, ...], device: torch.device) -> Tensor:
 # Parameters
 # ---------------------------------------------------------------------------------------------
 def crop_boxes(n: int, height: int, width: int, scale, ratio, generator: torch.Generator) -> Tensor:
-    """Random resized crop boxes as torchvision's ``RandomResizedCrop.get_params`` draws them.
+    """Random resized crop boxes as torchvision's ``RandomResizedCrop.get_params`` draws them,
+    for n images of one size: :func:`crop_boxes_each` with every size (height, width).
 
     Returns:
         (n, 4) float tensor of (top, left, h, w) in whole pixels, on the generator's device.
     """
     device = generator.device
-    tries = 10
-    area = height * width
-    u = torch.rand(n, tries, 4, device=device, generator=generator)
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
-    w = torch.round(torch.sqrt(target_area * aspect))
-    h = torch.round(torch.sqrt(target_area / aspect))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (n, tries)
-    # randint(0, H - h + 1) as floor(U * (H - h + 1)).
-    top = torch.floor(u[..., 2] * (height - h + 1))
-    left = torch.floor(u[..., 3] * (width - w + 1))
-    first = torch.where(ok, torch.arange(tries, device=device), tries).amin(dim=1)  # first valid try
-    found = first < tries
-    pick = first.clamp(max=tries - 1)[:, None]
-    box = torch.stack([t.gather(1, pick)[:, 0] for t in (top, left, h, w)], dim=1)
-    # torchvision's fallback after ten misses: the whole image cropped to the nearest allowed ratio.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fh, fw = height, round(height * ratio[1])
-    else:
-        fw, fh = width, height
-    fallback = _const((float((height - fh) // 2), float((width - fw) // 2), float(fh), float(fw)), device)
-    return torch.where(found[:, None], box, fallback)
+    return crop_boxes_each(torch.full((n,), height, device=device), torch.full((n,), width, device=device),
+                           scale, ratio, generator)
 
 
 def crop_boxes_each(heights: Tensor, widths: Tensor, scale, ratio, generator: torch.Generator) -> Tensor:
-    """:func:`crop_boxes` for n images of their own sizes ``heights``, ``widths`` (n,): the same
-    draws from ``generator`` (so images of one size get the very boxes :func:`crop_boxes` gives),
-    the fallback computed per image. Returns (n, 4) float (top, left, h, w)."""
+    """Random resized crop boxes for n images of their own sizes ``heights``, ``widths`` (n,), as
+    torchvision's ``RandomResizedCrop.get_params`` draws them for each: area fraction ~ U(scale),
+    log aspect ratio ~ U(log ratio), the first of ten tries that fits, else the whole image cut to
+    the nearest allowed ratio. Returns (n, 4) float (top, left, h, w) in whole pixels."""
     device = generator.device
     tries = 10
     height, width = heights.to(device).float()[:, None], widths.to(device).float()[:, None]  # (n, 1)
@@ -300,7 +278,7 @@ def random_views(images: Tensor, spec: ViewSpec, generator: torch.Generator, app
     return apply(x, draw_params(n, height, width, spec, generator), spec)
 
 
-def ragged_crops(images: list[Tensor], boxes: Tensor, flip: Tensor, size: int) -> Tensor:
+def ragged_crops(images: list[Tensor], sizes: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
     """The crops ``boxes`` (n, 4) of n images of their own sizes, flipped where ``flip``, resized
     to ``size``: (n, 3, size, size) float in [0, 1], as ``grid_sample`` (bilinear, border
     padding, align_corners=False) makes them from each image alone, in a few batched gathers.
@@ -308,10 +286,10 @@ def ragged_crops(images: list[Tensor], boxes: Tensor, flip: Tensor, size: int) -
     Output pixel u of a box (left j, width w) samples x = j + (u + ½)·w/size − ½ (mirrored,
     u → size − 1 − u), clipped to [0, W − 1] as border padding clips it; the four neighbours
     are read from all images laid end to end, so the memory is the output's, whatever the sizes.
+    ``sizes`` (n, 2) are the images' (H_i, W_i) on the boxes' device.
     """
     device = boxes.device
-    heights = torch.tensor([x.shape[-2] for x in images], device=device)
-    widths = torch.tensor([x.shape[-1] for x in images], device=device)
+    heights, widths = sizes.long().unbind(1)
     flat = torch.cat([x.reshape(3, -1) for x in images], dim=1)  # (3, Σ H_i·W_i) uint8
     offsets = torch.cumsum(heights * widths, 0) - heights * widths
     top, left, h, w = boxes.unbind(1)
@@ -352,7 +330,7 @@ def ragged_views(images: list[Tensor], spec: ViewSpec, generator: torch.Generato
         return random_views(torch.stack(images), spec, generator)
     sizes = torch.tensor([tuple(x.shape[-2:]) for x in images], dtype=torch.float32).to(generator.device)
     p = draw_params(len(images), sizes[:, 0], sizes[:, 1], spec, generator)
-    return finish_views(ragged_crops(images, p.boxes, p.flip, spec.size), p, spec)
+    return finish_views(ragged_crops(images, sizes, p.boxes, p.flip, spec.size), p, spec)
 
 
 def plain_views(images: Tensor, size: int, mean, std) -> Tensor:
