@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from moco_engine.method.losses import blend_log_z, info_nce, info_nce_logits
-from moco_engine.method.negatives import InBatch, MemoryBank, Queue
+from moco_engine.method.memory_bank import MemoryBank
+from moco_engine.method.negatives import InBatch, Queue
 
 
 class ReferenceRing:

@@ -15,7 +15,8 @@ from torch import nn
 from moco_engine.config.loading import load_config
 from moco_engine.config.schema import LossConfig
 from moco_engine.method.encoders import Encoder, MomentumEncoder
-from moco_engine.method.negatives import InBatch, MemoryBank, Queue
+from moco_engine.method.memory_bank import MemoryBank
+from moco_engine.method.negatives import InBatch, Queue
 from moco_engine.method.objectives import Objective, build_objective
 from moco_engine.method.step import Skipped, StepParts, key_function, moco_step
 

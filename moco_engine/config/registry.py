@@ -35,7 +35,7 @@ OWNERS = {
                    "moco_engine.method.text_encoder"),
     "model.head": "moco_engine.method.heads",
     "loss.name": "moco_engine.method.objectives",
-    "negatives.kind": "moco_engine.method.negatives",
+    "negatives.kind": ("moco_engine.method.negatives", "moco_engine.method.memory_bank"),
     "data.name": ("moco_engine.data.sources", "moco_engine.data.text_source", "moco_engine.data.shards"),
     "data.augmentation": "moco_engine.data.recipes",
 }

@@ -35,7 +35,8 @@ from moco_engine.method.losses import (
     pair_loss,
     triplet_loss,
 )
-from moco_engine.method.negatives import MemoryBank, Negatives, NegativeSource
+from moco_engine.method.memory_bank import MemoryBank
+from moco_engine.method.negatives import Negatives, NegativeSource
 
 
 class Objective:
