@@ -18,7 +18,7 @@ import io
 import sys
 import tarfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -101,17 +101,30 @@ class FolderImages(ImageSet):
             raise DataError(f"no images found in {folder} (expected <class>/<image> sub-folders)")
 
     def load(self, i: int) -> Image.Image:
-        for offset in range(min(len(self.paths), 100)):
-            path = self.paths[(i + offset) % len(self.paths)]
-            try:
-                return decode(path)
-            except BAD_IMAGE as e:
-                if self.on_bad == "fail":
-                    raise DataError(f"cannot read image {path}: {e} (data.on_bad_image=skip leaves such files out)") from None
-                if path not in self.bad:
-                    self.bad.add(path)
-                    print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
-        raise DataError(f"no readable image among the 100 files from {self.paths[i]} on")
+        return first_readable(i, len(self.paths), lambda j: decode(self.paths[j]), self.skip,
+                              f"the 100 files from {self.paths[i]} on")
+
+    def skip(self, i: int, error: Exception) -> None:
+        path = self.paths[i]
+        if self.on_bad == "fail":
+            raise DataError(f"cannot read image {path}: {error} (data.on_bad_image=skip leaves such files out)") from None
+        if path not in self.bad:
+            self.bad.add(path)
+            print(f"warning: skipping unreadable image {path}: {error}", file=sys.stderr, flush=True)
+
+
+def first_readable(i: int, n: int, read: Callable[[int], Image.Image], skip: Callable[[int, Exception], None],
+                   where: str) -> Image.Image:
+    """Item ``i`` decoded, or under skipping the first readable one of the (at most 100) after it:
+    ``read(j)`` decodes item j (raising one of :data:`BAD_IMAGE`), ``skip(j, error)`` counts it or
+    stops the run. A stand-in keeps the epoch's length, so the sampler's order is unchanged."""
+    for offset in range(min(n, 100)):
+        j = (i + offset) % n
+        try:
+            return read(j)
+        except BAD_IMAGE as e:
+            skip(j, e)
+    raise DataError(f"no readable image among {where}")
 
 
 def read_archive(path: Path, split: str, on_bad: str = "fail") -> ArrayImages:

@@ -35,7 +35,13 @@ import torch
 from PIL import Image
 
 from moco_engine.config.schema import DataConfig
-from moco_engine.data.images import BAD_IMAGE, IMAGE_EXTENSIONS, DataError, ImageSet, decode
+from moco_engine.data.images import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    ImageSet,
+    decode,
+    first_readable,
+)
 from moco_engine.data.items import Splits
 from moco_engine.data.sources import IMAGE_SETTINGS, match_classes, register_data_source
 
@@ -46,13 +52,6 @@ EXTENSIONS = IMAGE_EXTENSIONS  # a wids sample's keys: ".jpg", ".cls", "__key__"
 
 def shard_name(k: int) -> str:
     return f"shard-{k:06d}.tar"
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write ``value`` as JSON, whole or not at all (a temporary file renamed)."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -111,16 +110,12 @@ class ShardImages(ImageSet):
         return torch.frombuffer(bytearray(self.sample_bytes(i)), dtype=torch.uint8)
 
     def load(self, i: int) -> Image.Image:
-        n = len(self.targets)
-        for offset in range(min(n, 100)):
-            j = (i + offset) % n
-            data = self.sample_bytes(j)
-            self.reads += 1
-            try:
-                return decode(io.BytesIO(data))
-            except BAD_IMAGE as e:
-                self.skip(j, e)
-        raise DataError(f"no readable image among the 100 items from {i} on")
+        return first_readable(i, len(self.targets), self.decode_item, self.skip, f"the 100 items from {i} on")
+
+    def decode_item(self, i: int) -> Image.Image:
+        data = self.sample_bytes(i)
+        self.reads += 1
+        return decode(io.BytesIO(data))
 
     def skip(self, i: int, error: Exception | str) -> None:
         """Count item ``i`` as unreadable; stop when skipping is off or past the share allowed."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -33,7 +34,7 @@ import numpy as np
 
 from moco_engine.config.schema import UserError
 from moco_engine.data.images import IMAGE_EXTENSIONS
-from moco_engine.data.shards import MANIFEST, MANIFEST_FORMAT, read_manifest, shard_name, write_json
+from moco_engine.data.shards import MANIFEST, MANIFEST_FORMAT, read_manifest, shard_name
 from moco_engine.tools.cli import run_guarded, with_version
 
 
@@ -105,6 +106,13 @@ def write_shard(path: Path, first: int, images: list[tuple[str, bytes]], targets
     os.replace(tmp, path)
     data = path.read_bytes()
     return {"name": path.name, "nsamples": len(images), "filesize": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON, whole or not at all (a temporary file renamed)."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def write_shards(src: Path, out: Path, shard_size: int, progress: bool = True) -> dict[str, Any]:
