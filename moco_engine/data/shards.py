@@ -35,13 +35,7 @@ import torch
 from PIL import Image
 
 from moco_engine.config.schema import DataConfig
-from moco_engine.data.images import (
-    IMAGE_EXTENSIONS,
-    DataError,
-    ImageSet,
-    decode,
-    first_readable,
-)
+from moco_engine.data.images import IMAGE_EXTENSIONS, DataError, ImageSet, decode, first_readable
 from moco_engine.data.items import Splits
 from moco_engine.data.sources import IMAGE_SETTINGS, match_classes, register_data_source
 
