@@ -138,6 +138,25 @@ def test_the_wordpiece_tokenizer_is_deterministic_and_round_trips_through_json(t
         load_tokenizer(tmp_path / "bad.json")
 
 
+def test_the_continuation_tokens_come_from_the_corpus_characters_as_whole_texts_normalise_them():
+    """Normalising each distinct character gives the characters of the normalised texts: accents
+    as combining marks and precomposed, CJK, control characters, a final sigma, dotted capital I."""
+    from tokenizers import normalizers
+
+    from moco_engine.data.tokenizer import distinct_chars
+
+    texts = ["Cafe\u0301 CAFÉ naïve", "中文字 ΟΔΟΣ İstanbul", "tab\there\x07bell\u200bzero-width", "Ångström ﬁ ½"]
+    texts += read_text_data(EMBEDDED_TEXT).corpus.joined()[:200]
+    for lowercase in (True, False):
+        norm = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+        whole = {c for text in texts for c in norm.normalize_str(text) if not c.isspace()}
+        each = {c for char in distinct_chars(texts) for c in norm.normalize_str(char) if not c.isspace()}
+        assert each == whole
+        assert ({"\u0301", "É", "İ"} & whole == set()) == lowercase  # stripped and lower-cased, or kept
+    vocab = train_wordpiece(texts, 1000).backend().get_vocab()
+    assert {"##中", "##σ", "##e", "##½"} <= set(vocab) and "##\x07" not in vocab
+
+
 def test_a_vocab_txt_folder_gives_berts_special_ids(tmp_path):
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "mice", "eat", "##s"]))
     tok = load_tokenizer(tmp_path)

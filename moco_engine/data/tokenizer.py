@@ -93,7 +93,8 @@ def train_wordpiece(texts: list[str], vocab_size: int, lowercase: bool = True) -
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    chars = sorted({c for text in texts for c in tok.normalizer.normalize_str(text) if not c.isspace()})
+    normalised = (tok.normalizer.normalize_str(char) for char in distinct_chars(texts))
+    chars = sorted({c for piece in normalised for c in piece if not c.isspace()})
     continuations = [f"##{c}" for c in chars]
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL, *continuations],
                                         show_progress=False)
@@ -101,6 +102,20 @@ def train_wordpiece(texts: list[str], vocab_size: int, lowercase: bool = True) -
     spec = json.loads(tok.to_str())
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in SPECIAL]
     return TextTokenizer.from_json(json.dumps(spec, ensure_ascii=False))
+
+
+def distinct_chars(texts: list[str]) -> set[str]:
+    """The characters ``texts`` hold, each once.
+
+    BERT's normaliser acts on each character alone (control characters dropped, CJK ones spaced,
+    NFD with accents stripped, lower case one character at a time), so the corpus's normalised
+    characters are those of its distinct ones: a few hundred characters to normalise instead of
+    the whole corpus (BENCHMARKS.md, "The recipe on a corpus twelve times SciFact's").
+    """
+    seen: set[str] = set()
+    for text in texts:
+        seen.update(text)
+    return seen
 
 
 def load_tokenizer(path: str | Path, lowercase: bool = True) -> TextTokenizer:
