@@ -31,7 +31,7 @@ TINY = [
     "eval.at_start=false",  # tests that want the random-init baseline ask for it
     "eval.batch_size=64",
     "track.progress=false",
-    "track.preview=0",  # a figure a run (matplotlib, about 1 s); the preview's own tests ask for one
+    "track.preview=0",  # no matplotlib figure in every run; the preview's own tests ask for one
 ]
 
 
