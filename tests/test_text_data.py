@@ -267,6 +267,10 @@ def test_queries_that_are_all_empty_are_one_line(tmp_path):
     (root / "queries.jsonl").write_text("\n".join(json.dumps({"_id": q["_id"], "text": " "}) for q in QUERIES) + "\n")
     with pytest.raises(DataError, match=r"queries.jsonl: every one of its 2 queries is empty"):
         read_text_data(root)
+    # A null text is an empty query, as a null title or text is an empty document: not the word "None".
+    (root / "queries.jsonl").write_text("\n".join(json.dumps({"_id": q["_id"], "text": None}) for q in QUERIES) + "\n")
+    with pytest.raises(DataError, match=r"queries.jsonl: every one of its 2 queries is empty"):
+        read_text_data(root)
 
 
 def test_what_beir_reads_this_reads(tmp_path, capsys):

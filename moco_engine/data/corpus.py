@@ -179,7 +179,7 @@ def read_text_data(path: str | Path) -> TextData:
     if "corpus.jsonl" not in files.names:
         raise DataError(f"{path}: no corpus.jsonl (BEIR's layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
     corpus = read_corpus(files, "corpus.jsonl")
-    queries = ({str(o["_id"]): str(o["text"]) for _, o in json_lines(files, "queries.jsonl", ("_id", "text"))}
+    queries = ({str(o["_id"]): str(o["text"] or "") for _, o in json_lines(files, "queries.jsonl", ("_id", "text"))}
                if "queries.jsonl" in files.names else {})
     if queries and not any(text.strip() for text in queries.values()):
         raise DataError(f"{files.label('queries.jsonl')}: every one of its {len(queries)} queries is empty")
