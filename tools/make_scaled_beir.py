@@ -9,8 +9,9 @@ of retrieval quality on the result means little; its times are what it is for (B
 
     python tools/make_scaled_beir.py ../shared/data/scifact-beir.tar.xz .data/scifact-x12 --copies 12
 
-SRC is a BEIR folder or a .tar/.tar.gz/.tar.xz of one (as ``data.root`` takes); OUT gets
-``corpus.jsonl``, ``queries.jsonl`` and ``qrels/``. The same SRC and N give the same bytes.
+SRC is a BEIR folder or a .tar/.tar.gz/.tar.xz of one, read as ``data.root`` is (``corpus.Files``,
+``corpus.read_corpus``: titles and texts stripped); OUT gets ``corpus.jsonl``, ``queries.jsonl``
+and ``qrels/``. The same SRC and N give the same bytes.
 """
 
 from __future__ import annotations
@@ -18,22 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
-import tarfile
-import tempfile
 from pathlib import Path
 
-
-def beir_folder(src: Path, scratch: Path) -> Path:
-    """The folder holding ``corpus.jsonl`` in ``src``, unpacked into ``scratch`` if an archive."""
-    if src.is_file():
-        with tarfile.open(src) as tar:
-            tar.extractall(scratch, filter="data")
-        src = scratch
-    found = sorted(src.rglob("corpus.jsonl"))
-    if not found:
-        raise SystemExit(f"{src}: no corpus.jsonl")
-    return found[0].parent
+from moco_engine.data.corpus import Files, read_corpus
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,21 +32,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = beir_folder(args.src, Path(scratch))
-        args.out.mkdir(parents=True, exist_ok=True)
-        docs = [json.loads(line) for line in (folder / "corpus.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-        with (args.out / "corpus.jsonl").open("w", encoding="utf-8") as f:
-            for copy in range(args.copies):
-                for doc in docs:
-                    if copy:
-                        sentences = doc.get("text", "").split(". ")
-                        rng.shuffle(sentences)
-                        doc = {**doc, "_id": f"r{copy}-{doc['_id']}", "text": ". ".join(sentences)}
-                    f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-        shutil.copy(folder / "queries.jsonl", args.out / "queries.jsonl")
-        shutil.copytree(folder / "qrels", args.out / "qrels", dirs_exist_ok=True)
-    print(f"{args.out}: {len(docs) * args.copies:,} documents ({args.copies} x {len(docs):,})")
+    files = Files(args.src)  # the engine's own reader: a folder or an archive, read in place
+    corpus = read_corpus(files, "corpus.jsonl")
+    (args.out / "qrels").mkdir(parents=True, exist_ok=True)
+    with (args.out / "corpus.jsonl").open("w", encoding="utf-8") as f:
+        for copy in range(args.copies):
+            for doc_id, title, text in zip(corpus.ids, corpus.titles, corpus.texts):
+                if copy:
+                    sentences = text.split(". ")
+                    rng.shuffle(sentences)
+                    doc_id, text = f"r{copy}-{doc_id}", ". ".join(sentences)
+                f.write(json.dumps({"_id": doc_id, "title": title, "text": text}, ensure_ascii=False) + "\n")
+    for name in [n for n in files.names if n == "queries.jsonl" or n.startswith("qrels/")]:
+        (args.out / name).write_text("".join(line + "\n" for _, line in files.lines(name)), encoding="utf-8")
+    print(f"{args.out}: {len(corpus) * args.copies:,} documents ({args.copies} x {len(corpus):,})")
 
 
 if __name__ == "__main__":
