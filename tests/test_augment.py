@@ -11,7 +11,7 @@ import torchvision.transforms.functional as TF
 from torchvision import transforms as T
 
 from moco_engine.config.schema import DataConfig
-from moco_engine.data.augment import (
+from moco_engine.data.images.augment import (
     color_jitter,
     crop_boxes,
     crop_flip_grid,
@@ -22,8 +22,8 @@ from moco_engine.data.augment import (
     random_views,
     view_statistics,
 )
-from moco_engine.data.device import DevicePlain, DeviceTwoViews
-from moco_engine.data.recipes import (
+from moco_engine.data.images.on_device import DevicePlain, DeviceTwoViews
+from moco_engine.data.images.recipes import (
     CIFAR_MEAN,
     CIFAR_STD,
     eval_transform,
@@ -227,7 +227,7 @@ def test_device_views_differ_between_ranks_and_a_resumed_epoch_draws_the_same_on
 def test_moco_v3s_two_views_differ_as_its_recipe_says_and_solarize_is_pils():
     from PIL import Image, ImageOps
 
-    from moco_engine.data.recipes import ViewSpec, view_specs
+    from moco_engine.data.images.recipes import ViewSpec, view_specs
 
     first, second = view_specs("moco_v3", 224)
     assert (first.blur_p, first.solarize_p, second.blur_p, second.solarize_p) == (1.0, 0.0, 0.1, 0.2)

@@ -8,8 +8,9 @@ from conftest import SHARED_DATA
 from PIL import Image
 
 from moco_engine.config.schema import DataConfig
-from moco_engine.data.images import DataError, read_archive, synthetic_images
-from moco_engine.data.recipes import eval_transform, view_transform
+from moco_engine.data.errors import DataError
+from moco_engine.data.images.recipes import eval_transform, view_transform
+from moco_engine.data.images.sets import read_archive, synthetic_images
 from moco_engine.data.sampling import EpochSampler, Indexed, TwoViews
 from moco_engine.data.sources import build_splits
 
@@ -123,7 +124,7 @@ def _image_folder(root, classes_per_split, size=8):
 
 @pytest.mark.fault("data")
 def test_a_corrupt_image_met_by_a_loader_worker_is_the_same_one_line(tmp_path):
-    from moco_engine.data.images import FolderImages
+    from moco_engine.data.images.sets import FolderImages
     from moco_engine.data.sampling import make_loader
 
     _image_folder(tmp_path, {"train": ["a", "b"]})
@@ -137,7 +138,7 @@ def test_a_corrupt_image_met_by_a_loader_worker_is_the_same_one_line(tmp_path):
 @pytest.mark.fault("data")
 @pytest.mark.parametrize("limit", [40, 20])  # a 64-pixel image: PIL warns past its limit, raises past twice it
 def test_decompression_bombs_count_as_bad_images(tmp_path, monkeypatch, limit, capsys):
-    from moco_engine.data.images import FolderImages
+    from moco_engine.data.images.sets import FolderImages
 
     (tmp_path / "a").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "0.png")  # 64 pixels: the "bomb"

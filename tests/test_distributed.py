@@ -113,7 +113,7 @@ def shard_root(tmp_path_factory):
     """moco-shard's folder of 120 JPEGs (3 classes) and 24 test ones."""
     from test_shards import image_tree
 
-    from moco_engine.tools.shard import write_shards
+    from moco_engine.data.shards.writer import write_shards
 
     base = tmp_path_factory.mktemp("shards")
     write_shards(image_tree(base / "src"), base / "out", shard_size=16, progress=False)

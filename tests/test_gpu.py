@@ -8,8 +8,8 @@ import torch
 from conftest import TINY
 
 from moco_engine.config.loading import load_config
-from moco_engine.data.augment import random_views
-from moco_engine.data.recipes import view_spec
+from moco_engine.data.images.augment import random_views
+from moco_engine.data.images.recipes import view_spec
 from moco_engine.method.norms import SplitBatchNorm
 from moco_engine.run.trainer import Trainer
 

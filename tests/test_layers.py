@@ -68,9 +68,9 @@ def test_no_module_imports_another_modules_underscore_names():
 
 #: Modules of one modality: the run layer reaches them only through modality-neutral ones
 #: (the loaders' source state, the evaluation layer's monitor).
-MODALITY_MODULES = ("moco_engine.data.text", "moco_engine.data.text_source", "moco_engine.data.tokenizer",
-                    "moco_engine.data.corpus", "moco_engine.data.images", "moco_engine.data.device",
-                    "moco_engine.data.augment", "moco_engine.data.recipes", "moco_engine.method.text_encoder",
+MODALITY_MODULES = ("moco_engine.data.text.views", "moco_engine.data.text.source", "moco_engine.data.text.tokenizer",
+                    "moco_engine.data.text.corpus", "moco_engine.data.images.sets", "moco_engine.data.images.on_device",
+                    "moco_engine.data.images.augment", "moco_engine.data.images.recipes", "moco_engine.method.text_encoder",
                     "moco_engine.method.vit", "moco_engine.method.timm_backbones", "moco_engine.evaluation.retrieval",
                     "moco_engine.evaluation.text_eval", "moco_engine.evaluation.export_text")
 

@@ -18,7 +18,8 @@ from conftest import ROOT, TINY
 from PIL import Image
 
 from moco_engine.config.loading import load_config
-from moco_engine.data.images import DataError, FolderImages, read_archive
+from moco_engine.data.errors import DataError
+from moco_engine.data.images.sets import FolderImages, read_archive
 from moco_engine.method.objectives import Objective
 from moco_engine.run.checkpoint import checkpoint_files, latest_checkpoint, load_checkpoint
 from moco_engine.run.trainer import Trainer

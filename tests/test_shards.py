@@ -17,12 +17,12 @@ from conftest import ROOT, TINY
 from PIL import Image
 
 from moco_engine.config.loading import load_config
-from moco_engine.data.images import DataError
+from moco_engine.data.errors import DataError
 from moco_engine.data.loaders import build_loaders
-from moco_engine.data.shards import MANIFEST
+from moco_engine.data.shards.reader import MANIFEST
+from moco_engine.data.shards.writer import write_shards
 from moco_engine.run.checkpoint import CheckpointError
 from moco_engine.run.trainer import Trainer
-from moco_engine.tools.shard import write_shards
 
 CLASSES = ("cat", "dog", "owl")
 
@@ -226,8 +226,13 @@ def test_a_corrupt_jpeg_is_skipped_and_counted_and_too_many_stop_the_run(shards,
 def test_the_gathered_crops_of_one_size_are_the_batched_views():
     """Per-image sizes draw the very parameters one size draws, and the gathered crops with the
     colour operations after them are random_views' to float rounding."""
-    from moco_engine.data.augment import draw_params, finish_views, ragged_crops, random_views
-    from moco_engine.data.recipes import view_specs
+    from moco_engine.data.images.augment import (
+        draw_params,
+        finish_views,
+        ragged_crops,
+        random_views,
+    )
+    from moco_engine.data.images.recipes import view_specs
 
     spec = view_specs("moco_v2", 24, 0.0)[0]
     images = torch.randint(0, 256, (6, 3, 40, 56), dtype=torch.uint8)
@@ -243,8 +248,8 @@ def test_ragged_views_crop_each_image_within_its_own_size():
     image's last row and column, which is what border padding reads beyond it."""
     import torch.nn.functional as F
 
-    from moco_engine.data.augment import crop_flip_grid, draw_params, ragged_views
-    from moco_engine.data.recipes import view_specs
+    from moco_engine.data.images.augment import crop_flip_grid, draw_params, ragged_views
+    from moco_engine.data.images.recipes import view_specs
 
     spec = view_specs("moco_v2", 16, 0.0)[0]
     spec = dataclasses.replace(spec, jitter_p=0.0, gray_p=0.0, blur_p=0.0)  # the crop alone
@@ -271,7 +276,7 @@ def large_shards(tmp_path_factory):
 def test_the_two_decoders_give_the_same_pixels_up_to_rounding(large_shards):
     from torchvision.io import decode_jpeg
 
-    from moco_engine.data.shards import manifest_split, read_manifest
+    from moco_engine.data.shards.reader import manifest_split, read_manifest
 
     cfg = load_config([], ["data.name=shards", f"data.root={large_shards}"]).data
     items = manifest_split(large_shards, read_manifest(large_shards), "train", cfg)

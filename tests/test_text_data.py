@@ -12,10 +12,12 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from moco_engine.data.corpus import read_sts, read_text_data
-from moco_engine.data.images import DataError
+from moco_engine.data.errors import DataError
 from moco_engine.data.sampling import EpochSampler
-from moco_engine.data.text import (
+from moco_engine.data.text.corpus import read_sts, read_text_data
+from moco_engine.data.text.source import EMBEDDED_TEXT
+from moco_engine.data.text.tokenizer import TextTokenizer, load_tokenizer, train_wordpiece
+from moco_engine.data.text.views import (
     SpanSpec,
     TextTwoViews,
     TokenStream,
@@ -23,8 +25,6 @@ from moco_engine.data.text import (
     span_views,
     uniform,
 )
-from moco_engine.data.text_source import EMBEDDED_TEXT
-from moco_engine.data.tokenizer import TextTokenizer, load_tokenizer, train_wordpiece
 
 DOCS = [{"_id": "d1", "title": "Mice", "text": "Mice eat cheese."}, {"_id": "d2", "title": "", "text": "Cats chase mice."},
         {"_id": "d3", "title": "Dogs", "text": "Dogs bark at cats."}]
@@ -143,7 +143,7 @@ def test_the_continuation_tokens_come_from_the_corpus_characters_as_whole_texts_
     as combining marks and precomposed, CJK, control characters, a final sigma, dotted capital I."""
     from tokenizers import normalizers
 
-    from moco_engine.data.tokenizer import distinct_chars
+    from moco_engine.data.text.tokenizer import distinct_chars
 
     texts = ["Cafe\u0301 CAFÉ naïve", "中文字 ΟΔΟΣ İstanbul", "tab\there\x07bell\u200bzero-width", "Ångström ﬁ ½"]
     texts += read_text_data(EMBEDDED_TEXT).corpus.joined()[:200]

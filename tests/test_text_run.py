@@ -49,7 +49,7 @@ def test_a_text_run_monitors_retrieval_on_the_train_qrels_and_keeps_its_tokenize
 
 
 def test_the_monitor_never_reads_the_test_qrels(tmp_path, monkeypatch):
-    import moco_engine.data.corpus as corpus
+    import moco_engine.data.text.corpus as corpus
 
     asked = []
     original = corpus.TextData.split
@@ -60,7 +60,7 @@ def test_the_monitor_never_reads_the_test_qrels(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["queue", "memory_bank"])
 def test_a_resumed_text_run_ends_bit_identical_to_a_straight_one(tmp_path, monkeypatch, kind):
-    import moco_engine.data.text_source as text_source
+    import moco_engine.data.text.source as text_source
 
     run = [f"negatives.kind={kind}", "data.text.chunk_length=62"]  # longer chunks: fewer for the bank to encode
     straight = Trainer(text_cfg(tmp_path / "a", *run))
@@ -156,7 +156,7 @@ def test_the_sentence_transformers_export_gives_the_embeddings_retrieval_uses(tm
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from moco_engine.data.text import TextPlain
+    from moco_engine.data.text.views import TextPlain
     from moco_engine.evaluation.retrieval import encode_texts
 
     trainer = Trainer(text_cfg(tmp_path, "train.epochs=1"))
@@ -289,7 +289,7 @@ def test_a_beir_set_with_judged_empty_and_missing_documents_trains_and_evaluates
     scored, a judged id missing from the corpus is a warning, and the run and moco-eval go on."""
     import tarfile
 
-    from moco_engine.data.text_source import EMBEDDED_TEXT
+    from moco_engine.data.text.source import EMBEDDED_TEXT
 
     with tarfile.open(EMBEDDED_TEXT) as tar:
         tar.extractall(tmp_path / "set", filter="data")

@@ -1,7 +1,7 @@
 """Compare the device path's views with the PIL recipe's, by distribution, on real images.
 
 The device data path (``moco_engine/augment.py``) re-implements the torchvision/PIL view recipe
-(``moco_engine.data.recipes.view_transform``) as batched tensor ops. This draws ``--views`` views of each
+(``moco_engine.data.images.recipes.view_transform``) as batched tensor ops. This draws ``--views`` views of each
 of the first ``--images`` images of an archive from both and prints, per view statistic
 (``augment.view_statistics``), the mean and the 10/50/90% quantiles of each path:
 
@@ -22,9 +22,9 @@ import torchvision.transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moco_engine.data.augment import random_views, view_statistics  # noqa: E402
-from moco_engine.data.images import read_archive  # noqa: E402
-from moco_engine.data.recipes import view_spec, view_transform  # noqa: E402
+from moco_engine.data.images.augment import random_views, view_statistics  # noqa: E402
+from moco_engine.data.images.recipes import view_spec, view_transform  # noqa: E402
+from moco_engine.data.images.sets import read_archive  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

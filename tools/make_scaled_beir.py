@@ -21,7 +21,7 @@ import json
 import random
 from pathlib import Path
 
-from moco_engine.data.corpus import Files, read_corpus
+from moco_engine.data.text.corpus import Files, read_corpus
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ import random
 import tarfile
 from pathlib import Path
 
-from moco_engine.data.corpus import read_text_data
+from moco_engine.data.text.corpus import read_text_data
 
 DOCUMENTS = 600
 TEST_QUERIES = 150

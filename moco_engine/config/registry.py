@@ -36,8 +36,9 @@ OWNERS = {
     "model.head": "moco_engine.method.heads",
     "loss.name": "moco_engine.method.objectives",
     "negatives.kind": ("moco_engine.method.negatives", "moco_engine.method.memory_bank"),
-    "data.name": ("moco_engine.data.sources", "moco_engine.data.text_source", "moco_engine.data.shards"),
-    "data.augmentation": "moco_engine.data.recipes",
+    "data.name": ("moco_engine.data.sources", "moco_engine.data.images.sources", "moco_engine.data.text.source",
+                  "moco_engine.data.shards.source"),
+    "data.augmentation": "moco_engine.data.images.recipes",
 }
 
 #: The registries created so far, by setting.

@@ -28,7 +28,7 @@ class ConfigError(UserError):
 
 @dataclass
 class TextDataConfig:
-    """data.name=text: the tokenizer and Contriever's views (data/text.py)."""
+    """data.name=text: the tokenizer and Contriever's views (data/text/views.py)."""
 
     tokenizer: str = ""  # "" (a WordPiece trained on the training corpus) | a tokenizer.json | a local Hugging Face model folder
     vocab_size: int = 8192  # the trained WordPiece's vocabulary size (at most)
@@ -52,7 +52,7 @@ class DataConfig:
     train_split: str = "train"  # imagefolder: sub-folder of the pretraining images
     test_split: str = "test"  # imagefolder: sub-folder of the kNN query images ("" = none)
     download: bool = False  # cifar10 only: let torchvision download it
-    augmentation: str = "cifar_light"  # cifar | cifar_light | moco_v1 | moco_v2 | any registered recipe (data/recipes.py; the experiment recipes set theirs)
+    augmentation: str = "cifar_light"  # cifar | cifar_light | moco_v1 | moco_v2 | any registered recipe (data/images/recipes.py; the experiment recipes set theirs)
     image_size: int = 32  # crop size of the augmentations
     crop_min: float = 0.0  # the crops' smallest scale in place of the recipe's (0: the recipe's own; MoCo v3's ResNets: 0.2)
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)

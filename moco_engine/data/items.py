@@ -59,8 +59,8 @@ class Splits:
             torch's global RNG, which the loader seeds per (seed, epoch, item): a resumed run
             sees the views an uninterrupted one would.
         plain: the deterministic view evaluation encodes (None: images, the recipe's).
-        text: the text source's corpus (``data/text_source.TextCorpus``): the items are its
-            chunks, viewed batched on the device (``data/text.py``), not one by one.
+        text: the text source's corpus (``data/text/source.TextCorpus``): the items are its
+            chunks, viewed batched on the device (``data/text/views.py``), not one by one.
         origin: what a checkpoint keeps of the source, to refuse a resume on other data:
             ``state()`` (top-level keys of the snapshot) and ``misfit(saved)`` (why not, or None);
             the text corpus (its tokenizer), the shards' fingerprint; None: nothing.

@@ -7,7 +7,7 @@
   processes (``sampling.Indexed`` seeds each item's views by (seed, epoch, index)): images
   through the recipe's PIL transforms, other items through the source's own view;
 - ``data.pipeline=device`` (images only): decoded once into device memory and augmented there
-  in batches (``device.py``; each step's views seeded by (seed, epoch, step, rank));
+  in batches (``images/on_device.py``; each step's views seeded by (seed, epoch, step, rank));
 - ``data.pipeline=auto`` (the default): the device path for the small data sets of known size,
   :func:`resolve_pipeline`.
 
@@ -27,22 +27,28 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
+from moco_engine.config.registry import registry
 from moco_engine.config.schema import Config, DataConfig, UserError
-from moco_engine.data.device import DevicePlain, DeviceTwoViews, step_generator, to_device_tensor
-from moco_engine.data.items import ItemSet, Splits
-from moco_engine.data.recipes import (
+from moco_engine.data.images.on_device import (
+    DevicePlain,
+    DeviceTwoViews,
+    step_generator,
+    to_device_tensor,
+)
+from moco_engine.data.images.recipes import (
     ViewSpec,
     eval_transform,
     probe_transform,
     view_specs,
     view_transforms,
 )
+from moco_engine.data.items import ItemSet, Splits
 from moco_engine.data.sampling import EpochSampler, Indexed, ReshuffledEpochs, TwoViews, make_loader
-from moco_engine.data.sources import SOURCES, build_splits
-from moco_engine.data.stream import StreamTwoViews, decode_batch
-from moco_engine.data.text import ChunkPlain, TextTwoViews
-from moco_engine.data.text_source import query_length, resumed_tokenizer, text_splits
-from moco_engine.data.tokenizer import TextTokenizer
+from moco_engine.data.shards.decode import StreamTwoViews, decode_batch
+from moco_engine.data.sources import build_splits
+from moco_engine.data.text.source import query_length, resumed_tokenizer, text_splits
+from moco_engine.data.text.tokenizer import TextTokenizer
+from moco_engine.data.text.views import ChunkPlain, TextTwoViews
 
 
 @dataclass
@@ -106,7 +112,7 @@ class Loaders:
 
     def items_at(self, epoch: int) -> None:
         """Make the plain train views the items as ``epoch`` cuts them: text's stream chunks
-        move each epoch (``data/text.py``); images and other items stay as they are."""
+        move each epoch (``data/text/views.py``); images and other items stay as they are."""
         for loader in (self.plain_train, self.plain_train_shard):
             if isinstance(loader, ChunkPlain):
                 loader.set_epoch(epoch)
@@ -140,7 +146,7 @@ def resolve_pipeline(data: DataConfig) -> str:
     image folder may not fit; synthetic images are drawn per item: nothing to decode)."""
     if data.pipeline != "auto":
         return data.pipeline
-    return "device" if SOURCES[data.name].in_memory else "cpu"
+    return "device" if registry("data.name")[data.name].in_memory else "cpu"
 
 
 def resumed_source(cfg: Config, saved: dict[str, Any]) -> Any:

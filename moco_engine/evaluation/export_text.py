@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from moco_engine.config.schema import Config, UserError
-from moco_engine.data.text_source import query_length
-from moco_engine.data.tokenizer import SPECIAL
+from moco_engine.data.text.source import query_length
+from moco_engine.data.text.tokenizer import SPECIAL
 from moco_engine.method.encoders import Encoder
 from moco_engine.method.text_encoder import TextEncoder
 

@@ -119,13 +119,13 @@ def bm25_run(doc_texts: list[str], doc_ids: list[str], queries: dict[str, str],
 def retrieval_eval(model: nn.Module, corpus, split: str, batch_size: int, cosine: bool, device: torch.device,
                    dtype: torch.dtype | None = None) -> dict[str, float]:
     """nDCG@10, recall@100 and MRR@10 of ``model`` on the queries judged in ``split`` of a text
-    source's corpus (``data/text_source.TextCorpus``): documents truncated at
+    source's corpus (``data/text/source.TextCorpus``): documents truncated at
     ``data.text.max_length`` tokens, queries at ``query_max_length``.
 
     Raises:
         DataError: the corpus has no qrels of that split.
     """
-    from moco_engine.data.text import TextPlain
+    from moco_engine.data.text.views import TextPlain
 
     queries, qrels = corpus.data.split(split)
     qids = list(queries)

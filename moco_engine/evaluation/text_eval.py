@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from moco_engine.config.schema import Config
-from moco_engine.data.corpus import read_sts
-from moco_engine.data.text import TextPlain
-from moco_engine.data.text_source import open_text, span_spec
-from moco_engine.data.tokenizer import TextTokenizer
+from moco_engine.data.text.corpus import read_sts
+from moco_engine.data.text.source import open_text, span_spec
+from moco_engine.data.text.tokenizer import TextTokenizer
+from moco_engine.data.text.views import TextPlain
 from moco_engine.evaluation.retrieval import (
     bm25_run,
     by_length,

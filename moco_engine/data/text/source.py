@@ -19,14 +19,14 @@ import torch
 
 from moco_engine.config.loading import differing_values, to_dict
 from moco_engine.config.schema import Config, ConfigError, DataConfig
-from moco_engine.data.corpus import TextData, read_text_data
-from moco_engine.data.images import DataError
+from moco_engine.data.errors import DataError
 from moco_engine.data.items import ItemSet, Splits
 from moco_engine.data.sources import register_data_source
-from moco_engine.data.text import SpanSpec, TokenStream
-from moco_engine.data.tokenizer import TextTokenizer, load_tokenizer, train_wordpiece
+from moco_engine.data.text.corpus import TextData, read_text_data
+from moco_engine.data.text.tokenizer import TextTokenizer, load_tokenizer, train_wordpiece
+from moco_engine.data.text.views import SpanSpec, TokenStream
 
-EMBEDDED_TEXT = Path(__file__).parents[1] / "assets" / "scifact_sample.tar.xz"
+EMBEDDED_TEXT = Path(__file__).parents[2] / "assets" / "scifact_sample.tar.xz"
 # A document's tokens beyond this are cut (with a warning): one of millions of tokens would
 # otherwise fill the stream, and the memory bank, with chunks of itself.
 MAX_DOCUMENT_TOKENS = 100_000
@@ -68,7 +68,7 @@ class TextCorpus:
                 f"{sizes[1]}; data.text.* or data.root changed): resume with the settings it was trained with")
 
 
-#: The settings that make a trained tokenizer (data/tokenizer.py): a resume keeps its
+#: The settings that make a trained tokenizer (data/text/tokenizer.py): a resume keeps its
 #: checkpoint's only when they are unchanged.
 TOKENIZER_SETTINGS = ("data.text.tokenizer", "data.text.vocab_size", "data.text.lowercase")
 
@@ -100,7 +100,7 @@ class Chunks(ItemSet):
         self.targets, self.classes = [-1] * n, []
 
     def load(self, i: int):
-        raise TypeError("text chunks are viewed in batches on the device (data/text.py), not loaded one by one")
+        raise TypeError("text chunks are viewed in batches on the device (data/text/views.py), not loaded one by one")
 
 
 def span_spec(cfg: DataConfig, tokenizer: TextTokenizer) -> SpanSpec:

@@ -1,4 +1,4 @@
-"""Text views, made batched on the training device: the text counterpart of ``device.py``.
+"""Text views, made batched on the training device: the text counterpart of ``images/on_device.py``.
 
 As Contriever builds its pairs (facebookresearch/contriever, ``src/data.py``: ``Dataset``,
 ``randomcrop``, ``deleteword``, ``replaceword``, ``maskword``, ``add_bos_eos``):

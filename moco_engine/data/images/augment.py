@@ -4,7 +4,7 @@ The CPU path (``data.py``) augments one PIL image at a time in loader workers; o
 cannot keep up with a CIFAR-sized step (the MoCo authors' demo spends half its epoch waiting
 for 16 workers). Here a whole batch is augmented at once, on whatever device holds it, with
 per-sample random parameters drawn from the distribution of a recipe's
-:class:`~moco_engine.data.recipes.ViewSpec` (the same spec the CPU path's PIL transforms are built from):
+:class:`~moco_engine.data.images.recipes.ViewSpec` (the same spec the CPU path's PIL transforms are built from):
 
 - random resized crop: area fraction ~ U(scale), log aspect ratio ~ U(log ratio), ten tries
   then the centre-crop fallback, integer pixel boxes as torchvision rounds them; resampled
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moco_engine.data.recipes import ViewSpec, eval_resize
+from moco_engine.data.images.recipes import ViewSpec, eval_resize
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # as torchvision's rgb_to_grayscale (tensor path)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)

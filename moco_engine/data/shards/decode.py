@@ -5,7 +5,7 @@ host. The training device decodes a batch at once (``torchvision.io.decode_jpeg`
 CUDA, libjpeg-turbo on the CPU, so the same code runs and is tested on a CPU) and makes both
 views there with the device path's augmentations (``augment.ragged_views``: each image cropped
 from its own size, the colour operations on the whole batch). A step's views are seeded by
-(seed, epoch, step, rank), as ``device.py``'s in-memory path seeds them, and the items come in
+(seed, epoch, step, rank), as ``images/on_device.py``'s in-memory path seeds them, and the items come in
 :class:`~moco_engine.data.sampling.EpochSampler`'s order: a resume goes on mid-epoch exactly.
 
 ``data.decode=cpu`` (PIL in the loader, the recipe's PIL transforms) stays the fallback. The two
@@ -23,10 +23,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from moco_engine.data.augment import ragged_views
-from moco_engine.data.device import step_generator
-from moco_engine.data.images import DataError
-from moco_engine.data.recipes import ViewSpec
+from moco_engine.data.errors import DataError
+from moco_engine.data.images.augment import ragged_views
+from moco_engine.data.images.on_device import step_generator
+from moco_engine.data.images.recipes import ViewSpec
 from moco_engine.data.sampling import EpochSampler, quiet_worker_signals
 
 

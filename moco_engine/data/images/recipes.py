@@ -6,7 +6,7 @@ data; the two pipelines are built from that one statement:
 
 - the CPU path (``data.pipeline=cpu``): :func:`view_transform` turns a spec into torchvision's
   PIL transforms, run per image in loader workers;
-- the device path (``data.pipeline=device``): :mod:`moco_engine.data.augment` draws the same
+- the device path (``data.pipeline=device``): :mod:`moco_engine.data.images.augment` draws the same
   distribution as batched tensor ops (``random_views(images, spec, generator)``).
 
 The evaluation view (no randomness) follows one resize rule, :func:`eval_resize`, on both paths.

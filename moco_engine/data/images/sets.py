@@ -24,22 +24,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moco_engine.config.schema import UserError
+from moco_engine.data.errors import DataError
 from moco_engine.data.items import ItemSet
 
-EMBEDDED_ARCHIVE = Path(__file__).parents[1] / "assets" / "cifar10_sample.tar.xz"
+EMBEDDED_ARCHIVE = Path(__file__).parents[2] / "assets" / "cifar10_sample.tar.xz"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-
-class DataError(UserError):
-    """A data path or data set the run cannot use."""
-
-    def __init__(self, message: str):
-        # A DataLoader worker's exception is raised again in the main process as the same type,
-        # with the worker's whole traceback as its message; the last line is the original one.
-        if message.startswith("Caught DataError in DataLoader worker"):
-            message = message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
-        super().__init__(message)
 
 
 # A decompression bomb (more pixels than PIL.Image.MAX_IMAGE_PIXELS: PIL warns, past twice that

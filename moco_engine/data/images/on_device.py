@@ -2,7 +2,7 @@
 
 A data set that fits in device memory (CIFAR-10: 50,000 × 3 × 32 × 32 uint8 = 154 MB) is decoded
 once into one uint8 tensor on the training device; each step gathers its batch from it and
-:mod:`moco_engine.data.augment` makes both views there, batched. No loader processes, no per-step
+:mod:`moco_engine.data.images.augment` makes both views there, batched. No loader processes, no per-step
 host-to-device copy of pixels, no host synchronisation.
 
 The iterables here yield what the DataLoaders of the CPU path yield (``(views, targets, indices)``
@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moco_engine.data.augment import apply_views, plain_views, random_views
-from moco_engine.data.images import ArrayImages, DataError, ImageSet
-from moco_engine.data.recipes import ViewSpec
+from moco_engine.data.errors import DataError
+from moco_engine.data.images.augment import apply_views, plain_views, random_views
+from moco_engine.data.images.recipes import ViewSpec
+from moco_engine.data.images.sets import ArrayImages, ImageSet
 from moco_engine.data.sampling import EpochSampler
 from moco_engine.runtime import compiling
 

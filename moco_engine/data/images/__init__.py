@@ -1,0 +1,1 @@
+"""Image data: sets, sources, recipes, augmentation and the in-memory device path."""

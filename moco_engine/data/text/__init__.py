@@ -1,0 +1,1 @@
+"""Text data: corpora, the tokenizer, span views and the text source."""
