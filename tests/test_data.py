@@ -161,7 +161,7 @@ def test_test_classes_are_matched_to_train_classes_by_name(tmp_path):
 
 
 def test_the_auto_pipeline_decodes_into_memory_only_the_data_sets_known_to_fit():
-    from moco_engine.data.loaders import resolve_pipeline
+    from moco_engine.data.images.source import resolve_pipeline
 
     assert DataConfig().pipeline == "auto"
     assert resolve_pipeline(DataConfig(name="embedded")) == "device"  # the default run's
@@ -169,3 +169,23 @@ def test_the_auto_pipeline_decodes_into_memory_only_the_data_sets_known_to_fit()
     assert resolve_pipeline(DataConfig(name="imagefolder")) == "cpu"  # may not fit in memory
     assert resolve_pipeline(DataConfig(name="synthetic")) == "cpu"
     assert resolve_pipeline(DataConfig(name="embedded", pipeline="cpu")) == "cpu"  # asked for: kept
+
+
+def test_end_workers_ends_a_persistent_loaders_workers_through_the_attribute_torch_keeps_them_in():
+    """sampling.end_workers drops torch's persistent iterator (no public call ends its workers):
+    the attribute must still be where it reads it, and dropping it must end the workers."""
+    from torch.utils.data import DataLoader
+
+    from moco_engine.data.sampling import end_workers, make_loader
+
+    loader = make_loader(list(range(8)), batch_size=4, num_workers=1)
+    assert "_iterator" in vars(DataLoader(list(range(2)))), (
+        "torch's DataLoader no longer keeps its persistent iterator in '_iterator': update sampling.end_workers")
+    next(iter(loader))
+    workers = loader._iterator._workers
+    assert all(w.is_alive() for w in workers)
+    end_workers(loader)
+    for w in workers:
+        w.join(timeout=10)
+    assert loader._iterator is None and not any(w.is_alive() for w in workers)
+    end_workers([1, 2])  # anything else is left alone

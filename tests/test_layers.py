@@ -67,17 +67,16 @@ def test_no_module_imports_another_modules_underscore_names():
 
 
 #: Modules of one modality: the run layer reaches them only through modality-neutral ones
-#: (the loaders' source state, the evaluation layer's monitor).
-MODALITY_MODULES = ("moco_engine.data.text.views", "moco_engine.data.text.source", "moco_engine.data.text.tokenizer",
-                    "moco_engine.data.text.corpus", "moco_engine.data.images.sets", "moco_engine.data.images.on_device",
-                    "moco_engine.data.images.augment", "moco_engine.data.images.recipes", "moco_engine.method.text_encoder",
-                    "moco_engine.method.vit", "moco_engine.method.timm_backbones", "moco_engine.evaluation.retrieval",
-                    "moco_engine.evaluation.text_eval", "moco_engine.evaluation.export_text")
+#: (the data source's declarations and state, the evaluation layer's monitor).
+MODALITY_MODULES = ("moco_engine.data.text", "moco_engine.data.images", "moco_engine.data.shards",
+                    "moco_engine.method.text_encoder", "moco_engine.method.vit", "moco_engine.method.timm_backbones",
+                    "moco_engine.evaluation.retrieval", "moco_engine.evaluation.text_eval",
+                    "moco_engine.evaluation.export_text")
 
 
 def test_the_run_layer_imports_nothing_of_one_modality():
     """Issue 35: the loop, checkpoints and resume never name a modality; a text run's tokenizer
-    is its source's state (data/loaders.py), kept through hooks."""
+    is its source's state (data/sources.py), kept through the source's protocol."""
     found = []
     for module, path in modules().items():
         if module.startswith("moco_engine.run."):
@@ -88,6 +87,26 @@ def test_the_run_layer_imports_nothing_of_one_modality():
             if "tokeniz" in path.read_text().lower():
                 found.append(f"{path.relative_to(PACKAGE.parent)}: names a tokenizer")
     assert not found, "\n".join(found)
+
+
+#: What a module that knows no modality never writes (Issue 41): a modality's attributes and
+#: classes, a comparison of data.name with one, and a loader, its items or its source probed for
+#: what it is.
+MODALITY_BRANCHES = (r"loaders\.text\b", r"splits\.text\b", r"\bChunkPlain\b", r"\bload_encoded\b",
+                     r"data\.name\s*[!=]=", r"\b(hasattr|isinstance)\([^,]*(loader|train|split|source|items)")
+
+
+def test_build_loaders_and_the_run_layer_branch_on_no_modality():
+    """The data source is one protocol: build_loaders dispatches through SOURCES alone and the
+    run asks the source's declarations (images, monitor), never which modality it has."""
+    import re
+
+    neutral = [PACKAGE / "data" / "loaders.py", *sorted((PACKAGE / "run").glob("*.py"))]
+    found = [f"{path.relative_to(PACKAGE.parent)}:{n}: {line.strip()}"
+             for path in neutral for n, line in enumerate(path.read_text().splitlines(), 1)
+             for pattern in MODALITY_BRANCHES if re.search(pattern, line.split("#")[0])]
+    assert not found, "\n".join(found)
+    assert re.search(MODALITY_BRANCHES[-1], "if isinstance(loaders.train, DeviceTwoViews):")  # the check is real
 
 
 def test_the_checker_sees_an_upward_import(tmp_path):

@@ -168,7 +168,7 @@ def test_the_sentence_transformers_export_gives_the_embeddings_retrieval_uses(tm
     # moco-eval (queries at data.text.query_max_length=0: max_length, 48 tokens here).
     long = " ".join(["vitamin d deficiency in mice fed a high fat diet"] * 12)
     texts = ["Mice fed a high-fat diet gain weight.", "Vitamin D deficiency is common in winter.", "short", long]
-    corpus = trainer.loaders.text
+    corpus = trainer.loaders.source.corpus
     assert len(corpus.tokenizer.encode([long])[0]) + 2 > corpus.lengths[1] == 48
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
@@ -204,7 +204,7 @@ def test_a_run_starts_from_a_local_model_folder_and_its_tokenizer(tmp_path):
                                "train.epochs=1"))
     start = trainer.encoder_q.backbone.model.embeddings.word_embeddings.weight.detach().clone()
     assert torch.equal(start, model.embeddings.word_embeddings.weight)
-    assert trainer.loaders.text.tokenizer.vocab_size == len(vocab)
+    assert trainer.loaders.source.corpus.tokenizer.vocab_size == len(vocab)
     trainer.fit()
     assert not torch.equal(start, trainer.encoder_q.backbone.model.embeddings.word_embeddings.weight)
     with pytest.raises(UserError, match="not a local model folder"):
@@ -225,10 +225,10 @@ def test_the_memory_bank_and_in_batch_negatives_train_on_text_chunks(tmp_path, k
     assert steps and all(math.isfinite(r["loss"]) for r in steps)
     if kind == "memory_bank":
         bank = trainer.negatives.bank
-        assert bank.shape == (trainer.loaders.num_items, trainer.cfg.model.dim) and trainer.loaders.num_items == trainer.loaders.text.stream.num_chunks
+        assert bank.shape == (trainer.loaders.num_items, trainer.cfg.model.dim) and trainer.loaders.num_items == trainer.loaders.source.corpus.stream.num_chunks
         assert bool((trainer.negatives.written > 0).all())  # every chunk's row written by the epoch's refresh
         # ... from the chunks as the next epoch cuts them (the stream moves its offset each epoch)
-        stream, plain = trainer.loaders.text.stream, trainer.loaders.plain_train
+        stream, plain = trainer.loaders.source.corpus.stream, trainer.loaders.plain_train
         assert plain.epoch == 1 and plain.docs == stream.chunk_tokens(trainer.cfg.train.seed, 1)
         assert plain.docs != stream.chunk_tokens(trainer.cfg.train.seed, 0)
         trainer.encoder_k.train()

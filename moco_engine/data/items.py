@@ -59,21 +59,14 @@ class Splits:
             torch's global RNG, which the loader seeds per (seed, epoch, item): a resumed run
             sees the views an uninterrupted one would.
         plain: the deterministic view evaluation encodes (None: images, the recipe's).
-        text: the text source's corpus (``data/text/source.TextCorpus``): the items are its
-            chunks, viewed batched on the device (``data/text/views.py``), not one by one.
-        origin: what a checkpoint keeps of the source, to refuse a resume on other data:
-            ``state()`` (top-level keys of the snapshot) and ``misfit(saved)`` (why not, or None);
-            the text corpus (its tokenizer), the shards' fingerprint; None: nothing.
     """
 
     train: ItemSet
     test: ItemSet | None
     view: Callable[[Any], Any] | None = None
     plain: Callable[[Any], Any] | None = None
-    text: Any = None
-    origin: Any = None
 
     @property
     def images(self) -> bool:
         """Whether the items are images (viewed through a recipe)."""
-        return self.view is None and self.text is None
+        return self.view is None

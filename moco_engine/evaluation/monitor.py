@@ -26,12 +26,14 @@ class Monitor:
     def active(self) -> bool:
         """Whether there is anything to monitor: a labelled test split, or queries judged in
         ``eval.retrieval_split``."""
-        text = self.loaders.text
-        return self.loaders.test is not None or (text is not None and self.cfg.retrieval_split in text.data.qrels)
+        loaders = self.loaders
+        if loaders.monitor == "retrieval":
+            return self.cfg.retrieval_split in loaders.source.corpus.data.qrels
+        return loaders.test is not None
 
     def evaluate(self, encoder_q: nn.Module) -> dict[str, float]:
-        """The run's monitor: :meth:`retrieval` for text, else :meth:`knn`."""
-        return self.retrieval(encoder_q) if self.loaders.text is not None else self.knn(encoder_q)
+        """The run's monitor, as its source declares it: :meth:`retrieval` or :meth:`knn`."""
+        return self.retrieval(encoder_q) if self.loaders.monitor == "retrieval" else self.knn(encoder_q)
 
     @torch.no_grad()
     def retrieval(self, encoder_q: nn.Module) -> dict[str, float]:
@@ -39,7 +41,7 @@ class Monitor:
         Selection (the best of a run, a sweep's ranking) sees only this split, never the test
         split that ``moco-eval retrieval`` reports. Every rank computes it whole (the same
         weights give the same figures)."""
-        text = self.loaders.text
+        text = self.loaders.source.corpus
         if self.cfg.retrieval_split not in text.data.qrels:
             return {}
         model = encoder_q.backbone if self.cfg.knn_features == "backbone" else encoder_q

@@ -8,29 +8,29 @@ from typing import Any
 from torch import nn
 
 from moco_engine.config.schema import Config, UserError
-from moco_engine.data.items import Splits
-from moco_engine.data.loaders import plain_loader, probe_loader
-from moco_engine.data.sources import build_splits
+from moco_engine.data.sources import DataSource, open_source
 from moco_engine.evaluation.knn import extract_features, knn_monitor
 from moco_engine.evaluation.probe import linear_probe, linear_probe_cached
 from moco_engine.method.encoders import Encoder
 from moco_engine.runtime.precision import autocast_dtype, resolve_device
 
 
-def labelled_splits(cfg: Config, why: str) -> Splits:
-    """The data's splits, refused in one line unless there is a labelled test split."""
-    splits = build_splits(cfg.data, seed=cfg.train.seed)
+def labelled_source(cfg: Config, why: str) -> DataSource:
+    """The data source, refused in one line unless it has a labelled test split."""
+    source = open_source(cfg)
+    splits = source.splits
     if splits.test is None or not splits.train.labelled:
         raise UserError(f"config key 'data.name' = {cfg.data.name!r} (test split {cfg.data.test_split!r}): {why}")
-    return splits
+    return source
 
 
 def evaluate_knn(cfg: Config, encoder: Encoder) -> dict[str, float]:
     """Weighted kNN (``eval.knn_k``, ``eval.knn_t``) of the test split against the train split:
     the monitor training runs (``evaluation.knn_monitor``), at the run's ``train.precision``."""
     device = resolve_device(cfg.train.device)
-    splits = labelled_splits(cfg, "kNN needs a labelled test split to classify")
-    loader = lambda split: plain_loader(cfg, splits, split, cfg.eval.batch_size)  # noqa: E731
+    source = labelled_source(cfg, "kNN needs a labelled test split to classify")
+    splits = source.splits
+    loader = lambda split: source.plain_loader(split, cfg.eval.batch_size)  # noqa: E731
     model = (encoder.backbone if cfg.eval.knn_features == "backbone" else encoder).to(device)
     result = knn_monitor(model, loader(splits.train), loader(splits.test), len(splits.train), len(splits.test),
                          len(splits.train.classes), cfg.eval.knn_k, cfg.eval.knn_t, device,
@@ -42,18 +42,19 @@ def evaluate_linear(cfg: Config, encoder: Encoder) -> dict[str, Any]:
     """The linear probe of ``linear.*`` on the backbone (its output before the head)."""
     device = resolve_device(cfg.train.device)
     dtype = autocast_dtype(cfg.train.precision, device)
-    splits = labelled_splits(cfg, "the linear probe needs a labelled test split")
+    source = labelled_source(cfg, "the linear probe needs a labelled test split")
+    splits = source.splits
     num_classes = len(splits.train.classes)
     backbone: nn.Module = encoder.backbone.to(device)
     lin = cfg.linear
-    test_loader = plain_loader(cfg, splits, splits.test, lin.batch_size)
+    test_loader = source.plain_loader(splits.test, lin.batch_size)
     if lin.cached:
-        train = extract_features(backbone, plain_loader(cfg, splits, splits.train, lin.batch_size), device,
+        train = extract_features(backbone, source.plain_loader(splits.train, lin.batch_size), device,
                                  normalize=False, dtype=dtype)
         test = extract_features(backbone, test_loader, device, normalize=False, dtype=dtype)
         result = linear_probe_cached(train, test, num_classes, lin, seed=cfg.train.seed)
     else:
-        result = linear_probe(backbone, probe_loader(cfg, splits, lin.batch_size), test_loader, encoder.width,
+        result = linear_probe(backbone, source.probe_loader(lin.batch_size), test_loader, encoder.width,
                               num_classes, lin, device, seed=cfg.train.seed, dtype=dtype)
     return {**result, "variant": "cached" if lin.cached else "augmented", "epochs": lin.epochs, "lr": lin.lr,
             "lr_scaling": lin.lr_scaling, "schedule": lin.schedule, "batch_size": lin.batch_size}

@@ -1,65 +1,108 @@
-"""A run's start, before its first step: the folder (a resume from its checkpoint, or a fresh
-start), the tracker and W&B, the augmentation preview, and the lines that say what the run lacks.
+"""A run's start, before its first step: the checkpoint a resume continues from (read once), the
+run folder and what goes into it, the tracker and W&B, the augmentation preview, and the line
+that says the run has no monitor.
 
-Everything here runs inside the Trainer's interruptible start-up region: a stop signal ends it
-with nothing new to save.
+Each function takes what it uses and returns what it makes; the Trainer keeps the results.
+Everything after :func:`resume_point` runs inside the Trainer's interruptible start-up region: a
+stop signal ends it with nothing new to save.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from moco_engine.data.loaders import preview_pairs
+import torch
+
+from moco_engine.config.schema import Config, ConfigError
+from moco_engine.data.loaders import Loaders, build_loaders
 from moco_engine.method.init_from import init_backbone
+from moco_engine.method.step import StepParts
+from moco_engine.run import checkpoint as ckpt
 from moco_engine.run import folder, snapshot
+from moco_engine.run.progress import Progress
 from moco_engine.run.tracking import Tracker
 from moco_engine.runtime import distributed as dist
 
-if TYPE_CHECKING:  # the Trainer calls these with itself
-    from moco_engine.run.trainer import Trainer
+
+def resume_point(cfg: Config, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint a resume continues from, with its snapshot, read and verified once
+    (``train.resume``: ``auto``, the folder's newest usable one; or a path); None: a fresh start.
+    The data source opens with it (what the source kept of itself), then the run restores it.
+
+    Raises:
+        CheckpointError: the named checkpoint cannot be used, or ``auto`` found files named
+            like checkpoints of which none is usable.
+    """
+    if not cfg.train.resume:
+        return None
+    return folder.choose_resume(cfg.train, run_dir, snapshot.unusable)
 
 
-def prepare_run_dir(trainer: Trainer) -> None:
-    """Create the run folder; resume from it, or start fresh (refusing to clobber a run in it)."""
-    cfg = trainer.cfg
-    folder.make_folder(trainer.run_dir)
-    resumed = folder.choose_resume(cfg.train, trainer.run_dir, snapshot.unusable)
-    if resumed is not None:
-        path, state = resumed
-        trainer.load_state_dict(state, source=f"checkpoint {path}")
-        trainer.saved = path
-        trainer.loaders.items_at(trainer.epoch)
-        if dist.is_main():
-            print(f"resumed from {path} at epoch {trainer.epoch}, step {trainer.step}", flush=True)
-    else:
-        if cfg.model.init_from:  # a fresh run only: a resumed one holds its own weights
-            load_backbone(trainer)
-        trainer.negatives.on_start(trainer.encode_interruptibly)  # e.g. the memory bank's init=encode
-    folder.write_config(trainer.run_dir, cfg)
-    if dist.is_main():  # the source's state, also in every checkpoint
-        trainer.loaders.save_source(trainer.run_dir)
+def open_data(cfg: Config, device: torch.device, rank: int, world: int, view: Callable | None,
+              resumed: tuple[Path, dict[str, Any]] | None) -> Loaders:
+    """This rank's loaders (``data/loaders.py``); on a resume the data source opens with the
+    snapshot of :func:`resume_point` (what it kept of itself: a text run's vocabulary).
+
+    Raises:
+        CheckpointError: the source's kept state was made with other settings (named).
+    """
+    if resumed is None:
+        return build_loaders(cfg, device, rank, world, view)
+    path, state = resumed
+    try:
+        return build_loaders(cfg, device, rank, world, view, state)
+    except ConfigError as e:
+        raise ckpt.CheckpointError(f"checkpoint {path} {e}") from None
 
 
-def load_backbone(trainer: Trainer) -> None:
-    """f_q's backbone from ``model.init_from`` (every rank reads the file), f_k's the same."""
-    line = init_backbone(trainer.encoder_q.backbone, trainer.cfg.model.init_from)
-    if trainer.encoder_k is not None:  # f_k starts as a copy of f_q, as without the file
-        trainer.encoder_k.encoder.backbone.load_state_dict(trainer.encoder_q.backbone.state_dict())
+def open_folder(cfg: Config, run_dir: Path) -> None:
+    """Create the run folder; a fresh start (no ``train.resume``) in a folder that holds a run is
+    refused, or with ``train.overwrite`` clears it (``folder.choose_resume``)."""
+    folder.make_folder(run_dir)
+    if not cfg.train.resume:
+        folder.choose_resume(cfg.train, run_dir, snapshot.unusable)
+
+
+def write_run_files(cfg: Config, run_dir: Path, loaders: Loaders) -> None:
+    """``config.yaml``, and the data source's state as a user reads it (also in every checkpoint)."""
+    folder.write_config(run_dir, cfg)
     if dist.is_main():
-        print(line, file=sys.stderr, flush=True)
+        loaders.save_source(run_dir)
 
 
-def open_run(trainer: Trainer) -> None:
-    """The folder, then the tracker (metrics.jsonl, console, W&B) and a fresh run's preview."""
-    cfg = trainer.cfg
-    prepare_run_dir(trainer)
-    trainer.tracker = Tracker(trainer.run_dir, progress=cfg.track.progress, enabled=dist.is_main())
-    trainer.wandb_run_id = folder.start_wandb(cfg, trainer.run_dir, trainer.wandb_run_id, trainer.tracker)
-    if cfg.track.preview and trainer.step == 0 and dist.is_main() and trainer.loaders.images:
-        pairs = preview_pairs(trainer.loaders, cfg.track.preview, cfg.train.seed)
-        trainer.tracker.log_image("augmentations", folder.save_preview(pairs, trainer.run_dir), 0)
-    if not trainer.cadence.monitor and (cfg.eval.at_start or cfg.eval.knn_every) and dist.is_main():
-        what = (f"retrieval monitor off: no qrels/{cfg.eval.retrieval_split}.tsv" if trainer.loaders.text is not None
+def say_resumed(path: Path, progress: Progress) -> None:
+    """The line saying where a resumed run goes on."""
+    if dist.is_main():
+        print(f"resumed from {path} at epoch {progress.epoch}, step {progress.step}", flush=True)
+
+
+def start_fresh(cfg: Config, parts: StepParts, encode: Callable[[], torch.Tensor]) -> None:
+    """A fresh run's start: f_q's backbone from ``model.init_from`` (every rank reads the file;
+    f_k's the same), then the negative source's (the memory bank's ``init=encode`` calls
+    ``encode``, every training item's embedding)."""
+    if cfg.model.init_from:  # a fresh run only: a resumed one holds its own weights
+        line = init_backbone(parts.encoder_q.backbone, cfg.model.init_from)
+        if parts.encoder_k is not None:  # f_k starts as a copy of f_q, as without the file
+            parts.encoder_k.encoder.backbone.load_state_dict(parts.encoder_q.backbone.state_dict())
+        if dist.is_main():
+            print(line, file=sys.stderr, flush=True)
+    parts.negatives.on_start(encode)
+
+
+def open_tracking(cfg: Config, run_dir: Path, wandb_run_id: str | None, loaders: Loaders, step: int,
+                  monitor: bool) -> tuple[Tracker, str | None]:
+    """The tracker (metrics.jsonl, console, W&B: its run id, a resumed run's continued), a fresh
+    run's augmentation preview, and the line saying the monitor is off when it is."""
+    tracker = Tracker(run_dir, progress=cfg.track.progress, enabled=dist.is_main())
+    wandb_run_id = folder.start_wandb(cfg, run_dir, wandb_run_id, tracker)
+    if cfg.track.preview and step == 0 and dist.is_main() and loaders.images:
+        pairs = loaders.preview(cfg.track.preview, cfg.train.seed)
+        tracker.log_image("augmentations", folder.save_preview(pairs, run_dir), 0)
+    if not monitor and (cfg.eval.at_start or cfg.eval.knn_every) and dist.is_main():
+        what = (f"retrieval monitor off: no qrels/{cfg.eval.retrieval_split}.tsv" if loaders.monitor == "retrieval"
                 else f"kNN monitor off: data.name={cfg.data.name} gives no labelled test split")
         print(what, flush=True)
+    return tracker, wandb_run_id

@@ -4,7 +4,7 @@ A snapshot (format 2) is tensors and plain containers only::
 
     config                    the resolved config (to_dict)
     input_shape               one input's shape, as the backbone was built for (moco-eval rebuilds it)
-    (the source's state)      the data source's own keys (``data/loaders.py``, ``Loaders.source_state``):
+    (the source's state)      the data source's own keys (``data/sources.py``, ``DataSource.state``):
                               a resume and moco-eval read the data with them
     plan                      {"steps", "steps_per_epoch", "world"}: the run's length as its data gave it
     epoch, step, step_in_epoch, last_eval, best_eval, wandb_run_id, nonfinite_skips, eval_pending
@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from moco_engine.config.loading import to_dict
-from moco_engine.config.schema import Config, ConfigError
-from moco_engine.data.loaders import resumed_source
+from moco_engine.config.schema import Config
 from moco_engine.method.schedules import Plan
 from moco_engine.method.step import (
     MODEL_SECTIONS,
@@ -41,17 +39,15 @@ from moco_engine.runtime import distributed as dist
 from moco_engine.runtime.precision import rng_state, set_rng_state
 
 FORMAT = 2
-# The Trainer's counters a snapshot carries, with the value a checkpoint that predates one implies.
-COUNTERS = {"epoch": 0, "step": 0, "step_in_epoch": 0, "last_eval": {}, "best_eval": {}, "wandb_run_id": None,
-            "nonfinite_skips": 0, "eval_pending": False}
 # Tensors whose NaN is a sentinel, not a fault: NCE's log Z before its first estimate.
 NAN_SENTINELS = ("negatives.log_z",)
 
 
-def take(parts: StepParts, cfg: Config, device: torch.device, counters: dict[str, Any],
+def take(parts: StepParts, cfg: Config, device: torch.device, progress: dict[str, Any],
          source_state: dict[str, Any] | None = None, plan: Plan | None = None) -> dict[str, Any]:
-    """Everything needed to continue the run exactly, with ``counters`` (the keys of :data:`COUNTERS`),
-    the data source's ``source_state`` and the run's ``plan``."""
+    """Everything needed to continue the run exactly, with the run's ``progress`` (its
+    counters: ``progress.Progress.state_dict``), the data source's ``source_state`` and the
+    run's ``plan``."""
     with dist.rank_mean_buffers(parts.encoder_q, parts.encoder_k, parts.predictor):
         model = model_state(parts)
     own = {"rng": rng_state(device), "buffers": {name: b.detach().cpu().clone() for name, b in statistics(parts)}}
@@ -62,7 +58,7 @@ def take(parts: StepParts, cfg: Config, device: torch.device, counters: dict[str
         **(source_state or {}),
         "plan": None if plan is None else {"steps": plan.steps, "steps_per_epoch": plan.steps_per_epoch,
                                            "world": dist.world_size()},
-        **{name: counters[name] for name in COUNTERS},
+        **progress,
         **model,
         "optimizer": parts.optimizer.state_dict(),
         "scaler": parts.scaler.state_dict(),
@@ -76,32 +72,11 @@ def unusable(state: dict[str, Any]) -> str | None:
     return f"holds non-finite values ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else None
 
 
-def saved_source(cfg: Config, run_dir: Path) -> Any:
-    """What a resume's data source continues with (``loaders.resumed_source``), from the newest
-    readable checkpoint that holds it (or the one ``train.resume`` names); None: nothing to
-    resume, or nothing kept (the data are read as configured).
-
-    Raises:
-        CheckpointError: the checkpoint's source state was made with other settings (named).
-    """
-    if not cfg.train.resume:
-        return None
-    paths = reversed(ckpt.checkpoint_files(run_dir)) if cfg.train.resume == "auto" else [Path(cfg.train.resume).expanduser()]
-    for path in paths:
-        state = ckpt.peek(path)
-        try:
-            kept = resumed_source(cfg, state) if state is not None else None
-        except ConfigError as e:
-            raise ckpt.CheckpointError(f"checkpoint {path} {e}") from None
-        if kept is not None:
-            return kept
-    return None
-
-
 def restore(parts: StepParts, state: dict[str, Any], cfg: Config, device: torch.device, source: str,
             source_misfit: Callable[[dict[str, Any]], str | None] | None = None,
-            plan: Plan | None = None) -> dict[str, Any]:
-    """Load a snapshot into ``parts`` and this rank's random streams; returns its counters.
+            plan: Plan | None = None) -> None:
+    """Load a snapshot into ``parts`` and this rank's random streams (its counters are the
+    run's ``Progress``'s to read).
 
     Raises:
         CheckpointError: its tensors (every name and shape of the model and the negatives) do
@@ -134,10 +109,7 @@ def restore(parts: StepParts, state: dict[str, Any], cfg: Config, device: torch.
                                    f"dealt out anew, some twice and some never: resume it on {written_by}, or from a "
                                    f"checkpoint at an epoch's end")
     load_model_state(parts, state)
-    counters = {name: state.get(name, default) for name, default in COUNTERS.items()}
-    counters["last_eval"], counters["best_eval"] = dict(counters["last_eval"]), dict(counters["best_eval"])
-    restore_own(parts, state.get("ranks") or [{"rng": state["rng"]}], cfg, device, counters["step"], source)  # format 1: one process's
-    return counters
+    restore_own(parts, state.get("ranks") or [{"rng": state["rng"]}], cfg, device, state.get("step", 0), source)  # format 1: one process's
 
 
 def restore_own(parts: StepParts, ranks: list[dict[str, Any]], cfg: Config, device: torch.device, step: int,

@@ -1,9 +1,8 @@
 """The Trainer: assembles a run from its parts, loops over epochs, evaluates and saves.
 
-The step itself is ``method/step.py``'s (``moco_step``, ``byol_step``: the paper's order), the
-batches ``data/loaders.py``'s, when to log, evaluate, save and stop ``cadence.py``'s, the folder,
-lock and W&B ``folder.py``'s, the signals ``signals.py``'s, the kNN monitor
-``evaluation/knn.py``'s. ``ARCHITECTURE.md`` has the map.
+The step is the method's (``method/``), the batches the data source's (``data/loaders.py``), the
+run's start ``opening.py``'s, its records ``records.py``'s, when to log, evaluate, save and stop
+``cadence.py``'s. ``ARCHITECTURE.md`` has the map.
 
     final = Trainer(cfg).fit()      # or train(cfg)
 """
@@ -23,7 +22,6 @@ from torch import Tensor
 
 from moco_engine.config.rules import ignored_warning
 from moco_engine.config.schema import Config
-from moco_engine.data.loaders import build_loaders
 from moco_engine.evaluation.monitor import Monitor
 from moco_engine.method.moco_v3 import moco_v3_step
 from moco_engine.method.schedules import Plan, lr_at, momentum_at
@@ -31,6 +29,7 @@ from moco_engine.method.step import Skipped, build_parts, byol_step, moco_step
 from moco_engine.run import checkpoint as ckpt
 from moco_engine.run import folder, opening, records, snapshot
 from moco_engine.run.cadence import Cadence
+from moco_engine.run.progress import Progress
 from moco_engine.run.signals import StopNow, StopRequested, StopSignals
 from moco_engine.run.tracking import Meter, Tracker
 from moco_engine.run.warmup import Warmup
@@ -65,8 +64,10 @@ class Trainer:
             print(ignored, file=sys.stderr, flush=True)
         torch.manual_seed(cfg.train.seed + self.rank)
         random.seed(cfg.train.seed + self.rank)
-        # A resumed run reads its data as its checkpoint's source state says (a text run's vocabulary).
-        self.loaders = build_loaders(cfg, self.device, self.rank, self.world, view, snapshot.saved_source(cfg, self.run_dir))
+        # A resume reads its checkpoint once, here: the data source opens with what it kept of
+        # itself (a text run's vocabulary), and prepare_run_dir restores the rest.
+        self.resumed = opening.resume_point(cfg, self.run_dir)
+        self.loaders = opening.open_data(cfg, self.device, self.rank, self.world, view, self.resumed)
         # The model and the queue start identical on every rank; per-rank randomness after them.
         torch.manual_seed(cfg.train.seed)
         self.parts = build_parts(cfg, self.device, self.amp_dtype, self.loaders.num_items, self.loaders.input_shape)
@@ -74,11 +75,7 @@ class Trainer:
         self.step_fn = {"moco": moco_step, "moco_v3": moco_v3_step, "byol": byol_step}[cfg.method]
         self.plan = Plan.of(cfg.train, self.loaders.steps_per_epoch)  # the run's length: epochs, or a budget of steps
 
-        self.epoch = 0  # epochs completed
-        self.step = 0  # optimizer steps taken
-        self.step_in_epoch = 0
-        self.last_eval: dict[str, float] = {}
-        self.best_eval: dict[str, float] = {}  # each kNN figure's best over the whole run, resumes included
+        self.progress = Progress()  # epochs and steps taken, evaluations, ...: what a checkpoint keeps of the run
         self.tracker = Tracker(None, enabled=False)
         self.signals = signals or StopSignals()  # SIGTERM/SIGINT: save the completed state, exit
         self.monitor = Monitor(cfg.eval, self.loaders, self.device, self.amp_dtype)  # kNN or retrieval, the train set's encoding
@@ -86,10 +83,7 @@ class Trainer:
         # The first step's time and a compiled run's compilation, kept out of it (interruptible).
         self.warmup = Warmup(time.perf_counter() if launched is None else launched,
                              cfg.train.compile or cfg.train.cuda_graphs, self.signals, self.device)
-        self.wandb_run_id: str | None = None  # kept in checkpoints: a resumed run continues its W&B run
         self.watch = Watch(cfg, self.run_dir)  # non-finite numbers, skipped steps, collapse
-        self.nonfinite_skips = 0  # steps skipped for a NaN/inf loss (train.max_nonfinite_skips)
-        self.eval_pending = False  # an epoch's kNN was due and not finished (a resume runs it first)
         self.saved: Path | None = None  # the checkpoint holding the current state (saved or resumed from)
         self.unsaved = False  # steps were taken since the last save
 
@@ -100,21 +94,24 @@ class Trainer:
     predictor = property(lambda self: self.parts.predictor, doc="BYOL's predictor (else None)")
     optimizer = property(lambda self: self.parts.optimizer, doc="the optimizer of f_q (and the predictor)")
     total_steps = property(lambda self: self.plan.steps, doc="optimizer steps in the whole run")
+    epoch = property(lambda self: self.progress.epoch, doc="epochs completed")
+    step = property(lambda self: self.progress.step, doc="optimizer steps taken")
+    step_in_epoch = property(lambda self: self.progress.step_in_epoch, doc="steps taken in the current epoch")
 
     # ======================================================================== one step
     def train_step(self, x_q: Any, x_k: Any, indices: Tensor) -> dict[str, Tensor] | None:
         """One step of the run's method at the schedules' values for the current step, on two
         views (B, ...) of the items ``indices`` (B,); None for a skipped non-finite step."""
-        cfg = self.cfg
-        lr = lr_at(cfg, self.step, self.loaders.steps_per_epoch, self.world)
-        momentum = momentum_at(cfg.model.momentum, cfg.model.momentum_schedule, self.step + self.parts.ema_ahead,
+        cfg, progress = self.cfg, self.progress
+        lr = lr_at(cfg, progress.step, self.loaders.steps_per_epoch, self.world)
+        momentum = momentum_at(cfg.model.momentum, cfg.model.momentum_schedule, progress.step + self.parts.ema_ahead,
                                self.total_steps)
         out = self.step_fn(self.parts, x_q, x_k, indices, lr, momentum)
-        self.step += 1  # a skipped step's batch is used up too: the schedules move on
+        progress.step += 1  # a skipped step's batch is used up too: the schedules move on
         self.unsaved = True
         if isinstance(out, Skipped):
-            self.nonfinite_skips += 1  # past train.max_nonfinite_skips, the watch stops the run
-            self.tracker.warn(self.watch.skipped(self.nonfinite_skips, out.loss.item(), self.step))
+            progress.nonfinite_skips += 1  # past train.max_nonfinite_skips, the watch stops the run
+            self.tracker.warn(self.watch.skipped(progress.nonfinite_skips, out.loss.item(), progress.step))
             return None
         return out
 
@@ -122,16 +119,16 @@ class Trainer:
     def train_epoch(self) -> dict[str, float] | None:
         """Run (the rest of) the current epoch; returns the epoch's mean metrics, or None when a
         stop signal ended it early."""
-        cfg, loaders = self.cfg, self.loaders
+        cfg, loaders, progress = self.cfg, self.loaders, self.progress
         self.encoder_q.train()
         if self.encoder_k is not None:
             self.encoder_k.train()
-        loaders.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * cfg.optim.batch_size)
-        epoch_steps = self.plan.epoch_steps(self.epoch)  # the last epoch of a budget may be cut short
-        self.tracker.start_epoch(self.epoch, self.plan.epochs, epoch_steps, self.step_in_epoch)
+        loaders.sampler.set_epoch(progress.epoch, skip=progress.step_in_epoch * cfg.optim.batch_size)
+        epoch_steps = self.plan.epoch_steps(progress.epoch)  # the last epoch of a budget may be cut short
+        self.tracker.start_epoch(progress.epoch, self.plan.epochs, epoch_steps, progress.step_in_epoch)
         meter = Meter()
         batches = iter(loaders.train)
-        while self.step_in_epoch < epoch_steps:
+        while progress.step_in_epoch < epoch_steps:
             try:
                 (x_q, x_k), _, idx = self.warmup.first_batch(batches)
             except RuntimeError as e:
@@ -143,30 +140,27 @@ class Trainer:
             self.warmup.compile(self.parts, x_q, x_k)  # a compiled run's first batch: compile, interruptibly
             metrics = self.train_step(x_q, x_k, idx.to(self.device, non_blocking=True))  # None: a skipped step
             self.warmup.stepped(self.tracker)
-            self.step_in_epoch += 1
+            progress.step_in_epoch += 1
             meter.add(metrics, batch_size(x_q))
             self.tracker.advance()
-            at_log = self.cadence.log_due(self.step, self.step_in_epoch, epoch_steps)
+            at_log = self.cadence.log_due(progress.step, progress.step_in_epoch, epoch_steps)
             stopping = self.cadence.stop_agreed(at_log)
             window = meter.take_window() if stopping or at_log else None
             if window is not None:
-                records.log_window(self, *window)
+                records.log_window(self.tracker, self.watch, self.parts, progress, self.total_steps, loaders.images, *window)
             if stopping:
                 self.tracker.end_epoch()
                 return None  # mid-epoch: step_in_epoch tells a resumed run where to go on
         self.tracker.end_epoch()
         epoch_time = meter.epoch_seconds()
         hook_start = time.perf_counter()
-        self.loaders.items_at(self.epoch + 1)  # a refresh encodes the items as the next epoch trains on them
-        self.negatives.on_epoch_end(self.epoch, self.encode_interruptibly)
+        loaders.items_at(progress.epoch + 1)  # a refresh encodes the items as the next epoch trains on them
+        self.negatives.on_epoch_end(progress.epoch, self.encode_interruptibly)
         hook_time = time.perf_counter() - hook_start
-        self.epoch += 1
-        self.step_in_epoch = 0
-        out = meter.epoch.means()
-        out.update(epoch_s=epoch_time, negatives_bytes=self.negatives.memory_bytes(), **self.warmup.compiles_since())
-        if hook_time > 1e-3:  # the memory bank's refresh: its cost in seconds and in % of the epoch
-            out.update(refresh_s=hook_time, refresh_pct=100 * hook_time / (epoch_time + hook_time))
-        return out
+        progress.epoch += 1
+        progress.step_in_epoch = 0
+        return records.epoch_record(meter.epoch.means(), epoch_time, hook_time, self.negatives.memory_bytes(),
+                                    self.warmup.compiles_since())
 
     # ======================================================================== evaluation
     def encode_interruptibly(self) -> Tensor:
@@ -187,14 +181,13 @@ class Trainer:
     # ======================================================================== state
     def state_dict(self) -> dict[str, Any]:
         """The run's snapshot (``snapshot.py``): a collective under torchrun."""
-        return snapshot.take(self.parts, self.cfg, self.device, {name: getattr(self, name) for name in snapshot.COUNTERS},
-                             self.loaders.source_state(), self.plan)
+        return snapshot.take(self.parts, self.cfg, self.device, self.progress.state_dict(), self.loaders.source_state(),
+                             self.plan)
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         """Restore a :meth:`state_dict` (refused, naming the settings that differ, if it does not fit)."""
-        for name, value in snapshot.restore(self.parts, state, self.cfg, self.device, source,
-                                            self.loaders.source_misfit, self.plan).items():
-            setattr(self, name, value)  # the counters: epoch, step, ... (snapshot.COUNTERS)
+        snapshot.restore(self.parts, state, self.cfg, self.device, source, self.loaders.source_misfit, self.plan)
+        self.progress.load_state_dict(state)
 
     def save(self) -> Path | None:
         """Write a checkpoint (rank 0; the others take part in gathering it and return None).
@@ -232,16 +225,24 @@ class Trainer:
 
     # ======================================================================== the run
     def prepare_run_dir(self) -> None:
-        """Create the run folder; resume from it, or start fresh (``opening.py``)."""
-        opening.prepare_run_dir(self)
+        """Create the run folder (``opening.py``); resume from the checkpoint chosen when the run
+        was built, or start fresh (refusing to clobber a run in it)."""
+        opening.open_folder(self.cfg, self.run_dir)
+        if self.resumed is not None:
+            path, state = self.resumed
+            self.load_state_dict(state if state is not None else ckpt.load_checkpoint(path), source=f"checkpoint {path}")
+            self.saved, self.resumed = path, (path, None)  # the snapshot is in the run now: not held twice
+            self.loaders.items_at(self.epoch)
+            opening.say_resumed(path, self.progress)
+        else:
+            opening.start_fresh(self.cfg, self.parts, self.encode_interruptibly)
+        opening.write_run_files(self.cfg, self.run_dir, self.loaders)
 
     def fit(self) -> dict[str, float]:
-        """Pretrain for the run's plan (``train.epochs``, or ``train.steps``; continuing a resumed run) and return the final
-        metrics, including the last kNN top-1 when the data set has a test split.
-
-        A stop signal at any moment (a step, evaluation, the memory bank's refresh, a save,
-        start-up) ends it with the completed state saved: :class:`~moco_engine.run.signals.StopRequested`.
-        """
+        """Pretrain for the run's plan (``train.epochs`` or ``train.steps``; continuing a resumed run) and
+        return the final metrics, the monitor's last figures among them. A stop signal at any moment (a
+        step, evaluation, the memory bank's refresh, a save, start-up) ends it with the completed state
+        saved: :class:`~moco_engine.run.signals.StopRequested`."""
         folder.make_folder(self.run_dir)
         with self.signals.catching():
             if not dist.is_main():
@@ -250,30 +251,32 @@ class Trainer:
                 return self.fit_locked()
 
     def fit_locked(self) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, progress = self.cfg, self.progress
         try:
             with self.signals.interruptible():  # start-up: nothing new to save yet
-                opening.open_run(self)
+                self.prepare_run_dir()
+                self.tracker, progress.wandb_run_id = opening.open_tracking(
+                    cfg, self.run_dir, progress.wandb_run_id, self.loaders, progress.step, self.cadence.monitor)
             self.stop_if_signalled()
-            if cfg.eval.at_start and self.step == 0:
+            if cfg.eval.at_start and progress.step == 0:
                 self.run_knn(-1)
-            if self.eval_pending:  # a stop cut the last run's evaluation short
-                self.run_knn(self.epoch - 1)
-            while self.epoch < self.plan.epochs:
+            if progress.eval_pending:  # a stop cut the last run's evaluation short
+                self.run_knn(progress.epoch - 1)
+            while progress.epoch < self.plan.epochs:
                 epoch_metrics = self.train_epoch()
                 if epoch_metrics is None:
                     self.stop()
-                done = self.epoch  # epochs completed
-                self.tracker.log("epoch", epoch_metrics, done - 1, self.step)
-                self.eval_pending = self.cadence.eval_due(done)
+                done = progress.epoch  # epochs completed
+                self.tracker.log("epoch", epoch_metrics, done - 1, progress.step)
+                progress.eval_pending = self.cadence.eval_due(done)
                 self.stop_if_signalled()  # e.g. during the memory bank's refresh
-                if self.eval_pending:
+                if progress.eval_pending:
                     self.run_knn(done - 1)
                 if self.cadence.save_due(done):
                     self.save()
                 self.stop_if_signalled()
-            final = {"epochs": self.epoch, "steps": self.step, **self.last_eval}
-            self.tracker.log("final", final, self.epoch - 1, self.step)
+            final = {"epochs": progress.epoch, "steps": progress.step, **progress.last_eval}
+            self.tracker.log("final", final, progress.epoch - 1, progress.step)
             return final
         except StopNow:
             self.stop()
@@ -287,9 +290,11 @@ class Trainer:
         with self.signals.interruptible():
             result = self.evaluate_knn()
         self.stop_if_signalled()
-        self.last_eval, self.eval_pending = result, False
+        progress = self.progress
+        progress.last_eval, progress.eval_pending = result, False
         if result:
-            records.log_eval(self, result, epoch)
+            progress.best_eval = records.log_eval(self.tracker, self.run_dir, result, epoch, progress.step,
+                                                  progress.best_eval)
 
 
 def train(cfg: Config) -> dict[str, float]:

@@ -104,7 +104,7 @@ def step_inputs(trainer, case: Case) -> tuple[View, View]:
     run's memory format, or token ids and an all-ones attention mask (B, W)."""
     device = trainer.device
     if case.tokens:
-        vocab = trainer.loaders.text.tokenizer.vocab_size
+        vocab = trainer.loaders.input_shape["vocab_size"][0]
         # The loader's host lengths beside them, as a view padded to its batch's longest carries them.
         return tuple({"input_ids": torch.randint(5, vocab, (case.batch, case.tokens), device=device),
                       "attention_mask": torch.ones(case.batch, case.tokens, dtype=torch.long, device=device),

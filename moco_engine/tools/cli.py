@@ -109,7 +109,7 @@ def _train(args: list[str]) -> int:
     finally:
         dist.teardown()
     if main_process:  # every finished run says what comes next, with a monitor or without
-        lines = (text_closing_lines(final, trainer.run_dir, cfg.eval.retrieval_split) if trainer.loaders.text is not None
+        lines = (text_closing_lines(final, trainer.run_dir, cfg.eval.retrieval_split) if trainer.loaders.monitor == "retrieval"
                  else closing_lines(final, trainer.run_dir))
         print("\n".join(lines), flush=True)
     return 0

@@ -10,7 +10,7 @@
   Some lines carry extra fields after those seven and some hold quote characters, so the columns
   are read by position and nothing is unquoted.
 
-Bad input is one line naming the file and line (:class:`~moco_engine.data.images.DataError`).
+Bad input is one line naming the file and line (:class:`~moco_engine.data.errors.DataError`).
 What BEIR's ``GenericDataLoader`` reads, this reads: a BEIR document with an id is kept when its
 title and text are empty (indexed and retrievable, and the qrels may judge it; the training
 stream has no tokens of it), with one warning for all of them; a plain corpus's blank line is

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ from moco_engine.config.loading import differing_values, to_dict
 from moco_engine.config.schema import Config, ConfigError, DataConfig
 from moco_engine.data.errors import DataError
 from moco_engine.data.items import ItemSet, Splits
-from moco_engine.data.sources import register_data_source
+from moco_engine.data.loaders import Loaders, epoch_sampler, shard_indices, steps_per_epoch
+from moco_engine.data.sources import DataSource, register_data_source
 from moco_engine.data.text.corpus import TextData, read_text_data
 from moco_engine.data.text.tokenizer import TextTokenizer, load_tokenizer, train_wordpiece
-from moco_engine.data.text.views import SpanSpec, TokenStream
+from moco_engine.data.text.views import ChunkPlain, SpanSpec, TextTwoViews, TokenStream
 
 EMBEDDED_TEXT = Path(__file__).parents[2] / "assets" / "scifact_sample.tar.xz"
 # A document's tokens beyond this are cut (with a warning): one of millions of tokens would
@@ -142,11 +144,59 @@ def query_length(text) -> int:
 
 
 @register_data_source("text", reads=("data.root", "data.text"))
-def text(cfg: DataConfig, seed: int) -> Splits:
-    return text_splits(cfg)
+class TextSource(DataSource):
+    """The chunks of the corpus's token stream as the items, viewed batched on the training
+    device (``views.py``); retrieval on the corpus's qrels is the monitor. Its state is the
+    tokenizer: kept in checkpoints, written to the run folder, and on a resume read back from
+    the checkpoint instead of trained again (:func:`resumed_tokenizer`)."""
 
+    monitor = "retrieval"
 
-def text_splits(cfg: DataConfig, tokenizer: TextTokenizer | None = None) -> Splits:
-    """The chunks as the items, the corpus beside them (read with ``tokenizer``, else the configured one)."""
-    corpus = open_text(cfg, tokenizer)
-    return Splits(Chunks(corpus.stream.num_chunks), None, text=corpus, origin=corpus)
+    def __init__(self, cfg: Config, saved: dict[str, Any] | None = None):
+        super().__init__(cfg)
+        kept = resumed_tokenizer(cfg, saved) if saved is not None else None
+        self.corpus = open_text(cfg.data, TextTokenizer.from_json(kept, "the checkpoint's tokenizer") if kept else None)
+        self.splits = Splits(Chunks(self.corpus.stream.num_chunks), None)
+        self.plain_chunks: list[ChunkPlain] = []
+
+    def input_shape(self) -> dict[str, tuple[int, ...]]:
+        """Token ids of up to W positions, and the vocabulary they index; W is the longest of a
+        view, a whole chunk (the bank's refresh), a document and a query."""
+        t, corpus = self.cfg.data.text, self.corpus
+        width = max(corpus.spec.max_width(t.chunk_length), t.chunk_length + 2, t.max_length, query_length(t))
+        return {"input_ids": (width,), "attention_mask": (width,), "vocab_size": (corpus.tokenizer.vocab_size,)}
+
+    def loaders(self, device: torch.device, rank: int, world: int, view: Callable | None = None) -> Loaders:
+        cfg, corpus = self.cfg, self.corpus
+        stream = corpus.stream.to(device)
+        sampler = epoch_sampler(cfg, stream.num_chunks, rank, world)
+        # One width on every rank where shuffle-BN gathers the key views across ranks, and on CUDA
+        # (no host sync for the batch's longest view); else each batch pads to its longest.
+        fixed = (world > 1 and cfg.model.bn == "shuffle") or device.type == "cuda"
+        width = corpus.spec.max_width(cfg.data.text.chunk_length) if fixed else None
+        buckets = int(cfg.model.params.get("length_buckets", 1)) > 1  # they take their widths from the host lengths
+        train = TextTwoViews(stream, corpus.spec, cfg.optim.batch_size, sampler, cfg.train.seed, cfg.data.drop_last,
+                             width, host_lengths=buckets)
+        # The items' plain views (the memory bank's encodings): the chunks as the epoch items_at
+        # names cuts them, [CLS] chunk [SEP].
+        whole = ChunkPlain(stream, cfg.train.seed, corpus.spec, cfg.eval.batch_size, device)
+        shard = ChunkPlain(stream, cfg.train.seed, corpus.spec, cfg.eval.batch_size, device,
+                           shard_indices(stream.num_chunks, rank, world)) if world > 1 else whole
+        self.plain_chunks = [whole, shard]
+        return Loaders(train=train, sampler=sampler, plain_train=whole, plain_train_shard=shard, test=None,
+                       test_shard=None, num_items=stream.num_chunks, num_test=0, num_classes=0,
+                       steps_per_epoch=steps_per_epoch(cfg, train), input_shape=self.input_shape(), source=self)
+
+    def state(self) -> dict[str, Any]:
+        return self.corpus.state()
+
+    def misfit(self, saved: dict[str, Any]) -> str | None:
+        return self.corpus.misfit(saved)
+
+    def write(self, run_dir: Path) -> None:
+        self.corpus.tokenizer.save(run_dir)
+
+    def items_at(self, epoch: int) -> None:
+        """The stream's chunks start at another offset each epoch: the plain views follow."""
+        for plain in self.plain_chunks:
+            plain.set_epoch(epoch)
