@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU proof kit (moco_engine/proof.py): tools/gpu_proof.sh quick|demo|cpu OUT_DIR [options]
+# The GPU proof kit (moco_engine/tools/proof.py): tools/gpu_proof.sh quick|demo|cpu OUT_DIR [options]
 #   quick  the gpu tests and moco-bench's cases (at most 4 minutes on a GPU)
 #   demo   the README's CIFAR-10 demo command (200 epochs of the full split), its compiled form, a cached probe (at most 9)
 #   cpu    both with tiny cases on a CPU (the test suite runs it)
