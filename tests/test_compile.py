@@ -63,6 +63,30 @@ def test_the_first_step_line_names_each_pass_and_the_rest():
     assert first_step_line(3.04, 0.0, {}) == "first step after 3.0 s (nothing compiled)"
 
 
+def test_the_dynamo_names_the_figures_read_are_the_ones_torch_writes():
+    """dynamo's counter and timers read 0 for a name they do not know: an upgrade that renames one
+    fails here rather than making a run's compile figures quietly 0."""
+    changes = compiling.changed_names()
+    assert not changes, "\n".join(changes)
+
+
+def test_a_compiled_function_moves_both_figures(recwarn):
+    import torch
+
+    frames, seconds = compiling.frames_compiled(), compiling.compile_seconds()
+    torch.compile(lambda x: x.sin() + 1, backend="eager")(torch.ones(3))
+    assert compiling.frames_compiled() > frames and compiling.compile_seconds() > seconds
+    assert not [w for w in recwarn if "compiling.py" in str(w.message)]
+
+
+def test_a_timer_dynamo_no_longer_writes_is_a_warning(monkeypatch):
+    import torch._dynamo.utils
+
+    monkeypatch.setattr(torch._dynamo.utils, "compilation_time_metrics", {"renamed.compile_inner": [1.0]})
+    with pytest.warns(RuntimeWarning, match="no '_compile.compile_inner': compile seconds read 0"):
+        assert compiling.compile_seconds() == 0.0
+
+
 # A backend that takes ten minutes, as Triton's code generation can on a GPU: the signal must not
 # wait for it.
 SLOW_COMPILER = """

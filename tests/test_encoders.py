@@ -6,6 +6,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from moco_engine.config.schema import ModelConfig
+from moco_engine.method import norms
 from moco_engine.method.backbones import build_backbone
 from moco_engine.method.encoders import MomentumEncoder, build_encoder
 from moco_engine.method.norms import SplitBatchNorm, split_bn
@@ -181,6 +182,13 @@ def test_split_bn_grouped_compiles_to_the_same_numbers():
         out.sum().backward()
     assert torch.equal(layers[0][0].weight.grad, layers[1][0].weight.grad)
     assert torch.equal(layers[0][1].running_var, layers[1][1].running_var)
+
+
+def test_the_native_group_norm_the_grouped_form_calls_has_the_schema_it_expects():
+    """aten's native group norm is no public API: an upgrade that changes its arguments or results
+    fails here, naming the change."""
+    change = norms.changed_group_norm()
+    assert change is None, f"torch {torch.__version__}'s native group norm changed: {change}"
 
 
 def test_split_bn_with_one_split_is_plain_batchnorm():

@@ -91,7 +91,7 @@ def test_a_job_past_its_limit_gets_sigterm_and_the_budget_leaves_later_jobs_unst
             "time.sleep(60)\n")
     slow = proof.Job("slow", [sys.executable, "-c", code], cap_s=3.0)
     later = proof.Job("later", [sys.executable, "-c", "print('never')"], cap_s=5.0)
-    needs = proof.Job("graphs", [sys.executable, "-c", "print('never')"], cap_s=5.0, needs_cuda=True)
+    needs = proof.Job("graphs", [sys.executable, "-c", "print('never')"], cap_s=5.0, needs=("cuda",))
     reports = []
     proof.run_jobs([needs, slow, later], proof.MIN_START_S + 2.5, tmp_path, tmp_path, "t", False,
                    lambda jobs: reports.append([j.status for j in jobs]) or {})
@@ -160,6 +160,26 @@ def test_every_gpu_job_is_a_valid_command_line(tmp_path):
         assert cfg.train.epochs == 200 and cfg.eval.knn_every == 10 and cfg.data.root == str(data)
         assert cfg.data.pipeline == "device" and cfg.model.bn_splits == 8 and cfg.track.wandb.mode == "disabled"
         assert cfg.train.compile == (job is compiled) and cfg.train.out_dir != str(tmp_path / "demo") or job is train
+
+
+def test_the_job_list_is_data_of_the_checkout_and_a_bad_one_is_one_line(tmp_path, capsys):
+    """The plan of the day is tools/proof_jobs.yaml's, not the installed package's: another list
+    runs with --jobs, and a record the kit cannot read is named with its file and job."""
+    import inspect
+
+    assert "r18-cifar" not in inspect.getsource(proof) and proof.JOBS_FILE == ROOT / "tools" / "proof_jobs.yaml"
+    plan = tmp_path / "jobs.yaml"
+    plan.write_text("cpu:\n  - {name: mine, bench: [tiny, --ops], repeats: 2, needs: [cuda]}\n"
+                    "  - {name: on data, train: [configs/smoke.yaml, 'data.root={data}'], run: r, needs: [data]}\n")
+    mine, on_data = proof.quick_jobs(tmp_path, tmp_path / "none.tar.gz", cpu=True, plan=plan)
+    assert mine.argv[3:] == ["tiny", "--repeats", "2", "--warmup", "2", "--json", str(tmp_path / "bench_mine.json"), "--ops"]
+    assert mine.needs_cuda and mine.status == "not run"
+    assert str(ROOT / "configs" / "smoke.yaml") in on_data.argv and f"data.root={tmp_path / 'none.tar.gz'}" in on_data.argv
+    assert on_data.run_dir == tmp_path / "r" and on_data.status == f"skipped: no data at {tmp_path / 'none.tar.gz'}"
+    plan.write_text("cpu:\n  - {name: typo, bench: [tiny], needs: [cudaa]}\n")
+    assert proof.main(["cpu", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--jobs", str(plan)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {plan}, cpu job 1 (typo): ") and "needs among cuda" in err and "\n" not in err
 
 
 def test_a_quick_run_without_the_archive_lists_the_data_job_as_skipped(tmp_path):

@@ -1,4 +1,4 @@
-"""Thin wrapper of ``moco-bench`` (moco_engine/bench.py) for a checkout without the package installed:
+"""Thin wrapper of ``moco-bench`` (moco_engine/tools/bench.py) for a checkout without the package installed:
 
     python tools/bench.py r18-cifar --data --pipeline device
 """

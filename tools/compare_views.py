@@ -1,6 +1,6 @@
 """Compare the device path's views with the PIL recipe's, by distribution, on real images.
 
-The device data path (``moco_engine/augment.py``) re-implements the torchvision/PIL view recipe
+The device data path (``moco_engine/data/images/augment.py``) re-implements the torchvision/PIL view recipe
 (``moco_engine.data.images.recipes.view_transform``) as batched tensor ops. This draws ``--views`` views of each
 of the first ``--images`` images of an archive from both and prints, per view statistic
 (``augment.view_statistics``), the mean and the 10/50/90% quantiles of each path:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU proof kit (moco_engine/proof.py): tools/gpu_proof.sh quick|demo|cpu OUT_DIR [options]
-#   quick  the gpu tests and moco-bench's cases (at most 4 minutes on a GPU)
+# The GPU proof kit (moco_engine/tools/proof.py): tools/gpu_proof.sh quick|demo|cpu OUT_DIR [options]
+#   quick  the gpu tests and moco-bench's cases of tools/proof_jobs.yaml (at most 4 minutes on a GPU)
 #   demo   the README's CIFAR-10 demo command (200 epochs of the full split), its compiled form, a cached probe (at most 9)
 #   cpu    both with tiny cases on a CPU (the test suite runs it)
-# Options: --data ARCHIVE (default <checkout>/.data/cifar10.tar.gz), --work DIR, --budget SECONDS, --only JOB,...
+# Options: --data ARCHIVE (default <checkout>/.data/cifar10.tar.gz), --work DIR, --budget SECONDS, --only JOB,..., --jobs FILE
 # On a machine without the package's dependencies, wheels in .whl/ are installed first
 # (README.md, "Proving it on a GPU", says which ones).
 # Relative paths (OUT_DIR, --data, --work) are the caller's: the kit runs in the caller's folder.

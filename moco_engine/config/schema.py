@@ -82,7 +82,7 @@ class ModelConfig:
     bn: str = "shuffle"  # shuffle (key batch permuted across all ranks before f_k) | sync (SyncBN, CUDA) | plain
     norm: str = "batch"  # batch | group (GroupNorm, 32 groups: no statistics shared between samples)
     bn_splits: int = 4  # split-BN: BN statistics over this many slices of each batch
-    bn_split_form: str = "auto"  # how split-BN is computed: auto | per_slice | one_pass | strided (norms.SplitBatchNorm)
+    bn_split_form: str = "auto"  # how split-BN is computed: auto | per_slice | one_pass | strided | grouped (norms.SplitBatchNorm)
     patch_size: int = 16  # vit_*: the side of a patch (p x p pixels a token)
     freeze_patch_embed: bool = False  # vit_*: keep the random patch projection (moco-v3's stop-gradient on it)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # timm:<name>: its constructor's options (img_size, ...)

@@ -7,7 +7,7 @@ epoch's order, and the DataLoader around them (workers that outlast a stop signa
 - :class:`EpochSampler`: each epoch's permutation, sharded over the ranks in equal shares;
 - :func:`make_loader`, :func:`quiet_worker_signals`.
 
-The image sets themselves (embedded, CIFAR-10, folders, archives, synthetic) are ``data.py``'s.
+The image sets themselves (embedded, CIFAR-10, folders, archives, synthetic) are ``images.py``'s.
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         weight, bias = self.weight, self.bias
         if weight is not None and weight.dtype != x.dtype:  # autocast leaves norms' parameters fp32
             weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-        out, mean, rstd = torch.native_group_norm(grouped, weight, bias, s, c, m * height * width, c, self.eps)
+        out, mean, rstd = native_group_norm(grouped, weight, bias, c, self.eps)
         # CUDA's kernel writes NCHW order: back to channels_last_3d, so that the view below is one
         # and the next convolution reads NHWC (on a CPU, where the output already is, no operator).
         out = out.contiguous(memory_format=torch.channels_last_3d)
@@ -210,6 +210,29 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_mean.copy_(means.mean(0))
         self.running_var.copy_(variances.mean(0))
         self.num_batches_tracked.add_(1)
+
+
+#: aten's group norm as the grouped form calls it. ``F.group_norm`` gives the same output but
+#: alone; this op also returns each group's mean and 1/std, which the running statistics take
+#: without another reduction over the batch.
+NATIVE_GROUP_NORM = ("aten::native_group_norm(Tensor input, Tensor? weight, Tensor? bias, SymInt N, SymInt C, "
+                     "SymInt HxW, int group, float eps) -> (Tensor, Tensor, Tensor)")
+
+
+def native_group_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x (N, C, *) normalised in ``groups`` groups of channels: (output, mean, rstd), the last two
+    (N, groups). Every argument goes by its name in :data:`NATIVE_GROUP_NORM`, so a renamed one
+    fails here instead of shifting the others; :func:`changed_group_norm` compares the schema."""
+    n, c = x.shape[:2]
+    return torch.native_group_norm(input=x, weight=weight, bias=bias, N=n, C=c, HxW=math.prod(x.shape[2:]),
+                                   group=groups, eps=eps)
+
+
+def changed_group_norm() -> str | None:
+    """How this torch's native group norm differs from :data:`NATIVE_GROUP_NORM`; None if it does not."""
+    found = str(torch.ops.aten.native_group_norm.default._schema)
+    return None if found == NATIVE_GROUP_NORM else f"{found} (norms.native_group_norm expects {NATIVE_GROUP_NORM})"
 
 
 def is_channels_last(x: Tensor) -> bool:

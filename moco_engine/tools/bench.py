@@ -340,8 +340,9 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bn-splits", type=int, default=0, help="override the case's split-BN slices (1 = plain BN)")
     parser.add_argument("--split-bn", default="auto", choices=SplitBatchNorm.FORMS,
                         help="split-BN's form: one native batch_norm per slice, one pass of reductions and a "
-                        "scale-and-shift, or one native batch_norm over a strided (N/s, s*C, H, W) view "
-                        "(model.bn_split_form; auto: per_slice on CPU, strided on GPUs: the fewest operators)")
+                        "scale-and-shift, one native batch_norm over a strided (N/s, s*C, H, W) view, or one "
+                        "native group norm over a channels_last batch's (s, C, N/s, H, W) view "
+                        "(model.bn_split_form; auto: per_slice on CPU, grouped on GPUs: the fewest operators)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the MoCo step")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     return parser

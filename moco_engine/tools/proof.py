@@ -17,8 +17,10 @@ GPU time comes rarely and briefly, so the kit is built not to lose any of it:
   whose own session would otherwise outlive the kit, and no further job starts.
 
 The jobs are ``moco-bench`` and ``moco-train`` themselves (one implementation for the kit and the
-commands); this module only orders, times and reports them. ``README.md`` ("Proving it on a GPU")
-says which wheels to bring and the one call to make.
+commands); this module only orders, times and reports them. The quick mode's jobs are data, the
+checkout's ``tools/proof_jobs.yaml`` (each job: its command, its cap, what it needs), so the plan of
+the day changes without the package; the demo's are the README's command. ``README.md`` ("Proving
+it on a GPU") says which wheels to bring and the one call to make.
 """
 
 from __future__ import annotations
@@ -56,11 +58,15 @@ DEMO_COMMAND = " ".join(("moco-train", *DEMO_FILES, *DEMO_OVERRIDES))
 COMPILED_OVERRIDES = ("train.compile=true",)
 COMPILED_CAP_S = 150.0  # enough for its compilation, its first step and a few epochs
 PROBE_CAP_S = 45.0
+#: The quick mode's job lists (``quick``, and ``cpu`` for its tiny form), read by :func:`quick_jobs`.
+JOBS_FILE = ROOT / "tools" / "proof_jobs.yaml"
 #: SciFact in BEIR's layout (the shared data folder beside the checkout), for the text GPU recipe's job.
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact-beir.tar.xz"
-# Full-size JPEGs as shards (tools/make_imagenet_sample.py, then moco-shard; README, "Image sets
-# larger than memory"): Issue 36's input path at 224 px.
+#: Full-size JPEGs as shards (tools/make_imagenet_sample.py, then moco-shard; README, "Image sets
+#: larger than memory"), for the input path at 224 px.
 SHARDS = ROOT / ".data" / "imagenet-sample-shards"
+#: What a job may need: CUDA, a Python package, or a path (named ``{name}`` in its command).
+NEEDS = ("cuda", "transformers", "data", "shards", "scifact")
 MIN_START_S = 10.0  # a job is not started with less time than this left
 GRACE_S = 30.0  # from SIGTERM to SIGKILL: a training run's save
 
@@ -82,12 +88,13 @@ class Stopped:
 
 @dataclass
 class Job:
-    """One command of the kit. ``needs_cuda`` jobs are listed as skipped on a CPU."""
+    """One command of the kit and what it needs (:data:`NEEDS`): a job that needs CUDA is listed
+    as skipped on a CPU, one whose data or package is missing wherever it is."""
 
     name: str
     argv: list[str]
     cap_s: float
-    needs_cuda: bool = False
+    needs: tuple[str, ...] = ()
     json_out: Path | None = None  # where the command writes its figures (moco-bench --json)
     run_dir: Path | None = None  # a training job's run folder (its figures read from metrics.jsonl)
     status: str = "not run"
@@ -95,6 +102,10 @@ class Job:
     returncode: int | None = None
     result: object = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def needs_cuda(self) -> bool:
+        return "cuda" in self.needs
 
 
 def module(name: str, *args: str) -> list[str]:
@@ -109,94 +120,64 @@ def entry(function: str, *args: str) -> list[str]:
 
 
 # ======================================================================================= jobs
-def bench_job(name: str, case: str, out: Path, *options: str, cap_s: float = 60.0, needs_cuda: bool = False,
-              repeats: int = 20) -> Job:
-    json_out = out / f"bench_{name}.json"
-    argv = module("bench", case, "--repeats", str(repeats), "--warmup", str(min(5, repeats)), "--json", str(json_out), *options)
-    return Job(name, argv, cap_s, needs_cuda, json_out)
+class PlanError(ValueError):
+    """A job list the kit cannot read: one line naming the file and the job."""
 
 
-def quick_jobs(out: Path, data: Path, cpu: bool) -> list[Job]:
-    """The quick mode's jobs, most telling first (what the budget leaves out is at the end)."""
-    def tests(name: str, select: str, cap_s: float) -> Job:
-        return Job(name, [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-k", select, "-o", "addopts=-ra", "-p",
-                          "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py")], cap_s)
+def quick_jobs(out: Path, data: Path, cpu: bool, plan: Path = JOBS_FILE) -> list[Job]:
+    """The quick mode's jobs (``plan``'s ``cpu`` list on a CPU, else its ``quick`` list), in its
+    order, those whose needs are missing here marked as skipped."""
+    import yaml
 
-    # The tests that compile (CUDA graphs) come later: they take minutes, the others seconds.
-    eager_tests, graph_tests = tests("gpu tests", "not cuda_graphs", 90.0), tests("gpu tests, CUDA graphs", "cuda_graphs", 200.0)
-    if cpu:  # the tiny case through the same commands: the timed step with the input path, the counts
-        return [
-            eager_tests,
-            bench_job("tiny-strided", "tiny", out, "--bn-splits", "4", "--split-bn", "strided", "--data", "--pipeline",
-                      "device", "--workers", "0", repeats=1),
-            bench_job("tiny-cuda-graphs", "tiny", out, "--bn-splits", "4", "--cuda-graphs", repeats=1, needs_cuda=True),
-            bench_job("tiny-ops", "tiny", out, "--ops", "--bn-splits", "4"),
-        ]
-    g = dict(needs_cuda=True)
-    compiled = dict(cap_s=150.0, needs_cuda=True)
-    # Issue 34's telling jobs first: plain BN against split-BN's GPU form (grouped), eager and
-    # graphed, the strided form it replaced, ResNet-50, MoCo v3, text; then the SciFact GPU recipe's epochs.
-    jobs = [
-        eager_tests,
-        bench_job("r18-plain-bn", "r18-cifar", out, "--bn-splits", "1", **g),
-        bench_job("r18-grouped", "r18-cifar", out, "--split-bn", "grouped", **g),
-        bench_job("r18-grouped-cuda-graphs", "r18-cifar", out, "--split-bn", "grouped", "--cuda-graphs", **compiled),
-        bench_job("r18-plain-bn-cuda-graphs", "r18-cifar", out, "--bn-splits", "1", "--cuda-graphs", **compiled),
-        bench_job("r18-strided", "r18-cifar", out, "--split-bn", "strided", **g),
-        bench_job("r50-224", "r50-224", out, cap_s=90.0, **g),
-        # Issue 36: ResNet-50 at 224 px fed from shards on local disk, 8 loader processes, the JPEGs
-        # decoded on the GPU against PIL in the loader (target: at least 95% of the step's own img/s).
-        bench_job("r50-shards-gpu-decode", "r50-224", out, "--data", "--data-root", str(SHARDS), "--workers", "8",
-                  "--decode", "gpu", cap_s=120.0, **g),
-        bench_job("r50-shards-cpu-decode", "r50-224", out, "--data", "--data-root", str(SHARDS), "--workers", "8",
-                  "--decode", "cpu", cap_s=120.0, **g),
-        # MoCo v3 (Issue 26): its step against the floor of 8/3 supervised steps.
-        bench_job("vit-s-224", "vit-s-224", out, cap_s=120.0, **g),
-        bench_job("vit-t-cifar", "vit-t-cifar", out, cap_s=90.0, **g),
-        # Text (Issue 27): Contriever's BERT-base step (64 chunks, K 131,072) and the SciFact recipe's.
-        bench_job("bert-base", "bert-base", out, cap_s=120.0, **g),
-        bench_job("bert-scifact", "bert-scifact", out, **g),
-        scifact_gpu_job(out),
-        bench_job("r18-ops", "r18-cifar", out, "--ops", **g),
-        graph_tests,
-        bench_job("r18-one_pass", "r18-cifar", out, "--split-bn", "one_pass", **g),
-        bench_job("r18-per_slice", "r18-cifar", out, "--split-bn", "per_slice", **g),
-        # The strided form's view is free in NCHW; under channels_last it copies to NCHW and back.
-        bench_job("r18-strided-nchw", "r18-cifar", out, "--split-bn", "strided", "--no-channels-last", **g),
-        bench_job("r18-strided-cuda-graphs", "r18-cifar", out, "--split-bn", "strided", "--cuda-graphs", **compiled),
-        bench_job("r18-grouped-compiled", "r18-cifar", out, "--split-bn", "grouped", "--compile", **compiled),
-        bench_job("r18-queue-65536", "r18-cifar", out, "--split-bn", "grouped", "--queue", "65536", **g),
-        bench_job("r18-data", "r18-cifar", out, "--data", "--data-root", str(data), "--pipeline", "device",
-                  cap_s=150.0, needs_cuda=True),  # decoding the 60,000 JPEGs first
-        bench_job("bert-scifact-buckets", "bert-scifact-buckets", out, **g),
-        bench_job("r18-strided-compiled", "r18-cifar", out, "--split-bn", "strided", "--compile", **compiled),
-        bench_job("r18-one_pass-cuda-graphs", "r18-cifar", out, "--split-bn", "one_pass", "--cuda-graphs", **compiled),
-        bench_job("r50-224-compiled", "r50-224", out, "--compile", cap_s=200.0, needs_cuda=True),
-        bench_job("r18-per_slice-cuda-graphs", "r18-cifar", out, "--split-bn", "per_slice", "--cuda-graphs", **compiled),
-    ]
+    try:
+        lists = yaml.safe_load(plan.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise PlanError(f"{plan}: cannot read the kit's job list ({e})".replace("\n", " ")) from None
+    mode = "cpu" if cpu else "quick"
+    if not isinstance(lists, dict) or not isinstance(lists.get(mode), list):
+        raise PlanError(f"{plan}: no list of jobs under '{mode}:'")
+    paths = {"data": data, "shards": SHARDS, "scifact": SCIFACT}
+    jobs = [read_job(record, out, paths, f"{plan}, {mode} job {k + 1}") for k, record in enumerate(lists[mode])]
     text = importlib.util.find_spec("transformers") is not None
     for job in jobs:
-        root = Path(job.argv[job.argv.index("--data-root") + 1]) if "--data-root" in job.argv else None
-        if root is not None and not root.exists():
-            job.status = f"skipped: no data at {root}"
-        if job.name.startswith("scifact") and not SCIFACT.exists():
-            job.status = f"skipped: no SciFact archive at {SCIFACT}"
-        if job.name.startswith(("bert", "scifact")) and not text:
+        missing = [need for need in job.needs if need in paths and not paths[need].exists()]
+        if missing:
+            job.status = f"skipped: no data at {paths[missing[0]]}"
+        if "transformers" in job.needs and not text:
             job.status = "skipped: transformers is not installed (README, 'Proving it on a GPU')"
     return jobs
 
 
-def scifact_gpu_job(out: Path) -> Job:
-    """Two epochs of the SciFact recipe in its GPU form (configs/experiment/scifact_contriever_gpu.yaml;
-    186 steps of its budget, SciFact's 93 an epoch with the recipe's 12,288-token vocabulary): each
-    epoch's time (target: at most 1.5 s on an H200, set for the 114-step epochs of the 4,096-token
-    vocabulary) and the first step's, in its own run folder."""
-    recipes = ROOT / "configs" / "experiment"
-    return Job("scifact-gpu-epochs", entry("cli.train_main", str(recipes / "scifact_contriever.yaml"),
-                                           str(recipes / "scifact_contriever_gpu.yaml"), f"data.root={SCIFACT}",
-                                           "train.steps=186", f"train.out_dir={out / 'scifact_gpu'}",
-                                           "train.resume=auto", "track.progress=false", "track.wandb.mode=disabled"),
-               cap_s=120.0, needs_cuda=True, run_dir=out / "scifact_gpu")
+def read_job(record: dict, out: Path, paths: dict[str, Path], where: str) -> Job:
+    """One record of the job list as a :class:`Job` (see ``tools/proof_jobs.yaml``'s head)."""
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise PlanError(f"{where}: a job is a mapping with a name, not {record!r}")
+    where = f"{where} ({record['name']})"
+    unknown = set(record) - {"name", "bench", "tests", "train", "run", "repeats", "cap_s", "needs"}
+    commands = [key for key in ("bench", "tests", "train") if key in record]
+    needs = tuple(record.get("needs", ()))
+    if unknown or len(commands) != 1 or set(needs) - set(NEEDS):
+        raise PlanError(f"{where}: one of bench, tests, train; needs among {', '.join(NEEDS)}"
+                        + (f"; unknown keys {', '.join(sorted(unknown))}" if unknown else ""))
+    cap_s = float(record.get("cap_s", 60.0))
+    if commands == ["tests"]:
+        return Job(record["name"], [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-k", str(record["tests"]), "-o",
+                                    "addopts=-ra", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py")],
+                   cap_s, needs)
+    try:
+        args = [str(a).format_map(paths) for a in record[commands[0]]]
+    except (KeyError, ValueError) as e:
+        raise PlanError(f"{where}: {e} is no path a command may name ({', '.join(paths)})") from None
+    if commands == ["train"]:
+        run = out / str(record.get("run", record["name"]))
+        files = [str(ROOT / a) if a.endswith(".yaml") and "=" not in a else a for a in args]
+        return Job(record["name"], entry("cli.train_main", *files, f"train.out_dir={run}", "train.resume=auto",
+                                         "track.progress=false", "track.wandb.mode=disabled"), cap_s, needs, run_dir=run)
+    repeats = int(record.get("repeats", 20))
+    json_out = out / f"bench_{record['name']}.json"
+    argv = module("bench", args[0], "--repeats", str(repeats), "--warmup", str(min(5, repeats)), "--json", str(json_out),
+                  *args[1:])
+    return Job(record["name"], argv, cap_s, needs, json_out)
 
 
 def demo_jobs(work: Path, data: Path, cpu: bool, budget_s: float) -> list[Job]:
@@ -218,7 +199,7 @@ def demo_jobs(work: Path, data: Path, cpu: bool, budget_s: float) -> list[Job]:
 
     eager_cap = max(budget_s - COMPILED_CAP_S - PROBE_CAP_S, 30.0)
     compiled = train("demo compiled", "demo_compiled", COMPILED_OVERRIDES, COMPILED_CAP_S)
-    compiled.needs_cuda = cpu  # inductor's C++ compilation takes minutes on a CPU (tests/test_compile.py covers it)
+    compiled.needs = ("cuda",) if cpu else ()  # inductor's C++ compilation takes minutes on a CPU (tests/test_compile.py covers it)
     return [train("demo train", "demo", (), eager_cap), compiled,
             Job("demo probe", entry("cli.eval_main", "linear", str(work / "demo"), *probe), PROBE_CAP_S)]
 
@@ -286,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="", help="where the demo's run folder goes (default: a folder under /tmp)")
     parser.add_argument("--budget", type=float, default=0.0, help="seconds for the whole mode (default: quick 240, demo 540)")
     parser.add_argument("--only", default="", help="comma-separated job names: run only these")
+    parser.add_argument("--jobs", default=str(JOBS_FILE), help="the quick mode's job lists (default: tools/proof_jobs.yaml)")
     args = parser.parse_args(argv)
     import torch
 
@@ -307,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     for part in (("quick", "demo") if cpu else (args.mode,)):
         start = time.monotonic()
         if part == "quick":
-            jobs = quick_jobs(work, data, cpu)
+            try:
+                jobs = quick_jobs(work, data, cpu, Path(args.jobs).resolve())
+            except PlanError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         else:
             if not cpu and not data.exists():
                 print(f"error: --data {data}: no such archive (README.md, 'Proving it on a GPU', says how to make it)",

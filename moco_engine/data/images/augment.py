@@ -1,9 +1,10 @@
 """Batched two-view augmentations on tensors, for data sets held in device memory.
 
-The CPU path (``data.py``) augments one PIL image at a time in loader workers; on a GPU that
-cannot keep up with a CIFAR-sized step (the MoCo authors' demo spends half its epoch waiting
-for 16 workers). Here a whole batch is augmented at once, on whatever device holds it, with
-per-sample random parameters drawn from the distribution of a recipe's
+The CPU path (``recipes.py``'s PIL transforms, in ``sampling.py``'s loader workers) augments
+one PIL image at a time; on a GPU that cannot keep up with a CIFAR-sized step (the MoCo
+authors' demo spends half its epoch waiting for 16 workers). Here a whole batch is augmented
+at once, on whatever device holds it, with per-sample random parameters drawn from the
+distribution of a recipe's
 :class:`~moco_engine.data.images.recipes.ViewSpec` (the same spec the CPU path's PIL transforms are built from):
 
 - random resized crop: area fraction ~ U(scale), log aspect ratio ~ U(log ratio), ten tries

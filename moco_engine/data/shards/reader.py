@@ -6,7 +6,8 @@
 samples carry a ``.cls``.
 
 Why ``wids`` (WebDataset's indexed reader): it gives the shards as a map-style data set, item i
-at a fixed place, fetching and caching remote shards and memory-mapping local ones. The engine's
+at a fixed place, fetching and caching remote shards and memory-mapping local ones
+(``wids_cache.py``, the one module that touches wids). The engine's
 own :class:`~moco_engine.data.sampling.EpochSampler` then orders every epoch as for any other
 source: each rank reads a disjoint part, the order does not depend on the loader processes, a
 resume goes on mid-epoch exactly, and the memory bank and the kNN monitor see stable indices.
@@ -21,10 +22,8 @@ shards is refused, naming the first that changed.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from PIL import Image
 from moco_engine.config.schema import DataConfig
 from moco_engine.data.errors import DataError
 from moco_engine.data.images.sets import IMAGE_EXTENSIONS, ImageSet, decode, first_readable
+from moco_engine.data.shards.wids_cache import OpenShards, open_shard
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "moco-shard/1"
@@ -80,14 +80,10 @@ class ShardImages(ImageSet):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "dataset": None}  # open files and memory maps stay in their process
 
-    def open(self):
-        """wids' data set over the shards: item i -> (shard, place in it), the open shards in an LRU."""
+    def open(self) -> OpenShards:
+        """The shards by item: item i -> (shard, place in it), the open shards in an LRU."""
         if self.dataset is None:
-            import wids
-
-            with contextlib.redirect_stderr(io.StringIO()):  # wids prints its shard list on opening
-                self.dataset = wids.ShardListDataset(self.shards, transformations=[], localname=cached_name())
-            self.dataset.cache = in_place_shards(LRU_SHARDS, self.dataset.localname)
+            self.dataset = OpenShards(self.shards, LRU_SHARDS)
         return self.dataset
 
     def sample_bytes(self, i: int) -> bytes:
@@ -129,44 +125,6 @@ class ShardImages(ImageSet):
 LRU_SHARDS = 16  # shards a process keeps open (memory-mapped)
 
 
-def cached_name():
-    """Where a remote shard is fetched to: ``$WIDS_CACHE`` (default ``~/.cache/moco_engine/wids``),
-    under its whole URL quoted (wids' basename-only naming would let train/ and test/ shards of one
-    name overwrite each other)."""
-    import wids
-
-    return wids.wids.DefaultLocalname(os.environ.get("WIDS_CACHE") or str(Path.home() / ".cache" / "moco_engine" / "wids"))
-
-
-def fetch(url: str) -> str:
-    """A remote shard's local copy (fetched once, by wids' downloader: curl, gsutil, aws, ...)."""
-    from wids.wids_dl import download_and_open
-
-    local = cached_name()(url)
-    with download_and_open(url, local):
-        pass
-    return local
-
-
-def in_place_shards(size: int, localname):
-    """wids' LRU of open shards, reading a local shard where it lies: wids would take a lock
-    file beside it and copy it into its cache (a read-only disk fails, a large set is copied);
-    a URL is fetched into the cache as wids does."""
-    import wids
-
-    class InPlace(wids.wids.LRUShards):
-        def get_shard(self, url: str):
-            if "://" in url:
-                return super().get_shard(url)
-            self.accesses += 1
-            if url not in self.lru:
-                self.lru[url] = wids.wids.IndexedTarSamples(path=url)
-                self.misses += 1
-            return self.lru[url]
-
-    return InPlace(size, localname=localname)
-
-
 def check_local(shards: list[dict[str, Any]], where: str) -> None:
     """One line for a local shard that is missing, or whose size is not the manifest's."""
     for shard in shards:
@@ -206,12 +164,10 @@ def listed_split(path: Path, cfg: DataConfig) -> ShardImages:
     for (n, _), url in zip(lines, urls):
         if "://" not in url and not Path(url).is_file():
             raise DataError(f"{path}, line {n}: shard {url} is missing")
-    import wids
-
     counts, targets = [], []
     for (n, _), url in zip(lines, urls):
         try:
-            shard = wids.wids.IndexedTarSamples(path=fetch(url) if "://" in url else url)
+            shard = open_shard(url)
         except Exception as e:  # a failed fetch, a truncated or foreign tar (wids asserts on its index)
             raise DataError(f"{path}, line {n}: shard {url} cannot be read as a tar of samples ({e or type(e).__name__})") from None
         counts.append(len(shard))
