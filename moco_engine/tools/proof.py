@@ -17,7 +17,7 @@ GPU time comes rarely and briefly, so the kit is built not to lose any of it:
   whose own session would otherwise outlive the kit, and no further job starts.
 
 The jobs are ``moco-bench`` and ``moco-train`` themselves (one implementation for the kit and the
-commands); this module only orders, times and reports them. ``README.md`` ("Proving it on a GPU")
+commands); this module only orders, times and reports them. ``docs/benchmarking.md`` ("Proving it on a GPU")
 says which wheels to bring and the one call to make.
 """
 
@@ -58,8 +58,8 @@ COMPILED_CAP_S = 150.0  # enough for its compilation, its first step and a few e
 PROBE_CAP_S = 45.0
 #: SciFact in BEIR's layout (the shared data folder beside the checkout), for the text GPU recipe's job.
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact-beir.tar.xz"
-# Full-size JPEGs as shards (tools/make_imagenet_sample.py, then moco-shard; README, "Image sets
-# larger than memory"): Issue 36's input path at 224 px.
+# Full-size JPEGs as shards (tools/make_imagenet_sample.py, then moco-shard; docs/scale.md, "Image
+# sets larger than memory"): Issue 36's input path at 224 px.
 SHARDS = ROOT / ".data" / "imagenet-sample-shards"
 MIN_START_S = 10.0  # a job is not started with less time than this left
 GRACE_S = 30.0  # from SIGTERM to SIGKILL: a training run's save
@@ -182,7 +182,7 @@ def quick_jobs(out: Path, data: Path, cpu: bool) -> list[Job]:
         if job.name.startswith("scifact") and not SCIFACT.exists():
             job.status = f"skipped: no SciFact archive at {SCIFACT}"
         if job.name.startswith(("bert", "scifact")) and not text:
-            job.status = "skipped: transformers is not installed (README, 'Proving it on a GPU')"
+            job.status = "skipped: transformers is not installed (docs/benchmarking.md, 'Proving it on a GPU')"
     return jobs
 
 
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs = quick_jobs(work, data, cpu)
         else:
             if not cpu and not data.exists():
-                print(f"error: --data {data}: no such archive (README.md, 'Proving it on a GPU', says how to make it)",
+                print(f"error: --data {data}: no such archive (docs/benchmarking.md, 'Proving it on a GPU', says how to make it)",
                       file=sys.stderr)
                 return 2
             jobs = demo_jobs(work, data, cpu, budget)
