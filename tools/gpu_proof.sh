@@ -5,7 +5,7 @@
 #   cpu    both with tiny cases on a CPU (the test suite runs it)
 # Options: --data ARCHIVE (default <checkout>/.data/cifar10.tar.gz), --work DIR, --budget SECONDS, --only JOB,..., --jobs FILE
 # On a machine without the package's dependencies, wheels in .whl/ are installed first
-# (README.md, "Proving it on a GPU", says which ones).
+# (docs/benchmarking.md, "Proving it on a GPU", says which ones).
 # Relative paths (OUT_DIR, --data, --work) are the caller's: the kit runs in the caller's folder.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"  # the checkout: its package, configs/ and .whl/
@@ -17,7 +17,7 @@ if ! "$PY" -c "import omegaconf, transformers, webdataset, wids" 2>/dev/null && 
     export PYTHONPATH="/tmp/moco_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if ! "$PY" -c "import omegaconf" 2>/dev/null; then
-    echo "error: omegaconf is not installed and $ROOT/.whl/ holds no wheels (README.md, 'Proving it on a GPU')" >&2
+    echo "error: omegaconf is not installed and $ROOT/.whl/ holds no wheels (docs/benchmarking.md, 'Proving it on a GPU')" >&2
     exit 2
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled

@@ -52,7 +52,7 @@ def _one_agent_shares_its_store() -> bool:
 
     With several nodes each agent counts its own restarts (an agent whose workers were still
     healthy restarts them without counting), so the count cannot name a round there; the
-    README's multi-node command sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead, which gives
+    multi-node command of docs/scale.md sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead, which gives
     every round its own store.
     """
     return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"

@@ -58,7 +58,7 @@ def config_groups_help() -> str:
 
     groups = ", ".join(f.name for f in dataclasses.fields(Config))
     return (f"settings are key=value over the groups {groups}; configs/base.yaml lists every key with its "
-            "default and a comment, and README.md's 'The settings that matter' the important ones")
+            "default and a comment, and docs/settings.md the important ones")
 
 
 def _train(args: list[str]) -> int:

@@ -19,8 +19,8 @@ GPU time comes rarely and briefly, so the kit is built not to lose any of it:
 The jobs are ``moco-bench`` and ``moco-train`` themselves (one implementation for the kit and the
 commands); this module only orders, times and reports them. The quick mode's jobs are data, the
 checkout's ``tools/proof_jobs.yaml`` (each job: its command, its cap, what it needs), so the plan of
-the day changes without the package; the demo's are the README's command. ``README.md`` ("Proving
-it on a GPU") says which wheels to bring and the one call to make.
+the day changes without the package; the demo's are the README's command. ``docs/benchmarking.md``
+("Proving it on a GPU") says which wheels to bring and the one call to make.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ PROBE_CAP_S = 45.0
 JOBS_FILE = ROOT / "tools" / "proof_jobs.yaml"
 #: SciFact in BEIR's layout (the shared data folder beside the checkout), for the text GPU recipe's job.
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact-beir.tar.xz"
-#: Full-size JPEGs as shards (tools/make_imagenet_sample.py, then moco-shard; README, "Image sets
-#: larger than memory"), for the input path at 224 px.
+#: Full-size JPEGs as shards (tools/make_imagenet_sample.py, then moco-shard; docs/scale.md, "Image
+#: sets larger than memory"), for the input path at 224 px.
 SHARDS = ROOT / ".data" / "imagenet-sample-shards"
 #: What a job may need: CUDA, a Python package, or a path (named ``{name}`` in its command).
 NEEDS = ("cuda", "transformers", "data", "shards", "scifact")
@@ -144,7 +144,7 @@ def quick_jobs(out: Path, data: Path, cpu: bool, plan: Path = JOBS_FILE) -> list
         if missing:
             job.status = f"skipped: no data at {paths[missing[0]]}"
         if "transformers" in job.needs and not text:
-            job.status = "skipped: transformers is not installed (README, 'Proving it on a GPU')"
+            job.status = "skipped: transformers is not installed (docs/benchmarking.md, 'Proving it on a GPU')"
     return jobs
 
 
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         else:
             if not cpu and not data.exists():
-                print(f"error: --data {data}: no such archive (README.md, 'Proving it on a GPU', says how to make it)",
+                print(f"error: --data {data}: no such archive (docs/benchmarking.md, 'Proving it on a GPU', says how to make it)",
                       file=sys.stderr)
                 return 2
             jobs = demo_jobs(work, data, cpu, budget)
