@@ -20,19 +20,29 @@ import moco_engine
 from moco_engine import Backbone, ConfigError, Splits, TensorItems, Trainer, load_config
 
 
+def block(page: Path, heading: str) -> str:
+    """The Python block of the section ``heading`` of ``page``, verbatim."""
+    text = page.read_text()
+    section = text[text.index(heading):]
+    section = section[: section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    return code
+
+
+#: README's block (its data source the whole DataSource protocol, a class) and the same example
+#: with the source as one function returning Splits (docs/extending.md).
+BLOCKS = {"readme": (ROOT / "README.md", "## Extending"),
+          "function": (ROOT / "docs" / "extending.md", "## A data source as one function")}
+
+
 def readme_block() -> str:
-    """The Python block of README's "Extending" section, verbatim."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Extending"):]
-    section = section[: section.index("\n## ", 1)]
-    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
-    return block
+    return block(*BLOCKS["readme"])
 
 
-@pytest.fixture(scope="module")
-def extension(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("user") / "extend.py"
-    path.write_text(readme_block())
+@pytest.fixture(scope="module", params=sorted(BLOCKS))
+def extension(request, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp(request.param) / "extend.py"
+    path.write_text(block(*BLOCKS[request.param]))
     return path
 
 
@@ -61,6 +71,30 @@ def test_the_extension_under_torchrun_stopped_and_resumed_is_bit_identical(tmp_p
     assert "data.name=points ignores" in r.stderr  # TINY's image settings, named once
     assert straight[0]["world"] == 2 and straight[0]["step"] == 6 and 0 <= straight[0]["knn"]["knn_top1"] <= 100
     assert_same_ranks(straight, stopped_and_resumed(tmp_path / "stopped", *overrides, module=extension))
+
+
+def test_a_class_sources_state_is_kept_in_checkpoints_and_a_misfit_refuses_the_resume(tmp_path):
+    """README's Points keeps its centres in every checkpoint; a resume onto other points (another
+    seed draws other centres) is refused in one line naming the checkpoint and the source's why."""
+    (tmp_path / "extend.py").write_text(readme_block())
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(tmp_path)!r})
+import extend
+from moco_engine import Trainer, load_config
+from moco_engine.run.checkpoint import CheckpointError, latest_checkpoint
+args = {[*TINY, *POINTS, f"train.out_dir={tmp_path / 'run'}", "train.epochs=1"]!r}
+first = Trainer(load_config([], args)); first.fit()
+state = latest_checkpoint(first.run_dir)[1]
+assert torch.equal(state["points_centres"], first.loaders.source.centres)
+try:
+    Trainer(load_config([], [*args, "train.epochs=2", "train.resume=auto", "train.seed=1"])).prepare_run_dir()
+except CheckpointError as e:
+    print("refused:", e)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused: checkpoint" in done.stdout and "was trained on other points" in done.stdout
 
 
 class PairedInputs(nn.Module):

@@ -191,6 +191,43 @@ def test_rewritten_shards_are_refused_on_resume_naming_the_shard(shards, tmp_pat
         resumed.prepare_run_dir()
 
 
+def reordered(path):
+    """Rewrite a shard in place with its samples in reverse order: the same members, so the same
+    size, and another image at each of its places. Returns its new SHA-256."""
+    import hashlib
+
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    keys = sorted({m.name.split(".")[0] for m, _ in members})
+    swapped = dict(zip(keys, reversed(keys)))
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in sorted(members, key=lambda md: (swapped[md[0].name.split(".")[0]], md[0].name)):
+            m.name = swapped[m.name.split(".")[0]] + "." + m.name.split(".", 1)[1]
+            tar.addfile(m, io.BytesIO(data))
+    size = path.stat().st_size
+    path.write_bytes(out.getvalue().ljust(size, b"\0"))
+    assert path.stat().st_size == size
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_shard_rewritten_at_the_same_size_is_refused_on_resume_by_its_sha256(shards, tmp_path):
+    """Issue 41: a checkpoint knows a moco-shard folder's shards by the manifest's SHA-256, not by
+    their names and sizes alone: a shard whose samples moved (same size) is refused when the
+    manifest records it, as moco-shard does for every shard it writes."""
+    copy = damaged(shards, tmp_path)
+    Trainer(config(tmp_path, copy, "train.epochs=1", "eval.knn_every=0")).fit()
+    digest = reordered(copy / "train" / "shard-000001.tar")
+    manifest = json.loads((copy / MANIFEST).read_text())
+    old = manifest["splits"]["train"]["shards"][1]["sha256"]
+    assert digest != old
+    manifest["splits"]["train"]["shards"][1]["sha256"] = digest
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    resumed = Trainer(config(tmp_path, copy, "train.epochs=2", "train.resume=auto"))
+    with pytest.raises(CheckpointError, match=rf"shard-000001.tar has changed since \(items 16 -> 16, {old[:12]} -> {digest[:12]}\)"):
+        resumed.prepare_run_dir()
+
+
 def corrupt_copy(shards, tmp_path, bad_items):
     """A copy whose shard 0 has ``bad_items`` images replaced by bytes that are not a JPEG."""
     copy = damaged(shards, tmp_path)
