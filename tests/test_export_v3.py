@@ -11,7 +11,8 @@ from torch import nn
 
 from moco_engine.config.loading import load_config, to_dict
 from moco_engine.evaluation.export import export, moco_v3_checkpoint
-from moco_engine.method.encoders import MomentumEncoder, build_encoder, build_predictor
+from moco_engine.method.encoders import MomentumEncoder, build_encoder
+from moco_engine.method.step import METHODS
 
 timm = pytest.importorskip("timm")
 
@@ -25,7 +26,7 @@ def v3_state(arch: str, size: int, *extra: str) -> tuple[dict, torch.nn.Module]:
     torch.manual_seed(0)
     encoder = build_encoder(cfg.model, (3, size, size))
     momentum = MomentumEncoder(encoder)
-    predictor = build_predictor(cfg.model, cfg.method, cfg.loss.byol_hidden_dim)
+    predictor = METHODS[cfg.method].predictor(cfg)  # the run's: MoCo v3's
     return {"config": to_dict(cfg), "input_shape": (3, size, size), "epoch": 3, "encoder_q": encoder.state_dict(),
             "encoder_k": momentum.state_dict(), "predictor": predictor.state_dict()}, encoder
 

@@ -16,9 +16,10 @@ from moco_engine.config.loading import load_config
 from moco_engine.config.schema import LossConfig
 from moco_engine.method.encoders import Encoder, MomentumEncoder
 from moco_engine.method.memory_bank import MemoryBank
+from moco_engine.method.moco import moco_step
 from moco_engine.method.negatives import InBatch, Queue
 from moco_engine.method.objectives import Objective, build_objective
-from moco_engine.method.step import Skipped, StepParts, key_function, moco_step
+from moco_engine.method.step import Skipped, StepParts, key_function
 
 B, D, K, N, T, LR, M = 4, 5, 7, 10, 0.2, 0.5, 0.75
 

@@ -2,6 +2,7 @@
 
 | setting | registry (its owner) | entry |
 | --- | --- | --- |
+| ``method`` | ``method.step.METHODS`` | a step and the parts it has built |
 | ``model.arch`` | ``method.backbones.BACKBONES`` | a builder of (backbone, feature width) |
 | ``model.head`` | ``method.heads.HEADS`` | a builder of the projection head |
 | ``loss.name`` | ``method.objectives.LOSSES`` | the objective and its hyper-parameters |
@@ -31,6 +32,8 @@ from moco_engine.config.schema import ConfigError
 #: Each registry-backed setting and the module that owns its registry (then any other modules
 #: that register built-in entries in it).
 OWNERS = {
+    "method": ("moco_engine.method.step", "moco_engine.method.moco", "moco_engine.method.moco_v3",
+               "moco_engine.method.byol"),
     "model.arch": ("moco_engine.method.backbones", "moco_engine.method.vit", "moco_engine.method.timm_backbones",
                    "moco_engine.method.text_encoder"),
     "model.head": "moco_engine.method.heads",

@@ -22,7 +22,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("batch", "group"),
     "model.bn_split_form": ("auto", "per_slice", "one_pass", "strided", "grouped"),
     "queue.mask_same_instance": ("auto", "true", "false"),
-    "method": ("moco", "moco_v3", "byol"),
     "queue.dtype": ("float32", "bfloat16", "float16"),
     "memory_bank.init": ("random", "encode"),
     "memory_bank.positive": ("bank", "key"),
@@ -68,11 +67,11 @@ def validate(cfg: Config) -> None:
         value = setting(cfg, key)
         need(value in choices, key, value, f"must be one of {', '.join(choices)}")
     chosen = chosen_entries(cfg)  # every registry-backed name: registered, or one line listing those that are
-    needs = chosen["loss.name"].needs
-    need(cfg.method != "moco" or not needs or cfg.negatives.kind in needs, "loss.name", cfg.loss.name,
-         f"it needs negatives.kind={' or '.join(needs)}, not {cfg.negatives.kind}")
-    need(cfg.method != "moco_v3" or cfg.negatives.kind != "in_batch", "negatives.kind", cfg.negatives.kind,
-         "method=moco_v3 takes its keys from the momentum encoder: momentum_batch, or a queue or memory bank beside them")
+    needs = chosen["loss.name"].needs  # the kinds of negatives a loss needs, where the method takes both
+    need(covers(method_ignores(chosen["method"]), "loss.name") or not needs or cfg.negatives.kind in needs,
+         "loss.name", cfg.loss.name, f"it needs negatives.kind={' or '.join(needs)}, not {cfg.negatives.kind}")
+    refused = chosen["method"].refuses.get(cfg.negatives.kind)
+    need(refused is None, "negatives.kind", cfg.negatives.kind, f"method={cfg.method} {refused}")
     for key in PARAMS:
         group = key.split(".")[0]
         declared = params_of(chosen[key])
@@ -166,13 +165,22 @@ def chosen_entries(cfg: Config) -> dict[str, Any]:
     return {key: registry(key)[setting(cfg, key)] for key in OWNERS}
 
 
+def method_ignores(entry: Any) -> tuple[str, ...]:
+    """The settings a method's entry ignores: its ``ignores``, and without negatives
+    ``negatives.kind`` and every setting a kind of negatives reads."""
+    if entry.negatives:
+        return entry.ignores
+    return ("negatives", *(r for kind in registry("negatives.kind").entries.values() for r in reads(kind)), *entry.ignores)
+
+
 def ignored_by_choice(cfg: Config) -> dict[str, list[str]]:
     """Settings changed from their defaults that the chosen parts ignore, as ``key=value``, by
     the choice that ignores them (``"negatives.kind=in_batch": ["queue.size=4096"]``).
 
-    BYOL ignores the negatives and the loss. Each registry-backed choice ignores what other
-    entries of its registry read and the chosen one does not (their ``reads``). A warning, not
-    an error: a sweep may share settings across choices.
+    The method ignores what its entry says (:func:`method_ignores`: BYOL the negatives and the
+    loss, MoCo v3 the loss). Each other registry-backed choice ignores what other entries of its
+    registry read and the chosen one does not (their ``reads``). A warning, not an error: a
+    sweep may share settings across choices.
     """
     defaults = Config()
     changed = [k for k in valid_keys() if setting(cfg, k) != setting(defaults, k)]
@@ -184,12 +192,11 @@ def ignored_by_choice(cfg: Config) -> dict[str, list[str]]:
         if keys:
             out.setdefault(choice, []).extend(f"{k}={setting(cfg, k)}" for k in keys)
 
-    if cfg.method == "byol":
-        ignore("method=byol", [k for k in changed if covers(("negatives", "queue", "memory_bank", "loss.name"), k)])
-    if cfg.method == "moco_v3":  # its own loss, both directions always
-        ignore("method=moco_v3", [k for k in changed if covers(("loss.name", "loss.symmetric"), k)])
-    for key, entry in chosen_entries(cfg).items():
-        if (cfg.method == "byol" and key in ("negatives.kind", "loss.name")) or (cfg.method == "moco_v3" and key == "loss.name"):
+    chosen = chosen_entries(cfg)
+    by_method = method_ignores(chosen["method"])
+    ignore(f"method={cfg.method}", [k for k in changed if covers(by_method, k)])
+    for key, entry in chosen.items():
+        if covers(by_method, key):  # a choice the method ignores ignores nothing itself
             continue
         governed = tuple(r for other in registry(key).entries.values() for r in reads(other))
         ignore(f"{key}={setting(cfg, key)}", [k for k in changed if covers(governed, k) and not covers(reads(entry), k)])

@@ -1,5 +1,6 @@
 """The query encoder (a registered backbone and head), its momentum (EMA) copy the key encoder,
-and BYOL's predictor.
+and the online network of a method with a predictor (whose predictor is the method's own:
+``byol.py``, ``moco_v3.py``).
 
 Names follow the MoCo paper: the query encoder f_q gets gradients; the key encoder f_k is
 θ_k ← m·θ_k + (1−m)·θ_q after every optimizer step and gets none.
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from moco_engine.config.schema import ConfigError, ModelConfig
 from moco_engine.method.backbones import build_backbone
-from moco_engine.method.heads import build_head, v3_mlp
+from moco_engine.method.heads import build_head
 from moco_engine.method.norms import split_bn
 
 
@@ -43,27 +44,9 @@ class Encoder(nn.Module):
         return F.normalize(z, dim=1) if self.normalize else z
 
 
-def build_predictor(cfg: ModelConfig, method: str, byol_hidden: int) -> nn.Module:
-    """The predictor after f_q's projector, (B, D) -> (B, D).
-
-    - BYOL's q_θ: fc-BN-ReLU-fc of width ``loss.byol_hidden_dim``.
-    - MoCo v3's: its 2-layer MLP (``heads.v3_mlp``) of width ``model.hidden_dim``, with the last
-      BN for ViTs and without it for ResNets (``model.predictor_last_bn``).
-
-    Under SyncBN or split-BN it is converted as the encoder is (moco-v3 converts the whole
-    model, predictor included, to SyncBatchNorm).
-    """
-    if method == "moco_v3":
-        predictor = v3_mlp(2, cfg.dim, cfg.hidden_dim or cfg.dim, cfg.dim, last_bn=cfg.predictor_last_bn)
-    else:
-        predictor = nn.Sequential(nn.Linear(cfg.dim, byol_hidden), nn.BatchNorm1d(byol_hidden), nn.ReLU(inplace=True),
-                                  nn.Linear(byol_hidden, cfg.dim))
-    return batch_norm_as_configured(predictor, cfg) if method == "moco_v3" else predictor
-
-
 class OnlineNetwork(nn.Module):
-    """The online branch of BYOL and MoCo v3: the query encoder's backbone and projector, then
-    the predictor.
+    """The online branch of a method with a predictor (BYOL, MoCo v3): the query encoder's
+    backbone and projector, then the predictor.
 
     ``forward(x)`` returns (prediction (B, D), projection (B, D)), neither normalised.
     """

@@ -1,5 +1,8 @@
-"""MoCo v3's step (Chen, Xie & He 2021), made of the pieces of ``step.py``: the same parts,
-the same order (the optimizer step, then the EMA, then the enqueue), its own loss."""
+"""MoCo v3 (Chen, Xie & He 2021), registered as ``method=moco_v3``: its predictor and its step,
+made of the pieces of ``step.py``: the same parts, the same order (the optimizer step, then the
+EMA, then the enqueue), its own loss (``loss.name`` and ``loss.symmetric`` are ignored). Its keys
+come from f_k, so end-to-end negatives are refused; the EMA after step t uses m_{t+1}
+(``StepParts.ema_ahead``)."""
 
 from __future__ import annotations
 
@@ -7,8 +10,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from moco_engine.config.schema import Config
+from moco_engine.method.encoders import batch_norm_as_configured
+from moco_engine.method.heads import v3_mlp
 from moco_engine.method.losses import moco_v3_loss
 from moco_engine.method.step import (
     BufferGuard,
@@ -17,12 +23,26 @@ from moco_engine.method.step import (
     begin,
     contrastive_metrics,
     optimize,
+    register_method,
     set_lr,
 )
 from moco_engine.runtime import distributed as dist
 from moco_engine.runtime.precision import autocast
 
 
+def build_predictor(cfg: Config) -> nn.Module:
+    """MoCo v3's predictor after f_q's projector, (B, D) -> (B, D): its 2-layer MLP
+    (``heads.v3_mlp``) of width ``model.hidden_dim``, with the last BN for ViTs and without it for
+    ResNets (``model.predictor_last_bn``). Under SyncBN or split-BN it is converted as the encoder
+    is (moco-v3 converts the whole model, predictor included, to SyncBatchNorm)."""
+    model = cfg.model
+    return batch_norm_as_configured(v3_mlp(2, model.dim, model.hidden_dim or model.dim, model.dim,
+                                           last_bn=model.predictor_last_bn), model)
+
+
+@register_method("moco_v3", predictor=build_predictor, ema_ahead=1, ignores=("loss.name", "loss.symmetric"),
+                 refuses={"in_batch": "takes its keys from the momentum encoder: momentum_batch, or a queue or "
+                                      "memory bank beside them"})
 def moco_v3_step(parts: StepParts, x_1: Any, x_2: Any, indices: Tensor, lr: float,
                  momentum: float) -> dict[str, Tensor] | Skipped:
     """One MoCo v3 step (Chen, Xie & He 2021; moco-v3's moco/builder.py) on two views x_1, x_2

@@ -208,10 +208,11 @@ class MomentumBatch(NegativeSource):
 
 
 class NoNegatives(NegativeSource):
-    """BYOL's: no negatives and no state (its loss regresses the target network's projection)."""
+    """A method's without negatives (BYOL's): no negatives and no state (BYOL's loss regresses the
+    target network's projection)."""
 
     def negatives(self, queries: Tensor, keys: Tensor, indices: Tensor) -> Negatives:
-        raise RuntimeError("method=byol uses no negatives")
+        raise RuntimeError("this run's method takes no negatives (it was registered with negatives=False)")
 
 
 # =============================================================================== the registry
@@ -273,10 +274,11 @@ register_negatives("momentum_batch", lambda cfg, num_items: MomentumBatch())
 def planned_bytes(cfg: Config, num_items: int) -> tuple[str, str, int]:
     """(setting, what, bytes) of the source ``cfg`` would build: the key that sizes its buffers,
     their description, and the bytes they take while being built."""
-    planned = None if cfg.method == "byol" else NEGATIVES[cfg.negatives.kind].planned
+    planned = NEGATIVES[cfg.negatives.kind].planned
     return planned(cfg, num_items) if planned is not None else ("negatives.kind", "no stored negatives", 0)
 
 
 def build_source(cfg: Config, num_items: int) -> NegativeSource:
-    """The negative source ``negatives.kind`` names (none for BYOL), for ``num_items`` items."""
-    return NoNegatives() if cfg.method == "byol" else NEGATIVES[cfg.negatives.kind].build(cfg, num_items)
+    """The negative source ``negatives.kind`` names, for ``num_items`` items (a method without
+    negatives builds :class:`NoNegatives` instead: ``step.build_parts``)."""
+    return NEGATIVES[cfg.negatives.kind].build(cfg, num_items)

@@ -1,52 +1,45 @@
-"""One optimizer step, in the paper's order, and the parts it is made of.
+"""What every method's step shares: the parts it is made of, the methods' registry, the
+optimizer step, the non-finite guard, and the parts' model state.
 
-:func:`build_parts` assembles what a step touches (f_q, f_k, the negatives, the objective, the
-optimizer) once; :func:`moco_step` and :func:`byol_step` then read top to bottom (MoCo v3's
-step, built from the same pieces, is ``moco_v3.py``'s). Each returns
-the step's metrics as 0-d tensors on the device (no host sync), or :class:`Skipped` for a step
-whose loss was not finite (only with ``train.max_nonfinite_skips``)::
+A method (``method=<name>``) is an entry of :data:`METHODS`: its step, and what
+:func:`build_parts` builds for it (a predictor after f_q, a negative source, f_k and when its EMA
+momentum is read). The built-in ones are each a module of their own: ``moco.py`` (MoCo v1/v2),
+``moco_v3.py``, ``byol.py``. :func:`build_parts` assembles what a step touches (f_q, f_k, the
+negatives, the objective, the optimizer) once; the step then reads top to bottom, in the
+paper's order, and returns its metrics as 0-d tensors on the device (no host sync), or
+:class:`Skipped` for a step whose loss was not finite (only with ``train.max_nonfinite_skips``)::
 
-    q = f_q(x_q)                                  (B, D) with gradients
-    k = keys(x_k)                                 (B, D): f_k under shuffle-BN, no gradients
-                                                  (in-batch negatives: f_q itself, end to end)
-    negatives = source.negatives(q, k, idx)       (K, D) snapshot, drop (B, K) or None
-    logits = [q·k, q·negativesᵀ] / T              (B, 1 + K), float32
-    loss = objective(q, k, negatives, logits)     (the symmetric loss: both directions, summed)
-    backward; optimizer step
-    θ_k ← m·θ_k + (1 − m)·θ_q                     one fused foreach op
-    objective.commit()                            NCE's normaliser
-    source.update(all_gather(k), all_gather(idx)) identical on every rank
+    begin(parts); set_lr(parts.optimizer, lr)     a new step (CUDA graphs); the schedule's rate
+    guard = BufferGuard(parts)                    only with parts.check_finite
+    with autocast(parts.device, parts.amp_dtype):
+        loss = ...                                the method's forward passes and loss
+    if guard is not None and not guard.finite(loss): return Skipped(loss.detach())
+    optimize(parts, loss)                         backward; optimizer step
+    ...                                           then every state change: the EMA, the enqueue
 
-Every state change happens after the optimizer step, in that order; nothing hides in a
-module's ``forward``.
+Nothing hides in a module's ``forward``.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moco_engine.config.registry import Registry, registry
 from moco_engine.config.schema import Config, UserError
-from moco_engine.method.encoders import (
-    Encoder,
-    MomentumEncoder,
-    OnlineNetwork,
-    build_encoder,
-    build_predictor,
-)
-from moco_engine.method.losses import byol_loss, info_nce_logits, instance_accuracy
-from moco_engine.method.negatives import NegativeSource, build_source, planned_bytes
+from moco_engine.method.encoders import Encoder, MomentumEncoder, OnlineNetwork, build_encoder
+from moco_engine.method.losses import instance_accuracy
+from moco_engine.method.negatives import NegativeSource, NoNegatives, build_source, planned_bytes
 from moco_engine.method.objectives import Objective, build_objective
 from moco_engine.method.optimizers import build_optimizer
 from moco_engine.runtime import compiling
 from moco_engine.runtime import distributed as dist
-from moco_engine.runtime.precision import autocast, available_memory, memory_format
+from moco_engine.runtime.precision import available_memory, memory_format
 
 
 class Skipped(NamedTuple):
@@ -60,13 +53,15 @@ class StepParts:
     """Everything a step reads or changes, built once by :func:`build_parts`.
 
     Attributes:
-        model_q: f_q as trained: DDP-wrapped under torchrun; for BYOL the online network
-            (f_q, then the predictor), returning (prediction, projection).
+        model_q: f_q as trained: DDP-wrapped under torchrun; with a predictor (BYOL, MoCo v3)
+            the online network (f_q, then the predictor), returning (prediction, projection).
         encoder_q: f_q itself, x (B, ...) -> (B, D) unit vectors: the EMA's source.
-        encoder_k: f_k, the EMA of f_q; None with end-to-end (in-batch) negatives.
-        predictor: BYOL's or MoCo v3's predictor, else None.
+        encoder_k: f_k, the EMA of f_q; None with end-to-end (in-batch) negatives, or for a
+            method without one (``MethodEntry.momentum_encoder``).
+        predictor: the method's predictor (BYOL's, MoCo v3's), else None.
         keys: x (B, ...) -> k (B, D), chosen when the parts are built.
-        negatives: the negative source (queue, memory bank, in-batch, or none for BYOL).
+        negatives: the negative source (queue, memory bank, in-batch, or none for a method
+            without negatives: BYOL).
         objective: the loss of one direction, bound from ``cfg.loss``.
         optimizer, scaler: ``optim.name``'s optimizer over f_q (and the predictor); the fp16 loss scaler.
         device, amp_dtype: where the step runs and its autocast dtype (None: fp32).
@@ -126,10 +121,56 @@ def key_function(model_q: nn.Module, encoder_k: MomentumEncoder | None, shuffle:
     return keys
 
 
+# =============================================================================== the methods
+@dataclass(frozen=True)
+class MethodEntry:
+    """A registered method (``method=<name>``): its step, and what :func:`build_parts` builds for it.
+
+    Attributes:
+        step: ``step(parts, x_1, x_2, indices, lr, momentum) -> metrics | Skipped``: one
+            optimizer step on two views x_1, x_2 (B, ...) of the items ``indices`` (B,), at the
+            schedules' learning rate and EMA momentum; the metrics are 0-d tensors on the
+            device, ``loss`` and ``embed_std`` among them (the log and the collapse watch read them).
+        predictor: ``predictor(cfg) -> module`` (B, D) -> (B, D) after f_q's projector, which
+            then trains as :class:`~moco_engine.method.encoders.OnlineNetwork` (``parts.model_q(x)``
+            is (prediction, projection)); None: f_q trains as it is (unit embeddings).
+        negatives: whether it takes the negative source ``negatives.kind`` names. Without, none
+            is built (``NoNegatives``), and ``negatives.kind`` and what the kinds read are ignored.
+        momentum_encoder: whether f_k, the EMA of f_q, is built (end-to-end negatives build none
+            either way).
+        ema_ahead: the EMA after step t uses the momentum of step t + ema_ahead (``StepParts``).
+        ignores: further settings the method ignores (dotted keys or groups): a changed one
+            draws the one warning line (``rules.ignored_by_choice``).
+        refuses: kinds of negatives it cannot train with, each with the reason (one line).
+    """
+
+    step: Callable[..., dict[str, Tensor] | Skipped]
+    predictor: Callable[[Config], nn.Module] | None = None
+    negatives: bool = True
+    momentum_encoder: bool = True
+    ema_ahead: int = 0
+    ignores: tuple[str, ...] = ()
+    refuses: dict[str, str] = field(default_factory=dict)
+
+
+METHODS = Registry("method", "method")
+
+
+def register_method(name: str, step: Callable | None = None, *, predictor: Callable | None = None,
+                    negatives: bool = True, momentum_encoder: bool = True, ema_ahead: int = 0,
+                    ignores: tuple[str, ...] = (), refuses: dict[str, str] | None = None, replace: bool = False):
+    """Register ``step`` under ``name`` (``method=<name>``) with what it needs built
+    (:class:`MethodEntry`); a decorator without ``step``."""
+    return METHODS.add(name, step, lambda fn: MethodEntry(fn, predictor, negatives, momentum_encoder, ema_ahead,
+                                                          tuple(ignores), dict(refuses or {})), replace)
+
+
+# =============================================================================== the parts
 def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None, num_items: int,
                 input_shape: Any) -> StepParts:
     """Build f_q, f_k, the negatives, the objective and the optimizer of a run on ``device``,
-    for ``num_items`` items whose views have ``input_shape`` (no batch dimension).
+    for ``num_items`` items whose views have ``input_shape`` (no batch dimension), as the
+    method ``cfg.method`` names asks (:class:`MethodEntry`).
 
     Draws the initial weights and the queue from the global RNG: seed it identically on every
     rank first (DDP would broadcast f_q, but f_k and the queue are built here).
@@ -144,18 +185,20 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
     if cfg.train.cuda_graphs and (device.type != "cuda" or distributed):
         raise UserError(f"config key 'train.cuda_graphs' = true: CUDA graphs need one process on a CUDA device "
                         f"(this run: {device}{', under torchrun' if distributed else ''})")
-    key, what, needed = planned_bytes(cfg, num_items)
+    method = registry("method")[cfg.method]
+    # A method without negatives (BYOL) builds no source: nothing to plan for.
+    key, what, needed = planned_bytes(cfg, num_items) if method.negatives else ("negatives.kind", "no negatives", 0)
     free = available_memory(device)
     if needed > free:  # refused before allocating: the OS would kill the run, or CUDA raise mid-build
         raise UserError(f"config key '{key}': {what} needs {needed / 2**30:.1f} GiB, and {device} has "
                         f"{free / 2**30:.1f} GiB available")
     encoder_q = build_encoder(cfg.model, input_shape).to(device, memory_format=memory_format(cfg.train.channels_last))
-    negatives = build_source(cfg, num_items).to(device)
+    negatives = (build_source(cfg, num_items) if method.negatives else NoNegatives()).to(device)
     # End-to-end negatives take their keys from f_q: no momentum copy is built.
-    encoder_k = None if negatives.end_to_end else MomentumEncoder(encoder_q)
+    encoder_k = MomentumEncoder(encoder_q) if method.momentum_encoder and not negatives.end_to_end else None
     predictor, online = None, encoder_q
-    if cfg.method in ("byol", "moco_v3"):  # a predictor after f_q's projector; f_k (without it) is the EMA of f_q
-        predictor = build_predictor(cfg.model, cfg.method, cfg.loss.byol_hidden_dim).to(device)
+    if method.predictor is not None:  # a predictor after f_q's projector; f_k (without it) is the EMA of f_q
+        predictor = method.predictor(cfg).to(device)
         online = OnlineNetwork(encoder_q, predictor)
     if cfg.train.compile or cfg.train.cuda_graphs:
         # In place, so state_dict keys stay those of the plain modules (checkpoints portable).
@@ -192,7 +235,7 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         device=device, amp_dtype=amp_dtype, temperature=cfg.loss.temperature, symmetric=cfg.loss.symmetric,
         check_finite=cfg.train.max_nonfinite_skips > 0, graphed=cfg.train.cuda_graphs, input_shape=input_shape,
-        ema_ahead=1 if cfg.method == "moco_v3" else 0,
+        ema_ahead=method.ema_ahead,
     )
 
 
@@ -230,74 +273,6 @@ def statistics(parts: StepParts) -> Iterator[tuple[str, Tensor]]:
         for name, b in module.named_buffers() if module is not None else ():
             if b.is_floating_point():
                 yield f"{section}.{name}", b
-
-
-# =============================================================================== the steps
-def moco_step(parts: StepParts, x_q: Any, x_k: Any, indices: Tensor, lr: float,
-              momentum: float) -> dict[str, Tensor] | Skipped:
-    """One MoCo step on two views x_q, x_k (B, ...) of the items ``indices`` (B,), at learning
-    rate ``lr`` and EMA momentum ``momentum``."""
-    begin(parts)
-    set_lr(parts.optimizer, lr)
-    source_metrics = parts.negatives.metrics(indices)  # the source's state before this batch
-    guard = BufferGuard(parts) if parts.check_finite else None
-    # The symmetric loss (the MoCo CIFAR-10 demo's) sums both directions; its gradient is twice
-    # an asymmetric step's.
-    directions = ((x_q, x_k), (x_k, x_q)) if parts.symmetric else ((x_q, x_k),)
-    losses, keys = [], []
-    with autocast(parts.device, parts.amp_dtype):
-        for x_query, x_key in directions:
-            q = parts.model_q(x_query)  # (B, D) unit queries, with gradients
-            k = parts.keys(x_key)  # (B, D) unit keys
-            negatives = parts.negatives.negatives(q, k, indices)  # (K, D) snapshot, drop (B, K) or None
-            supplied = parts.negatives.positives(indices)  # the memory bank's v_i (B, D), or None
-            positive = k if supplied is None else supplied
-            logits = info_nce_logits(q, positive, negatives.embeddings, parts.temperature, negatives.drop)
-            losses.append(parts.objective(q, positive, negatives, logits))  # ()
-            keys.append(k)
-            if len(losses) == 1:
-                first_q, first_logits = q, logits  # the metrics are the first direction's
-    loss = sum(losses[1:], losses[0])
-
-    if guard is not None and not guard.finite(loss):
-        parts.objective.discard()
-        return Skipped(loss.detach())
-    optimize(parts, loss)
-
-    # State changes, after the optimizer step.
-    if parts.encoder_k is not None:
-        parts.encoder_k.update(parts.encoder_q, momentum)  # θ_k ← m·θ_k + (1 − m)·θ_q
-    parts.objective.commit()  # NCE's normaliser
-    # The demo's enqueue order: the key of x_q (the second direction's) before that of x_k.
-    enqueued = torch.cat(keys[::-1]).detach().float()  # (B·directions, D)
-    # Equal shares on every rank (EpochSampler) make every step's batch the same size on every
-    # rank, ragged last batch included: the gathers need no size exchange.
-    parts.negatives.update(dist.all_gather_cat(enqueued, same_size=True),
-                           dist.all_gather_cat(indices.repeat(len(directions)), same_size=True))
-    return {**contrastive_metrics(first_logits.detach(), first_q.detach(), parts.temperature), "loss": loss.detach(),
-            **source_metrics}
-
-
-def byol_step(parts: StepParts, x_1: Any, x_2: Any, indices: Tensor, lr: float,
-              momentum: float) -> dict[str, Tensor] | Skipped:
-    """One BYOL step (Grill et al. 2020) on two views x_1, x_2 (B, ...): each view's
-    prediction regresses the target network's projection of the other view."""
-    begin(parts)
-    set_lr(parts.optimizer, lr)
-    guard = BufferGuard(parts) if parts.check_finite else None
-    with autocast(parts.device, parts.amp_dtype):
-        p_1, z_1 = parts.model_q(x_1)  # online prediction and projection (B, D), not normalised
-        p_2, _ = parts.model_q(x_2)
-        with torch.no_grad():
-            t_1, t_2 = parts.encoder_k(x_1), parts.encoder_k(x_2)  # target projections (B, D)
-        loss = byol_loss(p_1, t_2) + byol_loss(p_2, t_1)
-
-    if guard is not None and not guard.finite(loss):
-        return Skipped(loss.detach())
-    optimize(parts, loss)
-
-    parts.encoder_k.update(parts.encoder_q, momentum)  # the target: θ_k ← m·θ_k + (1 − m)·θ_q
-    return {"loss": loss.detach(), "embed_std": F.normalize(z_1.detach().float(), dim=1).std(dim=0).mean()}
 
 
 # =============================================================================== its pieces

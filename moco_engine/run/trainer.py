@@ -23,9 +23,8 @@ from torch import Tensor
 from moco_engine.config.rules import ignored_warning
 from moco_engine.config.schema import Config
 from moco_engine.evaluation.monitor import Monitor
-from moco_engine.method.moco_v3 import moco_v3_step
 from moco_engine.method.schedules import Plan, lr_at, momentum_at
-from moco_engine.method.step import Skipped, build_parts, byol_step, moco_step
+from moco_engine.method.step import METHODS, Skipped, build_parts
 from moco_engine.run import checkpoint as ckpt
 from moco_engine.run import folder, opening, records, snapshot
 from moco_engine.run.cadence import Cadence
@@ -72,9 +71,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.parts = build_parts(cfg, self.device, self.amp_dtype, self.loaders.num_items, self.loaders.input_shape)
         torch.manual_seed(cfg.train.seed + self.rank)
-        self.step_fn = {"moco": moco_step, "moco_v3": moco_v3_step, "byol": byol_step}[cfg.method]
+        self.step_fn = METHODS[cfg.method].step  # the step of the method build_parts built for
         self.plan = Plan.of(cfg.train, self.loaders.steps_per_epoch)  # the run's length: epochs, or a budget of steps
-
         self.progress = Progress()  # epochs and steps taken, evaluations, ...: what a checkpoint keeps of the run
         self.tracker = Tracker(None, enabled=False)
         self.signals = signals or StopSignals()  # SIGTERM/SIGINT: save the completed state, exit

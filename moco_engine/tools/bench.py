@@ -6,7 +6,7 @@ already in device memory (random images; random token ids, every position attend
 
 - a supervised step of the same backbone and batch (forward, cross-entropy, backward, SGD; AdamW
   for text, as fine-tuning a transformer uses);
-- the engine's step (``Trainer.train_step``): MoCo v1/v2's ``step.moco_step`` (query and key
+- the engine's step (``Trainer.train_step``): MoCo v1/v2's ``moco.moco_step`` (query and key
   passes, logits, backward, SGD, EMA, enqueue) or MoCo v3's ``moco_v3.moco_v3_step`` (both views
   through f_q and its predictor and through f_k, the symmetric loss, backward, the optimizer, EMA);
 - the pieces MoCo adds, each alone: the key encoder's forward, the EMA, and for v1/v2 shuffle-BN's
