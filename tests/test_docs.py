@@ -136,3 +136,14 @@ def test_each_task_in_the_readme_opens_with_its_command_and_points_into_docs():
 def test_every_docs_page_is_linked_from_the_readme():
     linked = set(re.findall(r"\]\(docs/([^)#]+)", README.read_text()))
     assert linked >= {page.name for page in (ROOT / "docs").glob("*.md")}
+
+
+def test_the_method_example_in_docs_is_the_tested_user_method_word_for_word():
+    """docs/extending.md's "A method" block is tests/user_method.py (which test_methods.py trains)."""
+    import re
+
+    page = (ROOT / "docs" / "extending.md").read_text()
+    section = page[page.index("## A method"):]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    source = (ROOT / "tests" / "user_method.py").read_text()
+    assert code == source[source.index("import torch.nn.functional"):]
