@@ -14,6 +14,7 @@ import signal
 import sys
 
 import moco_engine.evaluation.monitor as monitor
+import moco_engine.run.opening as opening
 import moco_engine.run.trainer as engine
 from moco_engine.tools.cli import train_main
 
@@ -34,7 +35,7 @@ def signal_on_first_call(owner, name: str, signum: int) -> None:
 if __name__ == "__main__":
     moment, signame, *args = sys.argv[1:]
     signum = getattr(signal, signame)
-    target = {"start": (engine, "build_loaders"), "knn": (monitor, "knn_monitor"),
+    target = {"start": (opening, "build_loaders"), "knn": (monitor, "knn_monitor"),
               "refresh": (engine.Trainer, "encode_train_set"), "save": (os, "fsync")}[moment]
     signal_on_first_call(*target, signum)
     sys.exit(train_main(args))

@@ -147,3 +147,22 @@ def test_a_name_nothing_is_registered_under_lists_those_that_are():
         load_config([], ["model.arch=mlp2"])
     with pytest.raises(ConfigError, match=r"'loss\.params\.lam'.*loss\.name=infonce takes no such parameter"):
         load_config([], ["loss.params.lam=2"])
+
+
+def test_a_source_state_that_takes_a_name_of_the_runs_own_snapshot_is_refused(tmp_path):
+    """A source's state sits beside the run's entries in every checkpoint: a key of the run's own
+    ("config", "step", "negatives", ...) would overwrite it, so taking the snapshot refuses it."""
+    from moco_engine.data.images.source import ImageSource
+    from moco_engine.data.images.sources import synthetic
+
+    class Clashing(ImageSource):
+        def __init__(self, cfg, saved=None):
+            super().__init__(cfg, synthetic(cfg.data, cfg.train.seed))
+
+        def state(self):
+            return {"step": torch.zeros(1), "own": torch.ones(1)}
+
+    moco_engine.register_data_source("test_clashing", Clashing, replace=True)
+    trainer = Trainer(load_config([], [*TINY, "data.name=test_clashing", f"train.out_dir={tmp_path / 'run'}"]))
+    with pytest.raises(ConfigError, match=r"the source's state names step, entries of the run's own snapshot"):
+        trainer.state_dict()

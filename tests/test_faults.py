@@ -100,9 +100,9 @@ def test_a_stray_file_named_like_a_checkpoint_is_never_counted_deleted_or_follow
     (folder / "checkpoint_99999999.pt").write_bytes(b"a stray copy")
     (folder / "checkpoint_00000006.pt").write_bytes(b"not ours either")  # the name the next save wants
     (folder / "latest").write_text("checkpoint_99999999.pt")
-    t2 = trainer(run, "train.keep_checkpoints=1", "train.resume=auto")
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:  # the resume is chosen when the run is built
         warnings.simplefilter("always")
+        t2 = trainer(run, "train.keep_checkpoints=1", "train.resume=auto")
         t2.fit()
     assert t2.step == 6
     names = sorted(p.name for p in folder.iterdir())

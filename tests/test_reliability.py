@@ -51,7 +51,7 @@ def test_nonfinite_steps_are_skipped_without_touching_the_state(tmp_path, capsys
 
     t.train_step = step
     final = t.fit()
-    assert final["steps"] == 6 and t.nonfinite_skips == 2
+    assert final["steps"] == 6 and t.progress.nonfinite_skips == 2
     for skipped in (1, 4):
         (_, weights, keys), out = snapshots[skipped]
         assert out is None

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from moco_engine.data import wids_cache
+from moco_engine.data.shards import wids_cache
 
 
 def test_the_wids_internals_the_adapter_uses_are_as_it_expects():

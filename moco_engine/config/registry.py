@@ -7,8 +7,8 @@
 | ``model.head`` | ``method.heads.HEADS`` | a builder of the projection head |
 | ``loss.name`` | ``method.objectives.LOSSES`` | the objective and its hyper-parameters |
 | ``negatives.kind`` | ``method.negatives.NEGATIVES`` | a builder of the negative source |
-| ``data.name`` | ``data.sources.SOURCES`` | a builder of the train/test splits |
-| ``data.augmentation`` | ``data.recipes.RECIPES`` | a view recipe (``ViewSpec``) |
+| ``data.name`` | ``data.sources.SOURCES`` | a ``DataSource`` class, or a function returning the splits |
+| ``data.augmentation`` | ``data.images.recipes.RECIPES`` | a view recipe (``ViewSpec``) |
 
 Each owner creates its registry and registers the built-in entries; a user adds one with the
 ``moco_engine.register_*`` helpers (each makes its registry's entry and calls ``Registry.add``)

@@ -125,8 +125,8 @@ def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world: int =
 
     Raises:
         UserError: the data cannot be used (missing, or fewer items than one global batch; an
-            input path the source does not have); ``ConfigError`` the source's kept state was
-            made with other settings (named).
+            input path the source does not have); ``sources.SavedStateMisfit`` the source's kept
+            state was made with other settings (named).
     """
     loaders = open_source(cfg, saved).loaders(device, rank, world, view)
     if loaders.num_items < cfg.optim.batch_size * world:

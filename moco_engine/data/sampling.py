@@ -3,11 +3,11 @@ epoch's order, and the DataLoader around them (workers that outlast a stop signa
 
 - :class:`Indexed`: item i is ``(transform(image_i), target_i, i)``, its randomness seeded by
   (seed, epoch, i), so a resumed run sees the views an uninterrupted one would;
-- :class:`TwoViews`: the query and key views of one image (the recipes are in ``recipes.py``);
+- :class:`TwoViews`: the query and key views of one image (the recipes are in ``images/recipes.py``);
 - :class:`EpochSampler`: each epoch's permutation, sharded over the ranks in equal shares;
 - :func:`make_loader`, :func:`quiet_worker_signals`.
 
-The image sets themselves (embedded, CIFAR-10, folders, archives, synthetic) are ``images.py``'s.
+The image sets themselves (embedded, CIFAR-10, folders, archives, synthetic) are ``images/sets.py``'s.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ sources are)::
         ...
 
 or a function of the data settings and the run's seed that returns
-:class:`~moco_engine.data.items.Splits` (the image sources are; README's "Extending" shows
+:class:`~moco_engine.data.items.Splits` (the image sources are; ``docs/extending.md`` shows
 one)::
 
     @register_data_source("points")             # moco_engine.register_data_source
@@ -47,13 +47,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from moco_engine.config.registry import Registry, registry
-from moco_engine.config.schema import Config, DataConfig
+from moco_engine.config.schema import Config, ConfigError, DataConfig, UserError
 from moco_engine.data.items import ItemSet, Splits
 
 if TYPE_CHECKING:  # the loaders' mechanism builds on the sources' protocol, not the other way
     import torch
 
     from moco_engine.data.loaders import Loaders
+
+
+class SavedStateMisfit(ConfigError):
+    """A resumed source's kept state (``saved``) was made with other settings than this run's;
+    the message names them (the run prefixes the checkpoint's path)."""
 
 
 class DataSource:
@@ -64,7 +69,7 @@ class DataSource:
         cfg: the run's config.
         saved: on a resume, the snapshot its checkpoint holds (what the source kept of itself in
             :meth:`state`: a text run's tokenizer); None for a fresh run. A source whose kept
-            state was made with other settings raises ``ConfigError`` naming them.
+            state was made with other settings raises :class:`SavedStateMisfit` naming them.
 
     Attributes (what the run layer asks, so that it never asks which modality it has):
         images: the items are images (the augmentation preview, ``train.channels_last``, the
@@ -92,12 +97,14 @@ class DataSource:
     def plain_loader(self, split: ItemSet, batch_size: int, sampler: Sampler | None = None,
                      pin_memory: bool = False) -> DataLoader:
         """``split``'s deterministic views in index order (or ``sampler``'s), as ``(x, targets,
-        indices)`` batches: what ``moco-eval`` encodes."""
-        raise NotImplementedError
+        indices)`` batches: what ``moco-eval`` encodes (a source without them is refused in one line)."""
+        raise UserError(f"config key 'data.name' = {self.cfg.data.name!r}: the source gives moco-eval no plain "
+                        "views of its items (DataSource.plain_loader)")
 
     def probe_loader(self, batch_size: int) -> DataLoader:
         """The linear probe's training batches: the train split under the probe's augmentation."""
-        raise NotImplementedError
+        raise UserError(f"config key 'data.name' = {self.cfg.data.name!r}: the source gives the linear probe no "
+                        "training views (DataSource.probe_loader)")
 
     # ------------------------------------------------------------------ the source's state
     def state(self) -> dict[str, Any]:
@@ -137,9 +144,10 @@ class SourceEntry:
         if isinstance(self.build, type) and issubclass(self.build, DataSource):
             return self.build(cfg, saved)
         splits = self.build(cfg.data, cfg.train.seed)
-        # Imported by name: both build on the loaders' mechanism, which builds on this protocol.
+        # Imported by name (an edge ARCHITECTURE.md names): both build on the loaders' mechanism,
+        # which builds on this protocol, so this module cannot import them in its source.
         if splits.images:  # items with no view of their own: the recipes view them
-            return importlib.import_module("moco_engine.data.images.source").ImageSource(cfg, splits, self.in_memory)
+            return importlib.import_module("moco_engine.data.images.source").ImageSource(cfg, splits)
         return importlib.import_module("moco_engine.data.loaders").SplitsSource(cfg, splits)
 
 
@@ -174,5 +182,12 @@ def open_source(cfg: Config, saved: dict[str, Any] | None = None) -> DataSource:
 
 
 def build_splits(cfg: DataConfig, seed: int = 0) -> Splits:
-    """The train and test item sets of a function-registered source (``data.name``)."""
-    return source_entry(cfg.name).build(cfg, seed)
+    """The train and test item sets of a function-registered source (``data.name``).
+
+    Raises:
+        ConfigError: the source is a :class:`DataSource` class (:func:`open_source` opens it).
+    """
+    entry = source_entry(cfg.name)
+    if isinstance(entry.build, type):
+        raise ConfigError(f"config key 'data.name' = {cfg.name!r}: a DataSource class, opened whole by open_source")
+    return entry.build(cfg, seed)

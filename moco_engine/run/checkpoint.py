@@ -261,17 +261,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", requir
     return state
 
 
-def peek(path: Path) -> dict[str, Any] | None:
-    """A checkpoint's entries with its tensors mapped from the file, not read (a look at its
-    config or its data source's state before the run is built), or None when it cannot be read: the resume
-    itself then loads and verifies it, and says why it cannot."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # any unreadable file: load_checkpoint names the reason when the resume reads it
-        return None
-    return state if isinstance(state, dict) and "config" in state else None
-
-
 def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from moco_engine.config.schema import Config, ConfigError
+from moco_engine.config.schema import Config
 from moco_engine.data.loaders import Loaders, build_loaders
+from moco_engine.data.sources import SavedStateMisfit
 from moco_engine.method.init_from import init_backbone
 from moco_engine.method.step import StepParts
 from moco_engine.run import checkpoint as ckpt
@@ -54,7 +55,7 @@ def open_data(cfg: Config, device: torch.device, rank: int, world: int, view: Ca
     path, state = resumed
     try:
         return build_loaders(cfg, device, rank, world, view, state)
-    except ConfigError as e:
+    except SavedStateMisfit as e:
         raise ckpt.CheckpointError(f"checkpoint {path} {e}") from None
 
 

@@ -2,7 +2,8 @@
 schedules' values, throughput, memory and the encoders' distance, after the non-finite and
 collapse checks) and an evaluation's (with the run's best, the figure a sweep ranks by).
 
-Each function takes what it reads and returns what changes; the Trainer keeps the results.
+Each function takes what it reads; what changes of the run's own state it returns, for the
+Trainer to keep (the run's best).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from moco_engine.config.loading import to_dict
-from moco_engine.config.schema import Config
+from moco_engine.config.schema import Config, ConfigError
 from moco_engine.method.schedules import Plan
 from moco_engine.method.step import (
     MODEL_SECTIONS,
@@ -39,6 +39,8 @@ from moco_engine.runtime import distributed as dist
 from moco_engine.runtime.precision import rng_state, set_rng_state
 
 FORMAT = 2
+#: The snapshot's own entries besides the counters and the model sections (no source state may take them).
+RESERVED = ("format", "config", "input_shape", "plan", "optimizer", "scaler", "ranks")
 # Tensors whose NaN is a sentinel, not a fault: NCE's log Z before its first estimate.
 NAN_SENTINELS = ("negatives.log_z",)
 
@@ -51,6 +53,10 @@ def take(parts: StepParts, cfg: Config, device: torch.device, progress: dict[str
     with dist.rank_mean_buffers(parts.encoder_q, parts.encoder_k, parts.predictor):
         model = model_state(parts)
     own = {"rng": rng_state(device), "buffers": {name: b.detach().cpu().clone() for name, b in statistics(parts)}}
+    clash = sorted(set(source_state or {}) & {*RESERVED, *progress, *model})
+    if clash:  # a source's entries sit beside the run's: none may take a run's name
+        raise ConfigError(f"config key 'data.name' = {cfg.data.name!r}: the source's state names {', '.join(clash)}, "
+                          "entries of the run's own snapshot; give them names of their own")
     return {
         "format": FORMAT,
         "config": to_dict(cfg),

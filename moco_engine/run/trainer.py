@@ -39,7 +39,7 @@ from moco_engine.runtime.precision import autocast_dtype, memory_format, resolve
 
 
 class Trainer:
-    """A MoCo (or BYOL) run: its loaders, its step parts (f_q, f_k, the negative source, the
+    """A run of a registered method (MoCo v1/v2, MoCo v3, BYOL, ...): its loaders, its step parts (f_q, f_k, the negative source, the
     objective, the optimizer) and its counters.
 
     Args:
@@ -228,11 +228,11 @@ class Trainer:
         opening.open_folder(self.cfg, self.run_dir)
         if self.resumed is not None:
             path, state = self.resumed
-            self.load_state_dict(state if state is not None else ckpt.load_checkpoint(path), source=f"checkpoint {path}")
-            self.saved, self.resumed = path, (path, None)  # the snapshot is in the run now: not held twice
+            self.load_state_dict(state, source=f"checkpoint {path}")
+            self.saved, self.resumed = path, None  # the snapshot is in the run now: not held twice
             self.loaders.items_at(self.epoch)
             opening.say_resumed(path, self.progress)
-        else:
+        elif self.saved is None:  # a fresh start (a run already resumed or saved goes on as it is)
             opening.start_fresh(self.cfg, self.parts, self.encode_interruptibly)
         opening.write_run_files(self.cfg, self.run_dir, self.loaders)
 

@@ -65,15 +65,14 @@ class ImageSource(DataSource):
     Args:
         cfg: the run's config.
         splits: the train and (optional) test image sets.
-        in_memory: the source's size is known to fit the device path (``data.pipeline=auto``).
     """
 
     images = True
 
-    def __init__(self, cfg: Config, splits: Splits, in_memory: bool = False):
+    def __init__(self, cfg: Config, splits: Splits):
         super().__init__(cfg)
         data = cfg.data
-        self.splits, self.in_memory = splits, in_memory
+        self.splits = splits
         self.specs = view_specs(data.augmentation, data.image_size, data.crop_min)  # the two views' recipes
         self.train_views: Any = None  # the training batches once built (the preview draws from them)
         self.on_device = False  # whether they are the in-memory device path's

@@ -35,7 +35,7 @@ class EncodedItems(Dataset):
     :class:`EpochSampler` yields (the key's epoch is not needed: nothing random happens here)."""
 
     def __init__(self, items):
-        self.items = items  # a set with ``load_encoded(i)`` (shards.ShardImages)
+        self.items = items  # a set with ``load_encoded(i)`` (reader.ShardImages)
 
     def __len__(self) -> int:
         return len(self.items)

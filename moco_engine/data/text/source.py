@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from moco_engine.config.loading import differing_values, to_dict
-from moco_engine.config.schema import Config, ConfigError, DataConfig
+from moco_engine.config.schema import Config, DataConfig
 from moco_engine.data.errors import DataError
 from moco_engine.data.items import ItemSet, Splits
-from moco_engine.data.loaders import Loaders, epoch_sampler, shard_indices, steps_per_epoch
-from moco_engine.data.sources import DataSource, register_data_source
+from moco_engine.data.loaders import Loaders, epoch_sampler, steps_per_epoch, whole_and_shard
+from moco_engine.data.sources import DataSource, SavedStateMisfit, register_data_source
 from moco_engine.data.text.corpus import TextData, read_text_data
 from moco_engine.data.text.tokenizer import TextTokenizer, load_tokenizer, train_wordpiece
 from moco_engine.data.text.views import ChunkPlain, SpanSpec, TextTwoViews, TokenStream
@@ -82,21 +82,21 @@ def resumed_tokenizer(cfg: Config, saved: dict[str, Any]) -> str | None:
     checkpoint holds none.
 
     Raises:
-        ConfigError: the checkpoint's tokenizer was made with other :data:`TOKENIZER_SETTINGS`
+        SavedStateMisfit: the checkpoint's tokenizer was made with other :data:`TOKENIZER_SETTINGS`
             than this config's (named).
     """
     if cfg.data.text.tokenizer or not saved.get("tokenizer"):
         return None
     changed = differing_values(saved["config"], to_dict(cfg), TOKENIZER_SETTINGS)
     if changed:
-        raise ConfigError(f"was trained with another tokenizer than this run's ({'; '.join(changed)}): resume "
+        raise SavedStateMisfit(f"was trained with another tokenizer than this run's ({'; '.join(changed)}): resume "
                           "with the settings it was trained with")
     return saved["tokenizer"]
 
 
 class Chunks(ItemSet):
     """The N chunks of the token stream as items (unlabelled); their views are made batched
-    (``text.TextTwoViews``), so items are never loaded one by one."""
+    (``views.TextTwoViews``), so items are never loaded one by one."""
 
     def __init__(self, n: int):
         self.targets, self.classes = [-1] * n, []
@@ -179,9 +179,8 @@ class TextSource(DataSource):
                              width, host_lengths=buckets)
         # The items' plain views (the memory bank's encodings): the chunks as the epoch items_at
         # names cuts them, [CLS] chunk [SEP].
-        whole = ChunkPlain(stream, cfg.train.seed, corpus.spec, cfg.eval.batch_size, device)
-        shard = ChunkPlain(stream, cfg.train.seed, corpus.spec, cfg.eval.batch_size, device,
-                           shard_indices(stream.num_chunks, rank, world)) if world > 1 else whole
+        whole, shard = whole_and_shard(self.splits.train, lambda _, indices: ChunkPlain(
+            stream, cfg.train.seed, corpus.spec, cfg.eval.batch_size, device, indices), rank, world)
         self.plain_chunks = [whole, shard]
         return Loaders(train=train, sampler=sampler, plain_train=whole, plain_train_shard=shard, test=None,
                        test_shard=None, num_items=stream.num_chunks, num_test=0, num_classes=0,
