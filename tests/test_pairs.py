@@ -100,6 +100,20 @@ def test_a_table_without_a_split_column_is_the_split_it_is_read_for_and_keys_are
         read_pairs(folder / "t.csv", PairsDataConfig(), "train")
 
 
+def test_a_tables_test_split_comes_from_data_test_root(tmp_path):
+    karpathy(tmp_path, (("train", 20),))
+    rows = lambda ids: "filepath,title\n" + "".join(f"images/{i}.jpg,caption {i}\n" for i in ids)  # noqa: E731
+    (tmp_path / "train.csv").write_text(rows(range(18)))
+    (tmp_path / "test.csv").write_text(rows(range(18, 20)))
+    from moco_engine.data.pairs.source import pair_splits
+
+    cfg = pairs_cfg(tmp_path, tmp_path / "train.csv").data
+    assert pair_splits(cfg)[1].test is None  # one file, no split column: the train split alone
+    cfg = pairs_cfg(tmp_path, tmp_path / "train.csv", f"data.test_root={tmp_path / 'test.csv'}").data
+    splits = pair_splits(cfg)[1]
+    assert (len(splits.train), len(splits.test)) == (18, 2) and splits.test.captions == [("caption 18",), ("caption 19",)]
+
+
 def test_coco_filepath_names_the_images_folder(tmp_path):
     root = karpathy(tmp_path, (("train", 2),), filepath="train2014")
     (root / "images").rename(root / "train2014")
@@ -262,3 +276,23 @@ def test_the_whole_stderr_of_a_pairs_run_is_the_one_warning(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines() == [
         "warning: data.name=pairs: method=moco trains on the 20 images of split 'train' alone; their 60 captions are unused"]
+
+
+def test_make_flickr8k_reads_git_directories_at_a_commit(tmp_path):
+    images, text = fake_flickr8k(tmp_path)
+    gits = []
+    for folder, inside in ((images.parents[1], "data/images"), (text.parent, "Flickr8k_text")):
+        run = lambda *a, cwd=folder: subprocess.run(["git", *a], cwd=cwd, check=True, capture_output=True)  # noqa: E731
+        run("init", "-q")
+        run("add", inside)
+        run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "fake")
+        gits.append(folder / ".git")
+    commit = subprocess.run(["git", f"--git-dir={gits[0]}", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    out = tmp_path / "flickr8k"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_flickr8k.py"), "--images", str(gits[0]),
+                        "--images-commit", commit, "--text", str(gits[1]), "--side", "0", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    first = read_pairs(out, PairsDataConfig(), "train").split("train")[0]
+    assert first.image.read_bytes() == (images / "1000_abc.jpg").read_bytes()  # --side 0: the originals
