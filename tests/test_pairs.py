@@ -193,18 +193,6 @@ def test_caption_tokens_draw_an_items_captions_cut_at_max_length():
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def test_moco_on_pairs_trains_on_the_train_images_alone_with_one_warning(tmp_path, capfd):
-    root = as_tar(karpathy(tmp_path / "k"), tmp_path / "k.tar.gz")
-    trainer = Trainer(pairs_cfg(tmp_path, root))
-    trainer.fit()
-    err = capfd.readouterr().err
-    said = [line for line in err.splitlines() if "captions" in line]
-    assert len(said) == 1 and "20 images of split 'train'" in said[0] and "60 captions are unused" in said[0], err
-    assert trainer.loaders.num_items == 20 and trainer.loaders.test is None  # unlabelled: no kNN monitor
-    saved = (tmp_path / "run" / "tokenizer.json").read_text()
-    assert latest_checkpoint(tmp_path / "run")[1]["tokenizer"] == saved == trainer.loaders.source_state()["tokenizer"]
-
-
 def test_a_resumed_pairs_run_ends_bit_identical_and_keeps_its_tokenizer(tmp_path, monkeypatch):
     import moco_engine.data.pairs.captions as captions
 
@@ -269,13 +257,16 @@ def test_make_flickr8k_writes_what_the_reader_reads(tmp_path):
     assert min(Image.open(first.image).size) == 32 and Image.open(first.image).size == (38, 32)
 
 
-def test_the_whole_stderr_of_a_pairs_run_is_the_one_warning(tmp_path):
-    root = karpathy(tmp_path / "k")
+def test_moco_on_pairs_trains_on_the_train_images_alone_with_one_warning(tmp_path):
+    root = as_tar(karpathy(tmp_path / "k"), tmp_path / "k.tar.gz")
     r = subprocess.run([sys.executable, "-m", "moco_engine", *PAIRS_TINY, f"data.root={root}", "train.epochs=1",
                         "data.text.vocab_size=64", f"train.out_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    assert r.stderr.strip().splitlines() == [
+    assert r.stderr.strip().splitlines() == [  # the whole of stderr
         "warning: data.name=pairs: method=moco trains on the 20 images of split 'train' alone; their 60 captions are unused"]
+    assert "kNN monitor off: data.name=pairs gives no labelled test split" in r.stdout  # unlabelled
+    saved = (tmp_path / "run" / "tokenizer.json").read_text()
+    assert latest_checkpoint(tmp_path / "run")[1]["tokenizer"] == saved
 
 
 def test_make_flickr8k_reads_git_directories_at_a_commit(tmp_path):
