@@ -68,7 +68,7 @@ def test_no_module_imports_another_modules_underscore_names():
 
 #: Modules of one modality: the run layer reaches them only through modality-neutral ones
 #: (the data source's declarations and state, the evaluation layer's monitor).
-MODALITY_MODULES = ("moco_engine.data.text", "moco_engine.data.images", "moco_engine.data.shards",
+MODALITY_MODULES = ("moco_engine.data.text", "moco_engine.data.images", "moco_engine.data.shards", "moco_engine.data.pairs",
                     "moco_engine.method.text_encoder", "moco_engine.method.vit", "moco_engine.method.timm_backbones",
                     "moco_engine.evaluation.retrieval", "moco_engine.evaluation.text_eval",
                     "moco_engine.evaluation.export_text")

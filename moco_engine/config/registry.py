@@ -40,7 +40,7 @@ OWNERS = {
     "loss.name": "moco_engine.method.objectives",
     "negatives.kind": ("moco_engine.method.negatives", "moco_engine.method.memory_bank"),
     "data.name": ("moco_engine.data.sources", "moco_engine.data.images.sources", "moco_engine.data.text.source",
-                  "moco_engine.data.shards.source"),
+                  "moco_engine.data.shards.source", "moco_engine.data.pairs.source"),
     "data.augmentation": "moco_engine.data.images.recipes",
 }
 

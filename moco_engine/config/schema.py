@@ -45,12 +45,21 @@ class TextDataConfig:
 
 
 @dataclass
+class PairsDataConfig:
+    """data.name=pairs: the columns of a CSV or TSV of image-caption rows (data/pairs/read.py)."""
+
+    image_key: str = "filepath"  # the image path's column (open_clip's --csv-img-key), relative to the file
+    caption_key: str = "title"  # the caption's column (open_clip's --csv-caption-key)
+    split_key: str = "split"  # the split's column, if the file has one (else the file is data.train_split)
+
+
+@dataclass
 class DataConfig:
-    name: str = "embedded"  # embedded | cifar10 | imagefolder | shards | synthetic | text | any registered source (data/sources.py)
-    root: str = ""  # cifar10: torchvision root; imagefolder: a folder or a .tar/.tar.gz/.tar.xz; shards: moco-shard's folder or a .txt of shards
-    test_root: str = ""  # where the test split lives when not under `root` (imagefolder)
-    train_split: str = "train"  # imagefolder: sub-folder of the pretraining images
-    test_split: str = "test"  # imagefolder: sub-folder of the kNN query images ("" = none)
+    name: str = "embedded"  # embedded | cifar10 | imagefolder | shards | synthetic | text | pairs | any registered source (data/sources.py)
+    root: str = ""  # cifar10: torchvision root; imagefolder: a folder or a .tar/.tar.gz/.tar.xz; shards: moco-shard's folder or a .txt of shards; pairs: a Karpathy-JSON folder or archive, or a CSV/TSV
+    test_root: str = ""  # where the test split lives when not under `root` (imagefolder; pairs: a CSV/TSV of it)
+    train_split: str = "train"  # imagefolder: sub-folder of the pretraining images; shards, pairs: the split's name (Karpathy's: train, val, test)
+    test_split: str = "test"  # imagefolder: sub-folder of the kNN query images ("" = none); pairs: the split held out
     download: bool = False  # cifar10 only: let torchvision download it
     augmentation: str = "cifar_light"  # cifar | cifar_light | moco_v1 | moco_v2 | any registered recipe (data/images/recipes.py; the experiment recipes set theirs)
     image_size: int = 32  # crop size of the augmentations
@@ -65,6 +74,7 @@ class DataConfig:
     synthetic_classes: int = 4  # synthetic: number of classes
     params: dict[str, Any] = field(default_factory=dict)  # options of a registered source that the schema lacks (its `params`)
     text: TextDataConfig = field(default_factory=TextDataConfig)
+    pairs: PairsDataConfig = field(default_factory=PairsDataConfig)
 
 
 @dataclass

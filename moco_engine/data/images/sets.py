@@ -78,7 +78,7 @@ class FolderImages(ImageSet):
 
     def __init__(self, folder: Path, on_bad: str = "fail"):
         self.on_bad = on_bad
-        self.bad: set[Path] = set()
+        self.bad: set[str] = set()
         self.classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
         self.paths: list[Path] = []
         self.targets = []
@@ -94,12 +94,17 @@ class FolderImages(ImageSet):
                               f"the 100 files from {self.paths[i]} on")
 
     def skip(self, i: int, error: Exception) -> None:
-        path = self.paths[i]
-        if self.on_bad == "fail":
-            raise DataError(f"cannot read image {path}: {error} (data.on_bad_image=skip leaves such files out)") from None
-        if path not in self.bad:
-            self.bad.add(path)
-            print(f"warning: skipping unreadable image {path}: {error}", file=sys.stderr, flush=True)
+        skip_bad(str(self.paths[i]), error, self.on_bad, self.bad)
+
+
+def skip_bad(name: str, error: Exception, on_bad: str, seen: set) -> None:
+    """An unreadable image ``name`` met by a lazy set: with ``on_bad="fail"`` the run stops
+    naming it; with ``"skip"`` it is reported once (``seen``: the names reported so far)."""
+    if on_bad == "fail":
+        raise DataError(f"cannot read image {name}: {error} (data.on_bad_image=skip leaves such files out)") from None
+    if name not in seen:
+        seen.add(name)
+        print(f"warning: skipping unreadable image {name}: {error}", file=sys.stderr, flush=True)
 
 
 def first_readable(i: int, n: int, read: Callable[[int], Image.Image], skip: Callable[[int, Exception], None],

@@ -124,6 +124,17 @@ class Files:
     def label(self, name: str) -> str:
         return f"{self.root}:{self.prefix}{name}" if self.tar is not None else str(self.root / self.prefix / name)
 
+    def read(self, names: list[str]) -> dict[str, bytes]:
+        """The bytes of the files ``names``, read in the archive's order (a compressed archive
+        is then decompressed once, forward, rather than from its start again for each member)."""
+        if self.tar is None:
+            return {name: self.names[name].read_bytes() for name in names}
+        ordered = sorted(names, key=lambda name: self.names[name].offset_data)
+        try:
+            return {name: self.tar.extractfile(self.names[name]).read() for name in ordered}
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise DataError(f"cannot read archive {self.root}: {e}") from None
+
     def lines(self, name: str) -> Iterator[tuple[int, str]]:
         """(line number from 1, line without its newline) of file ``name``, decoded as UTF-8.
 

@@ -62,12 +62,18 @@ class TextCorpus:
     def misfit(self, saved: dict[str, Any]) -> str | None:
         """Why a checkpoint's state ``saved`` cannot continue with this corpus (another tokenizer:
         the same ids would mean other words), or None."""
-        theirs = saved.get("tokenizer")
-        if theirs == self.tokenizer.json:
-            return None
-        sizes = [len(json.loads(t)["model"]["vocab"]) if t else 0 for t in (theirs, self.tokenizer.json)]
-        return (f"was trained with another tokenizer than this run's (vocabulary of {sizes[0]} tokens, here "
-                f"{sizes[1]}; data.text.* or data.root changed): resume with the settings it was trained with")
+        return tokenizer_misfit(saved, self.tokenizer)
+
+
+def tokenizer_misfit(saved: dict[str, Any], tokenizer: TextTokenizer) -> str | None:
+    """Why a checkpoint's state ``saved`` cannot continue with ``tokenizer`` (another one: the
+    same ids would mean other words), or None."""
+    theirs = saved.get("tokenizer")
+    if theirs == tokenizer.json:
+        return None
+    sizes = [len(json.loads(t)["model"]["vocab"]) if t else 0 for t in (theirs, tokenizer.json)]
+    return (f"was trained with another tokenizer than this run's (vocabulary of {sizes[0]} tokens, here "
+            f"{sizes[1]}; data.text.* or data.root changed): resume with the settings it was trained with")
 
 
 #: The settings that make a trained tokenizer (data/text/tokenizer.py): a resume keeps its
