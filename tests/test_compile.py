@@ -30,6 +30,7 @@ def compiles_by_epoch(run) -> list[int]:
     return [r["compiles"] for r in read_metrics(run / METRICS_FILE, "epoch")]
 
 
+@pytest.mark.slow  # 17 s; the compiled start-up's tests stay in the default run
 def test_a_compiled_run_recompiles_nothing_after_epoch_0(tmp_path, monkeypatch, capsys):
     # Recompilation is dynamo's decision (its guards), whatever the backend: "eager" traces the
     # same frames without generating code, so the test costs seconds, not minutes.

@@ -171,16 +171,24 @@ def test_the_auto_pipeline_decodes_into_memory_only_the_data_sets_known_to_fit()
     assert resolve_pipeline(DataConfig(name="embedded", pipeline="cpu")) == "cpu"  # asked for: kept
 
 
-def test_end_workers_ends_a_persistent_loaders_workers_through_the_attribute_torch_keeps_them_in():
+def test_the_attribute_end_workers_reads_is_where_torch_keeps_a_persistent_iterator():
     """sampling.end_workers drops torch's persistent iterator (no public call ends its workers):
-    the attribute must still be where it reads it, and dropping it must end the workers."""
+    the attribute must still be where it reads it."""
     from torch.utils.data import DataLoader
 
+    from moco_engine.data.sampling import end_workers
+
+    assert "_iterator" in vars(DataLoader(list(range(2)))), (
+        "torch's DataLoader no longer keeps its persistent iterator in '_iterator': update sampling.end_workers")
+    end_workers([1, 2])  # anything else is left alone
+
+
+@pytest.mark.slow  # 10 s: a worker process's start-up
+def test_end_workers_ends_a_persistent_loaders_workers():
+    """Dropping the iterator ends the workers, at once and cleanly."""
     from moco_engine.data.sampling import end_workers, make_loader
 
     loader = make_loader(list(range(8)), batch_size=4, num_workers=1)
-    assert "_iterator" in vars(DataLoader(list(range(2)))), (
-        "torch's DataLoader no longer keeps its persistent iterator in '_iterator': update sampling.end_workers")
     next(iter(loader))
     workers = loader._iterator._workers
     assert all(w.is_alive() for w in workers)
@@ -188,4 +196,3 @@ def test_end_workers_ends_a_persistent_loaders_workers_through_the_attribute_tor
     for w in workers:
         w.join(timeout=10)
     assert loader._iterator is None and not any(w.is_alive() for w in workers)
-    end_workers([1, 2])  # anything else is left alone

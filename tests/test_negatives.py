@@ -216,6 +216,7 @@ def test_log_z_is_the_first_estimate_then_a_moving_average_of_z():
     assert blend_log_z(first, torch.tensor(3.0)).item() == pytest.approx(expected)
 
 
+@pytest.mark.slow  # slow: this session's run passed 12 min; -m slow runs it
 def test_the_same_instance_mask_is_on_when_the_queue_is_large_against_an_epoch(tmp_path, recwarn):
     """Issue 35: queue.mask_same_instance=auto masks once K >= half an epoch's items; a K above
     them is said in one line before the first step; queue_same_instance_scored is the share of

@@ -156,6 +156,7 @@ def test_bad_tables_and_splits_are_one_line_naming_the_file_and_line(tmp_path):
         read_pairs(tmp_path, keys, "train").split("val")
 
 
+@pytest.mark.slow  # a subprocess; each message is checked in process in the default run
 def test_bad_pairs_exit_2_in_one_line_through_moco_train(tmp_path):
     root = bad_json(tmp_path, lambda d: d["images"][1]["sentences"][0].update(raw=""))
     r = subprocess.run([sys.executable, "-m", "moco_engine", *PAIRS_TINY, f"data.root={root}",

@@ -102,6 +102,7 @@ def test_a_job_past_its_limit_gets_sigterm_and_the_budget_leaves_later_jobs_unst
     assert "\nrunning\n" in (tmp_path / "proof_t.log").read_text()  # the job's own output, after the header
 
 
+@pytest.mark.slow  # 12 s of the kit's own start-up
 def test_the_shell_script_runs_the_kit_with_the_given_interpreter(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env["PYTHON"] = sys.executable

@@ -58,7 +58,7 @@ def test_the_monitor_never_reads_the_test_qrels(tmp_path, monkeypatch):
     assert asked and set(asked) == {"train"}
 
 
-@pytest.mark.parametrize("kind", ["queue", "memory_bank"])
+@pytest.mark.parametrize("kind", ["queue", pytest.param("memory_bank", marks=pytest.mark.slow)])
 def test_a_resumed_text_run_ends_bit_identical_to_a_straight_one(tmp_path, monkeypatch, kind):
     import moco_engine.data.text.source as text_source
 
