@@ -63,7 +63,7 @@ class SavedStateMisfit(ConfigError):
 
 class DataSource:
     """One data set as a run reads it; every registered source is one (a function's ``Splits``
-    through :class:`SplitsSource` or the image source).
+    through ``loaders.SplitsSource`` or ``images/source.ImageSource``).
 
     Args:
         cfg: the run's config.
