@@ -81,7 +81,7 @@ def main() -> int:
             "torch_rng": torch.get_rng_state(), "python_draw": random.random(),
             "size_exchanges": len(size_exchanges),
         }
-        if self.loaders.monitor == "retrieval":  # no labels to kNN: the state alone
+        if self.loaders.test is None:  # no labelled split to kNN (text, pairs): the state alone
             torch.save({"negatives": {k: v.cpu() for k, v in self.negatives.state_dict().items()},
                         "encoder_q": {k: v.cpu() for k, v in self.encoder_q.state_dict().items()},
                         "seen": seen, "world": dist.world_size(), "step": self.step, "final": result,

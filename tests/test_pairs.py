@@ -288,3 +288,17 @@ def test_make_flickr8k_reads_git_directories_at_a_commit(tmp_path):
     assert r.returncode == 0, r.stderr
     first = read_pairs(out, PairsDataConfig(), "train").split("train")[0]
     assert first.image.read_bytes() == (images / "1000_abc.jpg").read_bytes()  # --side 0: the originals
+
+
+@pytest.mark.slow  # two launches of two processes
+@pytest.mark.distributed
+def test_a_pairs_run_on_two_processes_stopped_mid_epoch_resumes_bit_identical(tmp_path):
+    """Exact at scale too: the same run on 2 processes, SIGTERM'd in step 4 and resumed, ends with
+    every rank's state bit-identical to the uninterrupted one (the tokenizer kept, not retrained)."""
+    from test_distributed import EXACT, assert_same_ranks, stopped_and_resumed, torchrun
+
+    root = karpathy(tmp_path / "data", splits=(("train", 96), ("test", 4)))  # 3 steps of 2 x 16 an epoch
+    pairs = ["data.name=pairs", f"data.root={root}", "data.text.vocab_size=64", "data.augmentation=cifar"]
+    straight, _ = torchrun(tmp_path / "straight", *EXACT, *pairs)
+    assert straight[0]["world"] == 2 and straight[0]["step"] == 6
+    assert_same_ranks(straight, stopped_and_resumed(tmp_path / "stopped", *pairs))
