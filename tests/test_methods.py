@@ -100,10 +100,10 @@ def test_an_unknown_method_is_one_line_listing_the_registered_ones(tmp_path):
         load_config([], ["method=simclr"])
     # In this process a method registered by another test may stand anywhere among them.
     listed = str(refused.value).split("(registered: ")[1].rstrip(")").split(", ")
-    assert {"moco", "moco_v3", "byol"} <= set(listed)
+    assert {"moco", "moco_v3", "byol", "itc"} <= set(listed)
     r = subprocess.run([sys.executable, "-m", "moco_engine", "method=simclr", f"train.out_dir={tmp_path}"],
                        capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].endswith("config key 'method' = 'simclr': no method of that name is registered "
-                             "(registered: moco, moco_v3, byol)")
+                             "(registered: moco, moco_v3, byol, itc)")

@@ -33,7 +33,7 @@ from moco_engine.config.schema import ConfigError
 #: that register built-in entries in it).
 OWNERS = {
     "method": ("moco_engine.method.step", "moco_engine.method.moco", "moco_engine.method.moco_v3",
-               "moco_engine.method.byol"),
+               "moco_engine.method.byol", "moco_engine.method.itc"),
     "model.arch": ("moco_engine.method.backbones", "moco_engine.method.vit", "moco_engine.method.timm_backbones",
                    "moco_engine.method.text_encoder"),
     "model.head": "moco_engine.method.heads",

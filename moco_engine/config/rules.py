@@ -82,6 +82,18 @@ def validate(cfg: Config) -> None:
                  f" ({'it takes ' + ', '.join(declared) if declared else 'it takes none'})")
         # The defaults of those not given, so config.yaml and checkpoints record every value used.
         params.update({name: value for name, value in declared.items() if name not in params})
+    if chosen["method"].pairs:  # two towers: the text tower's names and params, as model's
+        text_arch = registry("model.arch")[cfg.text_model.arch]
+        registry("model.head")[cfg.text_model.head]
+        declared = params_of(text_arch)
+        for name in cfg.text_model.params:
+            need(name in declared, f"text_model.params.{name}", cfg.text_model.params[name],
+                 f"text_model.arch={cfg.text_model.arch} takes no such parameter"
+                 f" ({'it takes ' + ', '.join(declared) if declared else 'it takes none'})")
+        cfg.text_model.params.update({n: v for n, v in declared.items() if n not in cfg.text_model.params})
+    need(0 <= cfg.loss.distill_alpha <= 1, "loss.distill_alpha", cfg.loss.distill_alpha, "must lie in [0, 1]")
+    need(not cfg.loss.learn_temperature or 0.001 <= cfg.loss.temperature <= 0.5, "loss.temperature",
+         cfg.loss.temperature, "a learned T starts inside its clamp [0.001, 0.5] (loss.learn_temperature=true)")
     need(cfg.queue.size >= 1, "queue.size", cfg.queue.size, "K must be >= 1")
     need(0.0 <= cfg.memory_bank.momentum <= 1.0, "memory_bank.momentum", cfg.memory_bank.momentum, "must lie in [0, 1]")
     need(cfg.model.dim >= 1, "model.dim", cfg.model.dim, "must be >= 1")
@@ -168,9 +180,12 @@ def chosen_entries(cfg: Config) -> dict[str, Any]:
 def method_ignores(entry: Any) -> tuple[str, ...]:
     """The settings a method's entry ignores: its ``ignores``, and without negatives
     ``negatives.kind`` and every setting a kind of negatives reads."""
+    # Only a method on pairs reads the second tower and image-text contrast's settings.
+    two_towers = () if entry.pairs else ("text_model", "model.locked", "loss.learn_temperature", "loss.distill_alpha")
     if entry.negatives:
-        return entry.ignores
-    return ("negatives", *(r for kind in registry("negatives.kind").entries.values() for r in reads(kind)), *entry.ignores)
+        return (*entry.ignores, *two_towers)
+    return ("negatives", *(r for kind in registry("negatives.kind").entries.values() for r in reads(kind)),
+            *entry.ignores, *two_towers)
 
 
 def ignored_by_choice(cfg: Config) -> dict[str, list[str]]:

@@ -99,6 +99,7 @@ class ModelConfig:
     zero_init_residual: bool = False  # resnet*: each residual block's last BN starts at scale 0 (MoCo v3's ResNets)
     predictor_last_bn: bool = False  # method=moco_v3: a BN(affine=False) after the predictor (MoCo v3's ViTs)
     init_from: str = ""  # a weights file the backbone starts from (a fresh run; method/init_from.py); never downloaded
+    locked: bool = False  # method=itc: this tower's backbone frozen, in eval mode (LiT, Zhai et al. 2022); its projection trains
     params: dict[str, Any] = field(default_factory=dict)  # options of a registered backbone that the schema lacks (its `params`)
 
 
@@ -115,6 +116,8 @@ class LossConfig:
     mochi_mix: int = 1024  # mochi: synthetic negatives mixed from two hard negatives
     mochi_mix_query: int = 256  # mochi: synthetic negatives mixed from the query and a hard negative
     byol_hidden_dim: int = 4096  # byol: width of the predictor MLP
+    learn_temperature: bool = False  # itc: T is learned from loss.temperature, clamped to [0.001, 0.5] each step (ALBEF's)
+    distill_alpha: float = 0.0  # itc with the queue: momentum distillation's alpha (ALBEF: 0.4), ramped in over epoch 0
     params: dict[str, Any] = field(default_factory=dict)  # hyper-parameters of a registered loss that the schema lacks
 
 
@@ -187,8 +190,8 @@ class EvalConfig:
     knn_t: float = 0.1
     knn_features: str = "backbone"  # backbone | head (normalised either way)
     batch_size: int = 512
-    retrieval_split: str = "train"  # text: the qrels split the retrieval monitor (and so sweeps, best-of-run) use
-    split: str = "test"  # text: the qrels split moco-eval retrieval reports
+    retrieval_split: str = "train"  # text: the qrels split the retrieval monitor (and so sweeps, best-of-run) use; pairs (method=itc): the split it ranks (Karpathy's val)
+    split: str = "test"  # text: the qrels split moco-eval retrieval reports; pairs: the split moco-eval pairs ranks
 
 
 @dataclass
@@ -233,9 +236,11 @@ class TrackConfig:
 
 @dataclass
 class Config:
-    method: str = "moco"  # moco (a contrastive loss over negatives) | moco_v3 (a predictor; the batch's momentum keys) | byol (a predictor, no negatives)
+    method: str = "moco"  # moco (a contrastive loss over negatives) | moco_v3 (a predictor; the batch's momentum keys) | byol (a predictor, no negatives) | itc (image-text contrast: two towers on data.name=pairs)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    # method=itc: the text tower (arch, head, params, init_from, locked); D and the EMA are model.dim and model.momentum
+    text_model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="bert", head="linear_no_bias"))
     loss: LossConfig = field(default_factory=LossConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
+from moco_engine.config.registry import registry
 from moco_engine.config.schema import Config, DataConfig, UserError
 from moco_engine.data.items import ItemSet, Splits
 from moco_engine.data.sampling import (
@@ -128,7 +129,11 @@ def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world: int =
             input path the source does not have); ``sources.SavedStateMisfit`` the source's kept
             state was made with other settings (named).
     """
-    loaders = open_source(cfg, saved).loaders(device, rank, world, view)
+    source = open_source(cfg, saved)
+    if registry("method")[cfg.method].pairs and not source.pairs:
+        raise UserError(f"config key 'method' = {cfg.method!r}: it trains on image-caption pairs, and "
+                        f"data.name={cfg.data.name} has no captions (data.name=pairs has)")
+    loaders = source.loaders(device, rank, world, view)
     if loaders.num_items < cfg.optim.batch_size * world:
         raise UserError(
             f"config key 'optim.batch_size' = {cfg.optim.batch_size}: larger than the data set "

@@ -74,8 +74,11 @@ class DataSource:
     Attributes (what the run layer asks, so that it never asks which modality it has):
         images: the items are images (the augmentation preview, ``train.channels_last``, the
             ``img_per_s`` metric).
-        monitor: what the run's monitor measures: ``"knn"`` (a labelled test split) or
-            ``"retrieval"`` (queries judged in ``eval.retrieval_split``: :attr:`corpus`).
+        monitor: what the run's monitor measures: ``"knn"`` (a labelled test split),
+            ``"retrieval"`` (queries judged in ``eval.retrieval_split``: :attr:`corpus`) or
+            ``"pairs"`` (image–text recall on the ``eval.retrieval_split`` pairs: ``ranked_pairs``).
+        pairs: it gives image–caption pairs when the method trains on them (``MethodEntry.pairs``):
+            training views (images, captions).
         splits: the train and test item sets (``moco-eval``'s kNN and probe read them).
         corpus: the documents, queries and qrels retrieval is measured on (``monitor ==
             "retrieval"``), else None.
@@ -84,6 +87,7 @@ class DataSource:
     images: bool = False
     monitor: str = "knn"
     corpus: Any = None
+    pairs: bool = False
 
     def __init__(self, cfg: Config, saved: dict[str, Any] | None = None):
         self.cfg = cfg
@@ -105,6 +109,12 @@ class DataSource:
         """The linear probe's training batches: the train split under the probe's augmentation."""
         raise UserError(f"config key 'data.name' = {self.cfg.data.name!r}: the source gives the linear probe no "
                         "training views (DataSource.probe_loader)")
+
+    def ranked_pairs(self, split: str, batch_size: int) -> tuple[DataLoader, Any]:
+        """Split ``split``'s images, plain, in index order, and every caption of them: what
+        image–text recall ranks (``monitor == "pairs"``, ``moco-eval pairs``)."""
+        raise UserError(f"config key 'data.name' = {self.cfg.data.name!r}: the source has no image-caption pairs "
+                        "to rank (data.name=pairs has)")
 
     # ------------------------------------------------------------------ the source's state
     def state(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from moco_engine.config.schema import EvalConfig
 from moco_engine.data.loaders import Loaders
 from moco_engine.evaluation.knn import encode_split, knn_monitor
+from moco_engine.evaluation.pairs_eval import rank_pairs
 from moco_engine.evaluation.retrieval import retrieval_eval
 from moco_engine.runtime import distributed as dist
 from moco_engine.runtime.precision import own_rng
@@ -29,11 +30,24 @@ class Monitor:
         loaders = self.loaders
         if loaders.monitor == "retrieval":
             return self.cfg.retrieval_split in loaders.source.corpus.data.qrels
+        if loaders.monitor == "pairs":
+            return self.cfg.retrieval_split in loaders.source.data.splits
         return loaders.test is not None
 
     def evaluate(self, encoder_q: nn.Module) -> dict[str, float]:
-        """The run's monitor, as its source declares it: :meth:`retrieval` or :meth:`knn`."""
-        return self.retrieval(encoder_q) if self.loaders.monitor == "retrieval" else self.knn(encoder_q)
+        """The run's monitor, as its source declares it: :meth:`retrieval`, :meth:`pairs` or :meth:`knn`."""
+        monitor = self.loaders.monitor
+        if monitor == "pairs":
+            return self.pairs(encoder_q)
+        return self.retrieval(encoder_q) if monitor == "retrieval" else self.knn(encoder_q)
+
+    @torch.no_grad()
+    def pairs(self, towers: nn.Module) -> dict[str, float]:
+        """Image–text recall both ways and rsum on the ``eval.retrieval_split`` pairs (Karpathy's
+        val; never the test split ``moco-eval pairs`` reports). Every rank computes it whole."""
+        images, captions = self.loaders.source.ranked_pairs(self.cfg.retrieval_split, self.cfg.batch_size)
+        with own_rng(self.device), dist.rank_mean_buffers(towers):
+            return rank_pairs(towers, images, captions, self.cfg.batch_size, self.device, self.amp_dtype)
 
     @torch.no_grad()
     def retrieval(self, encoder_q: nn.Module) -> dict[str, float]:

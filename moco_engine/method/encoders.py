@@ -98,8 +98,9 @@ class MomentumEncoder(nn.Module):
         for p in self.encoder.parameters():
             p.requires_grad_(False)
 
-    def forward(self, x: Any) -> Tensor:
-        return self.encoder(x)
+    def forward(self, *x: Any) -> Any:
+        """f_k on what f_q takes (two towers take images and captions)."""
+        return self.encoder(*x)
 
     @torch.no_grad()
     def update(self, query_encoder: nn.Module, momentum: float) -> None:

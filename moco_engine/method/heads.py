@@ -28,6 +28,13 @@ def linear(width: int, dim: int, hidden_dim: int = 0) -> nn.Module:
     return nn.Linear(width, dim)
 
 
+@register_head("linear_no_bias")
+def linear_no_bias(width: int, dim: int, hidden_dim: int = 0) -> nn.Module:
+    """One fc without bias: CLIP's projections (open_clip's ``text_projection``, its Hugging Face
+    text tower's ``proj_type: linear``), what an open_clip export can hold."""
+    return nn.Linear(width, dim, bias=False)
+
+
 @register_head("mlp")
 def mlp(width: int, dim: int, hidden_dim: int = 0) -> nn.Module:
     """MoCo v2's head: fc-ReLU-fc (hidden width: ``hidden_dim``, else the backbone's)."""

@@ -276,3 +276,39 @@ def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
     the target without gradients; scalar mean over the batch."""
     return (2 - 2 * F.cosine_similarity(_up(prediction), _up(target).detach(), dim=1)).mean()
 
+
+
+# ------------------------------------------------------------------- image–text contrast
+def multi_positive_targets(ids: Tensor, candidate_ids: Tensor) -> Tensor:
+    """Each row's target spread evenly over its positives: (B, C) float32, ``pos / pos.sum(1)``
+    where ``pos[i, j]`` = ``ids[i] == candidate_ids[j]`` (ALBEF's ``models/model_retrieval.py``:
+    every caption of the same image, in the batch and in the id queue, is a positive).
+
+    Args:
+        ids: (B,) the batch's image ids (each row's own id is among the candidates).
+        candidate_ids: (C,) the ids of the columns (the batch's, then the queue's; -1 never matches an id).
+    """
+    positive = (ids[:, None] == candidate_ids[None, :]).float()  # (B, C)
+    return positive / positive.sum(1, keepdim=True)
+
+
+def distilled_targets(momentum_logits: Tensor, targets: Tensor, alpha: float) -> Tensor:
+    """ALBEF's momentum distillation (``models/model_pretrain.py``): ``alpha·softmax(s_m) + (1 −
+    alpha)·targets``, the momentum model's own similarities softened into the targets. (B, C)."""
+    return alpha * F.softmax(momentum_logits.float(), dim=1) + (1 - alpha) * targets
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """``−Σ_j targets_ij · log softmax(logits)_ij``, the batch's mean: () (ALBEF's ITC loss of one
+    direction; with one-hot targets, the cross-entropy of CLIP's loss)."""
+    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(1).mean()
+
+
+def distill_ramp(alpha: float, step: Tensor, steps_per_epoch: int) -> Tensor:
+    """The distillation weight at global step ``step`` (0-d int, 0-based), a 0-d float32 tensor on
+    its device (no host read): ALBEF's ``Pretrain.py`` ramps it in over epoch 0 as
+    ``alpha · min(1, i / len(data_loader))`` (i the batch of the epoch) and keeps it at ``alpha``
+    from epoch 1 on."""
+    if steps_per_epoch <= 0:
+        return torch.full((), alpha, device=step.device)
+    return alpha * (step.float() / steps_per_epoch).clamp(max=1.0)

@@ -75,6 +75,7 @@ class StepParts:
             its EMA inside the forward pass, just before the keys of step t + 1, with m_{t+1}
             (moco-v3's main_moco.py and builder.py); after the optimizer step of t it is the same
             update, so its keys are the official's exactly. 0 for MoCo v1/v2 and BYOL.
+        steps_per_epoch: the optimizer steps of an epoch (ITC's distillation ramps in over epoch 0).
 
     A view x is a tensor (B, ...) or a dict of such tensors (``runtime/batches.py``): the step
     only hands it to the encoders.
@@ -97,6 +98,7 @@ class StepParts:
     graphed: bool = False
     input_shape: Any = None
     ema_ahead: int = 0
+    steps_per_epoch: int = 0
 
 
 def key_function(model_q: nn.Module, encoder_k: MomentumEncoder | None, shuffle: bool,
@@ -142,6 +144,13 @@ class MethodEntry:
         ignores: further settings the method ignores (dotted keys or groups): a changed one
             draws the one warning line (``rules.ignored_by_choice``).
         refuses: kinds of negatives it cannot train with, each with the reason (one line).
+        encoder: ``encoder(cfg, input_shape) -> module``: f_q when it is not ``model``'s one
+            encoder (image–text contrast's two towers, ``itc.py``); None: ``build_encoder``.
+        source: ``source(cfg, num_items) -> NegativeSource`` in place of the ``negatives.kind``
+            registry's (ITC's two queues); None: the registry's.
+        pairs: it trains on image–caption pairs: a step's views are (images (B, 3, S, S),
+            captions {"input_ids", "attention_mask"} (B, W)), which only a source that gives
+            pairs makes (``DataSource.pairs``); the text tower is ``text_model``.
     """
 
     step: Callable[..., dict[str, Tensor] | Skipped]
@@ -151,6 +160,9 @@ class MethodEntry:
     ema_ahead: int = 0
     ignores: tuple[str, ...] = ()
     refuses: dict[str, str] = field(default_factory=dict)
+    encoder: Callable[[Config, Any], nn.Module] | None = None
+    source: Callable[[Config, int], NegativeSource] | None = None
+    pairs: bool = False
 
 
 METHODS = Registry("method", "method")
@@ -158,19 +170,21 @@ METHODS = Registry("method", "method")
 
 def register_method(name: str, step: Callable | None = None, *, predictor: Callable | None = None,
                     negatives: bool = True, momentum_encoder: bool = True, ema_ahead: int = 0,
-                    ignores: tuple[str, ...] = (), refuses: dict[str, str] | None = None, replace: bool = False):
+                    ignores: tuple[str, ...] = (), refuses: dict[str, str] | None = None, encoder: Callable | None = None,
+                    source: Callable | None = None, pairs: bool = False, replace: bool = False):
     """Register ``step`` under ``name`` (``method=<name>``) with what it needs built
     (:class:`MethodEntry`); a decorator without ``step``."""
     return METHODS.add(name, step, lambda fn: MethodEntry(fn, predictor, negatives, momentum_encoder, ema_ahead,
-                                                          tuple(ignores), dict(refuses or {})), replace)
+                                                          tuple(ignores), dict(refuses or {}), encoder, source, pairs),
+                       replace)
 
 
 # =============================================================================== the parts
 def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None, num_items: int,
-                input_shape: Any) -> StepParts:
+                input_shape: Any, steps_per_epoch: int = 0) -> StepParts:
     """Build f_q, f_k, the negatives, the objective and the optimizer of a run on ``device``,
-    for ``num_items`` items whose views have ``input_shape`` (no batch dimension), as the
-    method ``cfg.method`` names asks (:class:`MethodEntry`).
+    for ``num_items`` items whose views have ``input_shape`` (no batch dimension) in epochs of
+    ``steps_per_epoch`` steps, as the method ``cfg.method`` names asks (:class:`MethodEntry`).
 
     Draws the initial weights and the queue from the global RNG: seed it identically on every
     rank first (DDP would broadcast f_q, but f_k and the queue are built here).
@@ -192,8 +206,9 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
     if needed > free:  # refused before allocating: the OS would kill the run, or CUDA raise mid-build
         raise UserError(f"config key '{key}': {what} needs {needed / 2**30:.1f} GiB, and {device} has "
                         f"{free / 2**30:.1f} GiB available")
-    encoder_q = build_encoder(cfg.model, input_shape).to(device, memory_format=memory_format(cfg.train.channels_last))
-    negatives = (build_source(cfg, num_items) if method.negatives else NoNegatives()).to(device)
+    encoder_q = (method.encoder or (lambda c, shape: build_encoder(c.model, shape)))(cfg, input_shape)
+    encoder_q = encoder_q.to(device, memory_format=memory_format(cfg.train.channels_last))
+    negatives = ((method.source or build_source)(cfg, num_items) if method.negatives else NoNegatives()).to(device)
     # End-to-end negatives take their keys from f_q: no momentum copy is built.
     encoder_k = MomentumEncoder(encoder_q) if method.momentum_encoder and not negatives.end_to_end else None
     predictor, online = None, encoder_q
@@ -235,7 +250,7 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         device=device, amp_dtype=amp_dtype, temperature=cfg.loss.temperature, symmetric=cfg.loss.symmetric,
         check_finite=cfg.train.max_nonfinite_skips > 0, graphed=cfg.train.cuda_graphs, input_shape=input_shape,
-        ema_ahead=method.ema_ahead,
+        ema_ahead=method.ema_ahead, steps_per_epoch=steps_per_epoch,
     )
 
 

@@ -181,6 +181,9 @@ def save_knn_plot(run_dir: Path) -> Path | None:
     if not curve:  # a text run: retrieval on the monitor's qrels
         curve = knn_curve(run_dir / METRICS_FILE, "ndcg@10")
         title, label = f"retrieval on the monitor's qrels ({run_dir.name})", "nDCG@10"
+    if not curve:  # image-text contrast: recall both ways on the monitor's split
+        curve = knn_curve(run_dir / METRICS_FILE, "rsum")
+        title, label = f"image-text recall on the monitor's split ({run_dir.name})", "rsum (six recalls, %)"
     trained = [(epoch, top1) for epoch, top1 in curve if epoch > 0]
     if not trained:
         return None

@@ -69,7 +69,8 @@ class Trainer:
         self.loaders = opening.open_data(cfg, self.device, self.rank, self.world, view, self.resumed)
         # The model and the queue start identical on every rank; per-rank randomness after them.
         torch.manual_seed(cfg.train.seed)
-        self.parts = build_parts(cfg, self.device, self.amp_dtype, self.loaders.num_items, self.loaders.input_shape)
+        self.parts = build_parts(cfg, self.device, self.amp_dtype, self.loaders.num_items, self.loaders.input_shape,
+                                 self.loaders.steps_per_epoch)
         torch.manual_seed(cfg.train.seed + self.rank)
         self.step_fn = METHODS[cfg.method].step  # the step of the method build_parts built for
         self.plan = Plan.of(cfg.train, self.loaders.steps_per_epoch)  # the run's length: epochs, or a budget of steps

@@ -206,7 +206,8 @@ def run_command(sweep: Sweep, run: SweepRun, run_dir: Path, root: Path, nproc: i
 
 
 METRIC_LABELS = {"knn_top1": "kNN top-1 accuracy (%)", "knn_top5": "kNN top-5 accuracy (%)", "loss": "loss",
-                 "ndcg@10": "nDCG@10 (the monitor's qrels)", "recall@100": "recall@100 (the monitor's qrels)"}
+                 "ndcg@10": "nDCG@10 (the monitor's qrels)", "recall@100": "recall@100 (the monitor's qrels)",
+                 "rsum": "rsum of image-text recall (the monitor's split)"}
 
 
 def write_results(sweep: Sweep, out: Path, rows: list[dict[str, Any]]) -> None:

@@ -85,6 +85,18 @@ class CaptionTokens:
         first = torch.cumsum(counts, 0) - counts
         return cls(ids, torch.tensor([len(r) for r in rows]), first, counts, tokenizer.pad_id)
 
+    def rows(self, start: int, stop: int) -> dict[str, Tensor]:
+        """Captions ``start`` … ``stop − 1`` (every caption, in order: what ranking encodes) as
+        ``{"input_ids", "attention_mask"}`` (n, W), cut to their longest."""
+        lengths = self.lengths[start:stop]
+        width = int(lengths.max())
+        mask = torch.arange(width)[None, :] < lengths[:, None]
+        return {"input_ids": self.ids[start:stop, :width], "attention_mask": mask.long()}
+
+    def owners(self) -> Tensor:
+        """(M,) long: the item (image) each caption belongs to."""
+        return torch.repeat_interleave(torch.arange(len(self.counts)), self.counts)
+
     def drawn(self, seed: int, epoch: int, items: Tensor) -> dict[str, Tensor]:
         """The caption each of ``items`` (B,) on the CPU shows in ``epoch``: ``{"input_ids", "attention_mask"}``
         (B, W), the batch cut to its longest caption."""
