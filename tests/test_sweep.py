@@ -8,13 +8,14 @@ import os
 import struct
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
 
 from moco_engine.config.schema import ConfigError
-from moco_engine.tools.sweep import read_sweep
+from moco_engine.tools.sweep import read_sweep, run_sweep
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
@@ -41,6 +42,24 @@ def test_grid_expands_to_every_combination_in_file_order(tmp_path):
     ]
     assert sweep.runs[1].params == {"queue.size": 16, "negatives.kind": "memory_bank"}
     assert len({r.name for r in sweep.runs}) == 6
+
+
+def test_runs_that_differ_only_in_settings_their_choices_ignore_are_trained_once(tmp_path):
+    # In-batch negatives read no queue.size: a grid over K holds the same in-batch run at every K
+    # (the default K 1024 among them); it is trained once and its row repeated.
+    sweep = read_sweep(sweep_file(tmp_path, """  queue.size: {values: [16, 1024, 256]}
+  negatives.kind: {values: [queue, in_batch]}"""))
+    same = {run.name: run.same_as for run in sweep.runs}
+    assert [name for name, first in same.items() if not first] == ["000_size-16_kind-queue", "001_size-16_kind-in_batch",
+                                                                   "002_size-1024_kind-queue", "004_size-256_kind-queue"]
+    assert same["003_size-1024_kind-in_batch"] == same["005_size-256_kind-in_batch"] == "001_size-16_kind-in_batch"
+    out = tmp_path / "out"
+    (out / "001_size-16_kind-in_batch").mkdir(parents=True)
+    (out / "001_size-16_kind-in_batch" / "metrics.jsonl").write_text(
+        '{"kind": "final", "epoch": 0, "step": 2, "epochs": 1, "steps": 2, "knn_top1": 41.5}\n')
+    run_sweep(replace(sweep, runs=[r for r in sweep.runs if "in_batch" in r.name]), out, ROOT)
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 4 and all(row.endswith(",in_batch,41.5,1,2") for row in rows[1:]), rows
 
 
 def test_random_draws_run_cap_distinct_runs(tmp_path):

@@ -193,7 +193,7 @@ REFUSED = "scores each image against captions: method=itc takes negatives.kind=q
 
 
 @register_method("itc", encoder=build_two_towers, source=build_itc_negatives, pairs=True,
-                 ignores=("loss.name", "loss.symmetric", "queue.mask_same_instance", "model.bn_splits"),
+                 ignores=("loss.name", "loss.symmetric", "queue.mask_same_instance"),
                  refuses={"memory_bank": REFUSED, "momentum_batch": REFUSED})
 def itc_step(parts: StepParts, images: Tensor, captions: dict[str, Tensor], indices: Tensor, lr: float,
              momentum: float) -> dict[str, Tensor] | Skipped:

@@ -109,7 +109,8 @@ def _train(args: list[str]) -> int:
     finally:
         dist.teardown()
     if main_process:  # every finished run says what comes next, with a monitor or without
-        lines = (text_closing_lines(final, trainer.run_dir, cfg.eval.retrieval_split) if trainer.loaders.monitor == "retrieval"
+        closing = {"retrieval": text_closing_lines, "pairs": pairs_closing_lines}.get(trainer.loaders.monitor)
+        lines = (closing(final, trainer.run_dir, cfg.eval.retrieval_split) if closing
                  else closing_lines(final, trainer.run_dir))
         print("\n".join(lines), flush=True)
     return 0
@@ -142,6 +143,24 @@ def closing_lines(final: dict, run_dir: Path) -> list[str]:
 
 def epochs_text(n: int) -> str:
     return f"{n} epoch{'' if n == 1 else 's'}"
+
+
+def pairs_closing_lines(final: dict, run_dir: Path, split: str) -> list[str]:
+    """What a finished image–text run prints: the monitor's rsum against the random towers' (or
+    why there is none), and the commands that report the held-out figures."""
+    from moco_engine.run.tracking import METRICS_FILE, knn_curve
+
+    if "rsum" not in final:  # no such split for the monitor
+        first = f"trained {epochs_text(final['epochs'])} ({run_dir}); no recall monitor: the data have no split '{split}'"
+    else:
+        start = [v for epoch, v in knn_curve(run_dir / METRICS_FILE, "rsum") if epoch == 0]
+        versus = f"; {start[-1]:.1f} at random initialisation" if start else ""
+        first = (f"rsum on the {split} pairs (the monitor): {final['rsum']:.1f} (R@10 image->text {final['i2t_R@10']:.1f}%, "
+                 f"text->image {final['t2i_R@10']:.1f}%) after {final['epochs']} epochs ({run_dir}){versus}")
+    return [first,
+            "Next:",
+            f"  moco-eval pairs {run_dir}                 # R@K both ways on the test split, chance and untrained beside it",
+            f"  moco-eval zeroshot {run_dir} data.root=../shared/data/cifar10-test.tar.xz   # zero-shot CIFAR-10"]
 
 
 def text_closing_lines(final: dict, run_dir: Path, split: str) -> list[str]:

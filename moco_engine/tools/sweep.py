@@ -15,7 +15,9 @@ The file is W&B's sweep syntax, so the same file also works online with ``wandb 
 Here each run is the command's YAML files plus the run's ``key=value`` overrides, in its own
 folder ``<out>/<run name>``, with ``track.wandb.group`` set to the sweep's name. A run whose
 ``metrics.jsonl`` already holds its ``final`` record is skipped, so an interrupted sweep resumes
-where it stopped (an unfinished run continues from its checkpoint). After every run the sweep
+where it stopped (an unfinished run continues from its checkpoint). A run that equals an earlier
+one but for settings its choices ignore (an in-batch run of a grid over ``queue.size``) is not
+run again: its row repeats that run's figures. After every run the sweep
 writes ``results.csv``, ``results.md`` and ``<metric>.png`` (the metric against the first swept
 parameter, one line per value of the others; a log x axis when the values span 16x or more).
 """
@@ -39,8 +41,9 @@ from typing import Any
 
 import yaml
 
-from moco_engine.config.loading import load_config, split_args, yaml_problem
-from moco_engine.config.schema import ConfigError, UserError
+from moco_engine.config.loading import load_config, split_args, to_dict, yaml_problem
+from moco_engine.config.rules import ignored_settings
+from moco_engine.config.schema import Config, ConfigError, UserError
 from moco_engine.run.plots import line_plot
 from moco_engine.run.tracking import METRICS_FILE, read_metrics
 from moco_engine.tools.cli import with_version
@@ -53,6 +56,7 @@ class SweepRun:
     name: str
     params: dict[str, Any]  # the swept parameters' values of this run
     overrides: list[str] = field(default_factory=list)  # params and fixed values as key=value
+    same_as: str = ""  # an earlier run this one equals but for settings its choices ignore: not run again
 
 
 @dataclass
@@ -163,14 +167,32 @@ def read_sweep(path: str | Path, root: Path | None = None, count: int | None = N
         combos = combos[:count]
 
     runs = []
+    seen: dict[str, str] = {}  # a run's config, the settings it ignores at their defaults -> the first run with it
+    defaults = to_dict(Config())
     for i, combo in enumerate(combos):
         overrides = [*fixed, *(f"{k}={_fmt(v)}" for k, v in combo.items())]
         try:
-            load_config([str(root / f) for f in files], overrides)
+            cfg = load_config([str(root / f) for f in files], overrides)
         except ConfigError as e:
             raise ConfigError(f"sweep file {path}, run {i}: {e}") from None
         params = {k: combo[k] for k in swept}
-        runs.append(SweepRun(f"{i:03d}_{_slug(params)}", params, overrides))
+        run = SweepRun(f"{i:03d}_{_slug(params)}", params, overrides)
+        # A grid over K and negatives.kind holds in-batch runs that differ in K alone, which they
+        # ignore: the same run, trained once (its row is repeated under each value).
+        effective = to_dict(cfg)
+        for key in {k.split("=")[0] for k in ignored_settings(cfg)}:  # changed, and ignored: as the defaults
+            parent, default = effective, defaults
+            *groups, last = key.split(".")
+            for g in groups:
+                parent, default = parent[g], default[g]
+            if last in default:
+                parent[last] = default[last]
+            else:  # a registered part's option the default config lacks
+                parent.pop(last, None)
+        run.same_as = seen.setdefault(yaml.safe_dump(effective, sort_keys=True), run.name)
+        if run.same_as == run.name:
+            run.same_as = ""
+        runs.append(run)
     return Sweep(spec.get("name") or path.stem, method, metric.get("name", "eval/knn_top1"), metric.get("goal", "maximize"),
                  files, swept, runs)
 
@@ -290,6 +312,10 @@ def run_sweep(sweep: Sweep, out: Path, root: Path, nproc: int = 1, dry_run: bool
     for i, run in enumerate(sweep.runs, 1):
         run_dir = out / run.name
         command = run_command(sweep, run, run_dir, root, nproc)
+        if run.same_as:
+            print(f"[{i}/{len(sweep.runs)}] {run.name}: the same run as {run.same_as} but for settings it ignores; "
+                  "not run again", flush=True)
+            continue
         if final_record(run_dir) is not None:
             print(f"[{i}/{len(sweep.runs)}] {run.name}: finished earlier, skipped", flush=True)
             continue
@@ -306,10 +332,11 @@ def run_sweep(sweep: Sweep, out: Path, root: Path, nproc: int = 1, dry_run: bool
             print(f"[{i}/{len(sweep.runs)}] {run.name}: exited with code {code}", flush=True)
     rows = []
     for run in sweep.runs:
-        final = final_record(out / run.name)
+        done = out / (run.same_as or run.name)
+        final = final_record(done)
         if final is not None:
             rows.append({"run": run.name, **run.params, **final,
-                         sweep.metric: metric_value(out / run.name, sweep.metric, sweep.goal)})
+                         sweep.metric: metric_value(done, sweep.metric, sweep.goal)})
     if not dry_run:
         write_results(sweep, out, rows)
         print(f"{len(rows)}/{len(sweep.runs)} runs finished; results in {out / 'results.md'}", flush=True)

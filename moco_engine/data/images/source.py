@@ -135,12 +135,17 @@ class ImageSource(DataSource):
         std = torch.tensor(spec.std, device=pairs.device).view(1, 3, 1, 1)
         return (pairs * std + mean).clamp(0, 1).cpu()
 
+    def image_batches(self) -> Any:
+        """The training batches of images this source built (what the preview draws from)."""
+        return self.train_views
+
     def preview_pairs(self, n: int, seed: int) -> Tensor:
         """The first n images' normalised views (2n, 3, S, S) as q0, k0, q1, k1, ..., from the
         training batches this source built."""
+        batches = self.image_batches()
         if self.on_device:
-            images = self.train_views.images[:n]
-            views = self.train_views.apply_to(torch.cat([images, images]), step_generator(images.device, seed, 0, 0))
+            images = batches.images[:n]
+            views = batches.apply_to(torch.cat([images, images]), step_generator(images.device, seed, 0, 0))
             return torch.stack([views[:n], views[n:]], dim=1).flatten(0, 1)
-        dataset = self.train_views.dataset  # Indexed(TwoViews): item (epoch, i) -> ((x_q, x_k), y, i)
+        dataset = batches.dataset  # Indexed(TwoViews): item (epoch, i) -> ((x_q, x_k), y, i)
         return torch.stack([view for i in range(n) for view in dataset[(0, i)][0]])

@@ -188,10 +188,18 @@ class PairsSource(ImageSource):
         images, captions = self.ranked[split]
         return self.plain_loader(images, batch_size), captions
 
-    def preview(self, loaders: Loaders, n: int, seed: int) -> Tensor | None:
-        """The image views of a one-tower run (``ImageSource``'s); none with captions: a step sees
-        one view of an image, and the recipe's views are what ``data.augmentation`` documents."""
-        return None if self.captioned else super().preview(loaders, n, seed)
+    def image_batches(self) -> Any:
+        """The image batches under the captions (the preview draws from them)."""
+        return self.train_views.batches if self.captioned else self.train_views
+
+    def preview_pairs(self, n: int, seed: int) -> Tensor:
+        """On the CPU path with captions a step sees one view of an image: the first n images'
+        views of epochs 0 and 1 then stand side by side (2n, 3, S, S), two draws of the recipe as
+        training makes them; otherwise the image source's pairs of views."""
+        if not self.captioned or self.on_device:
+            return super().preview_pairs(n, seed)
+        dataset = self.image_batches().dataset  # Indexed(first view): (epoch, i) -> (view, target, i)
+        return torch.stack([dataset[(epoch, i)][0] for i in range(n) for epoch in (0, 1)])
 
     def state(self) -> dict[str, Any]:
         return {"tokenizer": self.tokenizer.json}
