@@ -63,8 +63,7 @@ class Trainer:
             print(ignored, file=sys.stderr, flush=True)
         torch.manual_seed(cfg.train.seed + self.rank)
         random.seed(cfg.train.seed + self.rank)
-        # A resume reads its checkpoint once, here: the data source opens with what it kept of
-        # itself (a text run's vocabulary), and prepare_run_dir restores the rest.
+        # A resume reads its checkpoint once, here: the source opens with what it kept (a vocabulary).
         self.resumed = opening.resume_point(cfg, self.run_dir)
         self.loaders = opening.open_data(cfg, self.device, self.rank, self.world, view, self.resumed)
         # The model and the queue start identical on every rank; per-rank randomness after them.
@@ -77,7 +76,7 @@ class Trainer:
         self.progress = Progress()  # epochs and steps taken, evaluations, ...: what a checkpoint keeps of the run
         self.tracker = Tracker(None, enabled=False)
         self.signals = signals or StopSignals()  # SIGTERM/SIGINT: save the completed state, exit
-        self.monitor = Monitor(cfg.eval, self.loaders, self.device, self.amp_dtype)  # kNN or retrieval, the train set's encoding
+        self.monitor = Monitor(cfg.eval, self.loaders, self.device, self.amp_dtype)  # kNN, retrieval or recall, the train set's encoding
         self.cadence = Cadence(cfg, self.signals, self.device, self.monitor.active, self.plan.epochs)
         # The first step's time and a compiled run's compilation, kept out of it (interruptible).
         self.warmup = Warmup(time.perf_counter() if launched is None else launched,
