@@ -101,7 +101,8 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.model.momentum <= 1.0, "model.momentum", cfg.model.momentum, "m must lie in [0, 1]")
     need(cfg.model.bn_splits >= 1, "model.bn_splits", cfg.model.bn_splits, "must be >= 1")
     need(cfg.model.patch_size >= 1, "model.patch_size", cfg.model.patch_size, "must be >= 1")
-    need(cfg.model.bn != "sync" or cfg.model.bn_splits == 1, "model.bn_splits", cfg.model.bn_splits,
+    split_bn = not covers(method_ignores(chosen["method"]), "model.bn_splits")  # itc's image tower has none
+    need(cfg.model.bn != "sync" or cfg.model.bn_splits == 1 or not split_bn, "model.bn_splits", cfg.model.bn_splits,
          "must be 1 with model.bn=sync (SyncBN normalises over the global batch)")
     need(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "T must be > 0")
     need(0 <= cfg.loss.tau_plus < 1, "loss.tau_plus", cfg.loss.tau_plus, "must lie in [0, 1)")
@@ -111,7 +112,7 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.lr >= 0, "optim.lr", cfg.optim.lr, "must be >= 0")
     need(cfg.optim.batch_size >= 1, "optim.batch_size", cfg.optim.batch_size, "must be >= 1")
     need(
-        cfg.optim.batch_size >= cfg.model.bn_splits,
+        cfg.optim.batch_size >= cfg.model.bn_splits or not split_bn,
         "model.bn_splits",
         cfg.model.bn_splits,
         f"cannot exceed optim.batch_size ({cfg.optim.batch_size})",

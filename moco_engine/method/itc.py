@@ -171,7 +171,9 @@ def build_two_towers(cfg: Config, input_shape: Any) -> TwoTowers:
     if cfg.loss.distill_alpha > 0 and cfg.negatives.kind != "queue":
         raise ConfigError(f"config key 'loss.distill_alpha' = {cfg.loss.distill_alpha}: momentum distillation needs "
                           f"the momentum towers of negatives.kind=queue, not {cfg.negatives.kind}")
-    image = build_encoder(cfg.model, input_shape["image"])
+    # Plain BatchNorm over each rank's batch (or SyncBN): model.bn_splits is ignored (the entry says
+    # so), as the step has no shuffle-BN for split-BN's slices to serve.
+    image = build_encoder(type(cfg.model)(**{**vars(cfg.model), "bn_splits": 1}), input_shape["image"])
     text_cfg = cfg.text_model
     text_cfg = type(text_cfg)(**{**vars(text_cfg), "dim": cfg.model.dim, "normalize": True})
     text = build_encoder(text_cfg, input_shape["text"])
