@@ -182,12 +182,13 @@ def data_path(trainer, steps: int, warmup: int) -> dict[str, float]:
     device = trainer.device
 
     def batches():
+        epoch = trainer.epoch  # the run's own count stays (a property of its progress)
         while True:
-            trainer.loaders.sampler.set_epoch(trainer.epoch)
+            trainer.loaders.sampler.set_epoch(epoch)
             for (x_q, x_k), _, idx in trainer.loaders.train:
                 yield (to_device(x_q, device, trainer.memory_format), to_device(x_k, device, trainer.memory_format),
                        idx.to(device, non_blocking=True))
-            trainer.epoch += 1
+            epoch += 1
 
     def timed_loop(work: Callable) -> float:
         it = batches()
