@@ -118,6 +118,25 @@ def test_moco_bench_ops_counts_each_split_bn_form_without_timing(tmp_path, monke
     assert "operators per step" in printed and "| MoCo, split-BN strided | 32 |" in printed
 
 
+def test_moco_bench_ops_counts_the_itc_step_of_two_towers_without_host_reads(tmp_path, monkeypatch, capsys):
+    # The Flickr8k recipe's two towers at a batch of 4 on a generated pairs folder: the ITC step
+    # (both towers and their momentum copies, two queues, distillation, a learned T) against the
+    # two towers' supervised steps together, and no value read to the host.
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ops.json"
+    assert bench_main(["itc-flickr-cpu", "--device", "cpu", "--ops", "--batch", "4", "--queue", "64",
+                       "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert (r["method"], r["pairs"], r["image_size"], r["tokens"]) == ("itc", True, 64, 27)
+    rows = r["ops_by_form"]
+    assert list(rows) == ["supervised", "ITC, plain"] and rows["ITC, plain"]["batch"] == 4
+    assert rows["ITC, plain"]["compute"] > rows["supervised"]["compute"] > 100
+    assert all(row["host_reads"] == 0 for row in rows.values()), {n: row["host_read_kinds"] for n, row in rows.items()}
+    assert (tmp_path / "runs/bench/pairs/dataset_bench.json").is_file()  # its data: generated, never a download
+    printed = capsys.readouterr().out
+    assert "itc-flickr-cpu: resnet18 and its text tower, 64 px + 27 tokens a caption, operators per step" in printed
+
+
 def test_cuda_graphs_on_a_cpu_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert bench_main(["tiny", "--device", "cpu", "--cuda-graphs"]) == 2

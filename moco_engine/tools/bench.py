@@ -5,17 +5,25 @@ For a named case (method, backbone, image size or token width, batch, K) it time
 already in device memory (random images; random token ids, every position attended):
 
 - a supervised step of the same backbone and batch (forward, cross-entropy, backward, SGD; AdamW
-  for text, as fine-tuning a transformer uses);
+  for text, as fine-tuning a transformer uses); for a method of two towers (``MethodEntry.pairs``:
+  image–text contrast), each tower's supervised step on its own input, one after the other;
 - the engine's step (``Trainer.train_step``): MoCo v1/v2's ``moco.moco_step`` (query and key
-  passes, logits, backward, SGD, EMA, enqueue) or MoCo v3's ``moco_v3.moco_v3_step`` (both views
-  through f_q and its predictor and through f_k, the symmetric loss, backward, the optimizer, EMA);
+  passes, logits, backward, SGD, EMA, enqueue), MoCo v3's ``moco_v3.moco_v3_step`` (both views
+  through f_q and its predictor and through f_k, the symmetric loss, backward, the optimizer, EMA)
+  or ITC's ``itc.itc_step`` (images and captions through both towers and their momentum copies,
+  the two queues, backward, the optimizer, EMA, enqueue);
 - the pieces MoCo adds, each alone: the key encoder's forward, the EMA, and for v1/v2 shuffle-BN's
   permutation, the queue logits (forward and backward) and the enqueue.
 
 Each case has a floor: the least a step can cost in supervised steps of one view at the same
 batch, counting a forward pass as a third of a forward-backward. MoCo v1/v2 (one query
 forward-backward, one key forward): 4/3. MoCo v3 (two views through f_q forward and backward, two
-through f_k forward): 8/3. The table reports the measured ratio against it.
+through f_k forward): 8/3. ITC (each tower forward and backward, its momentum copy forward) against
+the two towers' supervised steps together: 4/3. The table reports the measured ratio against it.
+
+A pairs case trains on a generated Karpathy-split folder (``pairs_folder``: one-colour images,
+captions of random words, under ``runs/bench``), which gives the run its tokenizer; the step's
+inputs are random tensors as for the other cases.
 
 Each figure is the median of ``--repeats`` timed calls after ``--warmup`` untimed ones, with the
 device synchronised around every call; the supervised and MoCo steps are timed in alternation and
@@ -36,6 +44,7 @@ plain BatchNorm, on the case's model at a small batch (seconds on a CPU, even fo
     moco-bench r18-cifar --ops --device cpu   # operators per step, by split-BN form
     moco-bench r18-cifar --cuda-graphs        # the encoders' passes replayed as CUDA graphs
     moco-bench bert-scifact --device cpu      # text: the SciFact recipe's BERT step
+    moco-bench itc-flickr-cpu --device cpu    # image–text contrast against both towers' supervised steps
 """
 
 from __future__ import annotations
@@ -51,9 +60,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from moco_engine.config.loading import load_config
-from moco_engine.config.rules import CHOICES, DEVICE
+from moco_engine.config.registry import registry
+from moco_engine.config.rules import CHOICES, DEVICE, method_ignores
 from moco_engine.config.schema import ModelConfig, UserError
 from moco_engine.method.backbones import build_backbone
 from moco_engine.method.norms import SplitBatchNorm
@@ -65,13 +76,42 @@ from moco_engine.tools.opcount import count_ops, step_counters
 from moco_engine.tools.report import case_table
 from moco_engine.tools.timing import median_seconds, paired_medians, peak_memory, profile, sync
 
+#: How the tables name each built-in method's step (another's: its name).
+LABELS = {"moco": "MoCo", "moco_v3": "MoCo v3", "byol": "BYOL", "itc": "ITC"}
+
+
+def two_towers(case: Case) -> bool:
+    """Whether the case's method trains an image tower and a text tower on (images, captions)
+    (``MethodEntry.pairs``)."""
+    return registry("method")[case.method].pairs
+
+
+def pairs_folder(folder: Path, items: int, words: int = 12) -> Path:
+    """A Karpathy-split folder of ``items`` training images (one colour each, 64 px JPEGs) with five
+    captions of ``words`` random six-letter words each: from about 2,000 words on, the WordPiece a
+    pairs run trains on them fills ``data.text.vocab_size`` (4096), as Flickr8k's captions do."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(items):
+        colour = tuple(torch.randint(0, 256, (3,), generator=g).tolist())
+        Image.new("RGB", (64, 64), colour).save(folder / "images" / f"{i}.jpg")
+        letters = torch.randint(0, 26, (5, words, 6), generator=g).tolist()
+        captions = [" ".join("".join(chr(97 + c) for c in word) for word in caption) for caption in letters]
+        entries.append({"filename": f"{i}.jpg", "split": "train", "sentences": [{"raw": c} for c in captions]})
+    (folder / "dataset_bench.json").write_text(json.dumps({"images": entries, "dataset": "bench"}))
+    return folder
+
 
 def build_trainer(case: Case, args: argparse.Namespace):
     """A Trainer for ``case``: synthetic data (the step's inputs are random tensors) unless
-    ``--data`` asks for the real input path."""
+    ``--data`` asks for the real input path; a pairs case's a generated pairs folder (or
+    ``--data-root``'s pairs with ``--data``)."""
     from moco_engine.run.trainer import Trainer
 
-    if case.tokens:  # the embedded SciFact sample: its tokenizer and chunks; the step's inputs are random
+    if case.tokens and not two_towers(case):  # the embedded SciFact sample: its tokenizer and chunks; the step's inputs are random
         return Trainer(load_config([], [
             "data.name=text", f"model.arch={case.arch}", f"model.head={case.head}", f"queue.size={case.queue}",
             "queue.mask_same_instance=false",  # as the official builders: like for like
@@ -79,14 +119,18 @@ def build_trainer(case: Case, args: argparse.Namespace):
             f"train.compile={args.compile}", f"train.cuda_graphs={args.cuda_graphs}", "train.out_dir=runs/bench",
             "track.progress=false", *case.settings]))
     data = ["data.name=synthetic", f"data.synthetic_size={case.batch}", "data.num_workers=0"]
-    if args.data:
+    if two_towers(case):
+        root = args.data_root if args.data and args.data_root else pairs_folder(Path("runs/bench/pairs"), case.batch)
+        data = ["data.name=pairs", f"data.root={root}", "data.test_split=''",
+                f"data.num_workers={args.workers if args.data else 0}", f"data.pipeline={args.pipeline}"]
+    elif args.data:
         root = Path(args.data_root).expanduser()
         shards = (root / "manifest.json").is_file() or root.suffix == ".txt"  # moco-shard's folder, or a list of shards
         data = ([f"data.name={'shards' if shards else 'imagefolder'}", f"data.root={args.data_root}"] if args.data_root
                 else ["data.name=embedded"])
         data += [f"data.num_workers={args.workers}", f"data.pipeline={args.pipeline}", f"data.decode={args.decode}"]
-    cfg = load_config([], data + [
-        f"method={case.method}", f"data.image_size={case.image_size}", f"data.augmentation={case.augmentation}",
+    common = [
+        f"data.image_size={case.image_size}", f"data.augmentation={case.augmentation}",
         f"model.arch={case.arch}", f"model.patch_size={case.patch_size}", f"model.head={case.head}",
         *([f"model.cifar_stem={case.cifar_stem}"] if case.arch.startswith("resnet") else []),
         f"model.bn_splits={case.bn_splits}", f"model.bn_split_form={args.split_bn}",
@@ -94,38 +138,66 @@ def build_trainer(case: Case, args: argparse.Namespace):
         f"train.device={args.device}", f"train.precision={args.precision}",
         f"train.channels_last={not args.no_channels_last}", f"train.compile={args.compile}",
         f"train.cuda_graphs={args.cuda_graphs}",
-        "train.out_dir=runs/bench", "track.progress=false", *case.settings,
-    ])
-    return Trainer(cfg)
+        "train.out_dir=runs/bench", "track.progress=false",
+    ]
+    # What the method ignores is left out (each would draw a warning line), the case's own settings kept.
+    ignored = method_ignores(registry("method")[case.method])
+    common = [s for s in common if not any(s.startswith((f"{key}=", f"{key}.")) for key in ignored)]
+    return Trainer(load_config([], [*data, f"method={case.method}", *common, *case.settings]))
 
 
 def step_inputs(trainer, case: Case) -> tuple[View, View]:
     """Two random views of the case's batch on the training device: images (B, 3, H, W) in the
-    run's memory format, or token ids and an all-ones attention mask (B, W)."""
+    run's memory format, or token ids and an all-ones attention mask (B, W); for two towers, the
+    images and their captions (what a pairs loader gives: no host lengths)."""
     device = trainer.device
+    shape = trainer.loaders.input_shape
+
+    def tokens(vocab: int, lengths: bool) -> dict:
+        # A text view carries the loader's host lengths, as a view padded to its batch's longest does.
+        return {"input_ids": torch.randint(5, vocab, (case.batch, case.tokens), device=device),
+                "attention_mask": torch.ones(case.batch, case.tokens, dtype=torch.long, device=device),
+                **({"lengths": [case.tokens] * case.batch} if lengths else {})}
+
+    def images() -> Tensor:
+        size = (case.batch, 3, case.image_size, case.image_size)
+        return torch.randn(size, device=device).contiguous(memory_format=trainer.memory_format)
+
+    if two_towers(case):
+        return images(), tokens(shape["text"]["vocab_size"][0], lengths=False)
     if case.tokens:
-        vocab = trainer.loaders.input_shape["vocab_size"][0]
-        # The loader's host lengths beside them, as a view padded to its batch's longest carries them.
-        return tuple({"input_ids": torch.randint(5, vocab, (case.batch, case.tokens), device=device),
-                      "attention_mask": torch.ones(case.batch, case.tokens, dtype=torch.long, device=device),
-                      "lengths": [case.tokens] * case.batch}
-                     for _ in range(2))
-    shape = (case.batch, 3, case.image_size, case.image_size)
-    return tuple(torch.randn(shape, device=device).contiguous(memory_format=trainer.memory_format) for _ in range(2))
+        return tokens(shape["vocab_size"][0], lengths=True), tokens(shape["vocab_size"][0], lengths=True)
+    return images(), images()
 
 
-def supervised_step(trainer, case: Case, x, labels) -> Callable[[], None]:
-    """The supervised baseline: the same backbone (plain BatchNorm; a ViT's patch projection
-    frozen as the MoCo v3 step's is; a text case's BERT as configured) and a linear classifier."""
-    model_cfg = trainer.cfg.model
-    same = ModelConfig(arch=case.arch, cifar_stem=model_cfg.cifar_stem, patch_size=model_cfg.patch_size,
+def supervised_step(trainer, case: Case, views: tuple[View, View], labels) -> Callable[[], None]:
+    """The supervised baseline on the first view: the same backbone (plain BatchNorm; a ViT's
+    patch projection frozen as the MoCo v3 step's is; a text case's BERT as configured) and a
+    linear classifier. For two towers, their sum: the image tower's step on the images, then the
+    text tower's (``text_model``) on the captions. Its ``optimizers``: one a tower."""
+    cfg, shape = trainer.cfg, trainer.loaders.input_shape
+    towers = ([(cfg.model, shape["image"], views[0]), (cfg.text_model, shape["text"], views[1])]
+              if two_towers(case) else [(cfg.model, shape, views[0])])
+    steps = [tower_step(trainer, model_cfg, tower_shape, x, labels) for model_cfg, tower_shape, x in towers]
+
+    def step() -> None:
+        for one in steps:
+            one()
+
+    step.optimizers = [one.optimizer for one in steps]  # their step counters' reads are the optimizers', not the step's
+    return step
+
+
+def tower_step(trainer, model_cfg: ModelConfig, input_shape, x: View, labels) -> Callable[[], None]:
+    """One backbone's supervised step on ``x``: SGD for images, AdamW for token ids."""
+    same = ModelConfig(arch=model_cfg.arch, cifar_stem=model_cfg.cifar_stem, patch_size=model_cfg.patch_size,
                        freeze_patch_embed=model_cfg.freeze_patch_embed, params=dict(model_cfg.params))
-    backbone, width = build_backbone(same, trainer.loaders.input_shape)
+    backbone, width = build_backbone(same, input_shape)
     model = torch.nn.Sequential(backbone, torch.nn.Linear(width, 1000)).to(trainer.device, memory_format=trainer.memory_format)
     graphed = trainer.cfg.train.cuda_graphs  # compared like with like: graphed when the MoCo step is
     if trainer.cfg.train.compile or graphed:
         model.compile(mode="reduce-overhead" if graphed else None)
-    opt = (torch.optim.AdamW(model.parameters(), lr=1e-4) if case.tokens else
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-4) if isinstance(x, dict) else
            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4))
 
     def step() -> None:
@@ -137,23 +209,25 @@ def supervised_step(trainer, case: Case, x, labels) -> Callable[[], None]:
         loss.backward()
         opt.step()
 
-    step.optimizer = opt  # its step counters' reads are the optimizer's, not the step's
+    step.optimizer = opt
     return step
 
 
-def breakdown(trainer, x, idx, repeats: int, warmup: int) -> dict[str, float]:
-    """Seconds of each piece MoCo adds to a supervised step, timed alone."""
+def breakdown(trainer, views: tuple[View, ...], idx, repeats: int, warmup: int) -> dict[str, float]:
+    """Seconds of each piece MoCo adds to a supervised step, timed alone. ``views``: f_k's
+    inputs (the key view; for two towers, the images and captions)."""
     from moco_engine.method.losses import info_nce, info_nce_logits
     from moco_engine.runtime import distributed as dist
 
     device, cfg = trainer.device, trainer.cfg
+    x = views[-1]
     b, dim = batch_size(x), cfg.model.dim
     q = F.normalize(torch.randn(b, dim, device=device), dim=1).requires_grad_()
     k = F.normalize(torch.randn(b, dim, device=device), dim=1)
 
     def key_forward():
         with torch.no_grad(), autocast(device, trainer.amp_dtype):
-            trainer.encoder_k(x)
+            trainer.encoder_k(*views)
 
     def shuffle():
         shuffled, restore = dist.shuffle_batch(x)
@@ -182,12 +256,13 @@ def data_path(trainer, steps: int, warmup: int) -> dict[str, float]:
     device = trainer.device
 
     def batches():
+        epoch = trainer.epoch  # the run's own count stays (a property of its progress)
         while True:
-            trainer.loaders.sampler.set_epoch(trainer.epoch)
+            trainer.loaders.sampler.set_epoch(epoch)
             for (x_q, x_k), _, idx in trainer.loaders.train:
                 yield (to_device(x_q, device, trainer.memory_format), to_device(x_k, device, trainer.memory_format),
                        idx.to(device, non_blocking=True))
-            trainer.epoch += 1
+            epoch += 1
 
     def timed_loop(work: Callable) -> float:
         it = batches()
@@ -218,19 +293,23 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
     if args.batch:
         case = replace(case, batch=args.batch)
     if args.ops:
-        return {"case": name, **asdict(case), "ops_by_form": form_op_counts(case, args)}
+        return {"case": name, **asdict(case), "pairs": two_towers(case), "ops_by_form": form_op_counts(case, args)}
     trainer = build_trainer(case, args)
     device = trainer.device
     x_q, x_k = step_inputs(trainer, case)
     idx = torch.arange(case.batch, device=device)
     labels = torch.randint(0, 1000, (case.batch,), device=device)
+    pairs = two_towers(case)
+    text_params = (trainer.cfg.text_model if pairs else trainer.cfg.model).params
 
-    sup_fn = supervised_step(trainer, case, x_q, labels)
+    sup_fn = supervised_step(trainer, case, (x_q, x_k), labels)
     moco_fn = lambda: trainer.train_step(x_q, x_k, idx)  # noqa: E731
     supervised_s, moco_s, ratio = paired_medians(sup_fn, moco_fn, args.repeats, args.warmup, device)
     result = {
-        "case": name, **asdict(case), "device": str(device),
-        "encoder": f" ({trainer.cfg.model.params['layers']} layers x {trainer.cfg.model.params['hidden']})" if case.tokens else "",
+        "case": name, **asdict(case), "device": str(device), "label": LABELS.get(case.method, case.method),
+        "pairs": pairs, "vocab": text_vocab(trainer) if case.tokens else 0,
+        "encoder": (f"{' + bert' if pairs else ''} ({text_params['layers']} layers x {text_params['hidden']})"
+                    if case.tokens else ""),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "precision": str(trainer.amp_dtype or "fp32").replace("torch.", ""), "compile": trainer.cfg.train.compile,
         "cuda_graphs": trainer.cfg.train.cuda_graphs,
@@ -242,15 +321,21 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         "ratio": ratio, "repeats": args.repeats,  # the median of paired ratios, not the ratio of medians
         "floor": case.floor,
     }
-    result["breakdown_s"] = breakdown(trainer, x_k, idx, args.repeats, args.warmup)
+    result["breakdown_s"] = breakdown(trainer, (x_q, x_k) if pairs else (x_k,), idx, args.repeats, args.warmup)
     eager = not (trainer.cfg.train.compile or trainer.cfg.train.cuda_graphs)  # compiled kernels are no ATen ops
-    result["ops"] = {"supervised": count_ops(sup_fn, step_counters(sup_fn.optimizer)).as_dict(),
+    result["ops"] = {"supervised": count_ops(sup_fn, step_counters(*sup_fn.optimizers)).as_dict(),
                      "moco": count_ops(moco_fn, step_counters(trainer.optimizer)).as_dict()} if eager else None
     if args.data:
         result["data_s"] = data_path(trainer, args.repeats, args.warmup)
     if args.profile:
         result["profile"] = profile(moco_fn, device)
     return result
+
+
+def text_vocab(trainer) -> int:
+    """V of the run's token inputs (its tokenizer's vocabulary)."""
+    shape = trainer.loaders.input_shape
+    return int(shape.get("text", shape)["vocab_size"][0])
 
 
 def form_op_counts(case: Case, args: argparse.Namespace) -> dict[str, dict]:
@@ -272,16 +357,16 @@ def form_op_counts(case: Case, args: argparse.Namespace) -> dict[str, dict]:
         trainer = build_trainer(variant, argparse.Namespace(**{**eager, "split_bn": "auto" if form == "plain" else form}))
         x_q, x_k = step_inputs(trainer, variant)
         idx = torch.arange(variant.batch, device=trainer.device)
-        steps = {"moco": (partial(trainer.train_step, x_q, x_k, idx), trainer.optimizer)}
+        steps = {"moco": (partial(trainer.train_step, x_q, x_k, idx), [trainer.optimizer])}
         if form == "plain":
             labels = torch.randint(0, 1000, (variant.batch,), device=trainer.device)
-            supervised = supervised_step(trainer, variant, x_q, labels)
-            steps = {"supervised": (supervised, supervised.optimizer), **steps}
-        for step_name, (step, optimizer) in steps.items():
+            supervised = supervised_step(trainer, variant, (x_q, x_k), labels)
+            steps = {"supervised": (supervised, supervised.optimizers), **steps}
+        for step_name, (step, optimizers) in steps.items():
             step()
-            method = {"moco": "MoCo", "moco_v3": "MoCo v3", "byol": "BYOL"}[case.method]
+            method = LABELS.get(case.method, case.method)
             row = "supervised" if step_name == "supervised" else f"{method}, {form if form == 'plain' else 'split-BN ' + form}"
-            counted = count_ops(step, ignore_reads_of=step_counters(optimizer))
+            counted = count_ops(step, ignore_reads_of=step_counters(*optimizers))
             counts[row] = {"batch": variant.batch, "bn_splits": variant.bn_splits, **counted.as_dict()}
     return counts
 

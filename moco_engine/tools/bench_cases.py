@@ -1,5 +1,5 @@
 """``moco-bench``'s named cases: each a method, backbone, input size, batch and K, with the
-recipe settings it is built with (MoCo v1/v2 and v3 on images; text)."""
+recipe settings it is built with (MoCo v1/v2 and v3 on images; text; image–text contrast)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ class Case:
     head: str = "mlp"
     bn_splits: int = 1
     augmentation: str = "cifar"
-    method: str = "moco"  # moco (v1/v2) | moco_v3 | byol
+    method: str = "moco"  # moco (v1/v2) | moco_v3 | byol | itc (a pairs method: image and text towers)
     patch_size: int = 16  # vit_*: the patch side
     settings: tuple[str, ...] = ()  # further key=value of the method's recipe
-    tokens: int = 0  # a text case: each view's padded width W in tokens (0: an image case)
+    tokens: int = 0  # a text case: each view's padded width W in tokens; a pairs case: its captions' (0: images only)
 
     @property
     def floor(self) -> float:
@@ -53,6 +53,18 @@ BYOL = ("model.hidden_dim=4096", "model.dim=256", "model.momentum=0.996", "model
         "loss.byol_hidden_dim=4096", "optim.lr=0.05", "optim.weight_decay=1e-5")
 
 
+# Image–text contrast: configs/experiment/flickr8k_itc.yaml (the CPU recipe being tuned), mirrored here:
+# a change of its model, text_model, loss or optim is made here too. Its data are generated
+# (moco-bench's pairs folder: its WordPiece fills data.text.vocab_size as Flickr8k's captions do).
+FLICKR_ITC = ("model.bn=plain", "model.bn_splits=1", "model.dim=256", "model.momentum=0.995", "text_model.arch=bert",
+              "text_model.head=linear_no_bias", "text_model.params.layers=2", "text_model.params.hidden=256",
+              "text_model.params.heads=4", "text_model.params.intermediate=512", "text_model.params.dropout=0.1",
+              "text_model.params.pooling=mean", "negatives.kind=queue", "loss.temperature=0.07",
+              "loss.learn_temperature=true", "loss.distill_alpha=0.4", "optim.name=adamw", "optim.lr=1e-3",
+              "optim.weight_decay=0.02", "optim.schedule=cosine", "optim.warmup_epochs=0.5",
+              "data.text.vocab_size=4096", "data.text.max_length=32", "data.crop_min=0.5")
+
+
 CASES = {
     # The MoCo authors' CIFAR-10 demo: CIFAR ResNet-18, batch 512, K 4096, split-BN over 8 slices.
     "r18-cifar": Case("resnet18", True, 32, 512, 4096, head="linear", bn_splits=8),
@@ -77,6 +89,13 @@ CASES = {
     # encoder's operators); configs/experiment/scifact_contriever_gpu.yaml has none.
     "bert-scifact-buckets": Case("bert", False, 0, 128, 4096, head="none", tokens=48,
                                  settings=(*SCIFACT, "model.params.length_buckets=4")),
+    # Image–text contrast, configs/experiment/flickr8k_itc.yaml: ResNet-18 (standard stem) at 64 px
+    # and the 2 x 256 BERT, batch 64, K 4096. W 27: the mean padded width of a batch of 64 Flickr8k
+    # training pairs (one caption drawn an image, cut to the batch's longest) with the recipe's
+    # WordPiece (V 4096) at data.text.max_length 32, measured over 2,000 random batches: mean 26.6,
+    # median 26, 10-90% 23-31 (a caption is 14.3 tokens on average; the batch pads to its longest).
+    "itc-flickr-cpu": Case("resnet18", False, 64, 64, 4096, head="linear", augmentation="cifar_light", method="itc",
+                           tokens=27, settings=FLICKR_ITC),
     # Contriever's step on one of its 32 GPUs: BERT-base (12 x 768), 64 chunks, K 131,072, spans of
     # 5-50% of 256 tokens padded to the batch's longest (about 130).
     "bert-base": Case("bert", False, 0, 64, 131072, head="none", tokens=128, settings=CONTRIEVER),

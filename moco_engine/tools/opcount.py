@@ -149,6 +149,7 @@ def count_ops(fn: Callable[[], object], ignore_reads_of: Iterable[torch.Tensor] 
     return mode.counts
 
 
-def step_counters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The optimizer's per-parameter step counters (AdamW's ``step``): host values by design."""
-    return [state["step"] for state in optimizer.state.values() if isinstance(state.get("step"), torch.Tensor)]
+def step_counters(*optimizers: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizers' per-parameter step counters (AdamW's ``step``): host values by design."""
+    return [state["step"] for optimizer in optimizers for state in optimizer.state.values()
+            if isinstance(state.get("step"), torch.Tensor)]
