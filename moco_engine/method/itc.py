@@ -191,11 +191,11 @@ def build_itc_negatives(cfg: Config, num_items: int) -> NegativeSource:
     return ItcQueues(cfg.queue.size, cfg.model.dim, cfg.queue.dtype, cfg.loss.distill_alpha)
 
 
-REFUSED = "scores each image against captions: method=itc takes negatives.kind=queue (two queues) or in_batch (CLIP's)"
+REFUSED = "scores images against captions: it takes negatives.kind=queue (two queues) or in_batch (CLIP's loss)"
 
 
 @register_method("itc", encoder=build_two_towers, source=build_itc_negatives, pairs=True,
-                 ignores=("loss.name", "loss.symmetric", "queue.mask_same_instance"),
+                 ignores=("loss.name", "loss.symmetric", "queue.mask_same_instance", "model.bn_splits"),
                  refuses={"memory_bank": REFUSED, "momentum_batch": REFUSED})
 def itc_step(parts: StepParts, images: Tensor, captions: dict[str, Tensor], indices: Tensor, lr: float,
              momentum: float) -> dict[str, Tensor] | Skipped:
