@@ -132,7 +132,7 @@ def build_loaders(cfg: Config, device: torch.device, rank: int = 0, world: int =
     source = open_source(cfg, saved)
     if registry("method")[cfg.method].pairs and not source.pairs:
         raise UserError(f"config key 'method' = {cfg.method!r}: it trains on image-caption pairs, and "
-                        f"data.name={cfg.data.name} has no captions (data.name=pairs has)")
+                        f"data.name={cfg.data.name} has no captions (data.name=pairs has, and shards with .txt captions)")
     loaders = source.loaders(device, rank, world, view)
     if loaders.num_items < cfg.optim.batch_size * world:
         raise UserError(

@@ -114,7 +114,11 @@ class DataSource:
         """Split ``split``'s images, plain, in index order, and every caption of them: what
         image–text recall ranks (``monitor == "pairs"``, ``moco-eval pairs``)."""
         raise UserError(f"config key 'data.name' = {self.cfg.data.name!r}: the source has no image-caption pairs "
-                        "to rank (data.name=pairs has)")
+                        "to rank (data.name=pairs has, and shards with .txt captions)")
+
+    def ranked_splits(self) -> tuple[str, ...]:
+        """The splits :meth:`ranked_pairs` can rank (the ``"pairs"`` monitor is off for another)."""
+        return ()
 
     # ------------------------------------------------------------------ the source's state
     def state(self) -> dict[str, Any]:

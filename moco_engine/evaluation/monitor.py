@@ -31,7 +31,7 @@ class Monitor:
         if loaders.monitor == "retrieval":
             return self.cfg.retrieval_split in loaders.source.corpus.data.qrels
         if loaders.monitor == "pairs":
-            return self.cfg.retrieval_split in loaders.source.data.splits
+            return self.cfg.retrieval_split in loaders.source.ranked_splits()
         return loaders.test is not None
 
     def evaluate(self, encoder_q: nn.Module) -> dict[str, float]:

@@ -1,5 +1,5 @@
 """Image–text contrast, ``method=itc``: an image tower and a text tower trained into one space
-on image–caption pairs (``data.name=pairs``).
+on image–caption pairs (``data.name=pairs``, or shards with ``.txt`` captions).
 
 Two kinds of negatives, one step:
 
@@ -162,7 +162,7 @@ def build_two_towers(cfg: Config, input_shape: Any) -> TwoTowers:
         ConfigError: inputs that are not pairs; a setting this method cannot train with (named).
     """
     if not isinstance(input_shape, dict) or set(input_shape) != {"image", "text"}:
-        raise ConfigError(f"config key 'method' = {cfg.method!r}: it trains on image-caption pairs (data.name=pairs); "
+        raise ConfigError(f"config key 'method' = {cfg.method!r}: it trains on image-caption pairs (data.name=pairs, or shards with captions); "
                           f"data.name={cfg.data.name} gives items of shape {input_shape}")
     for key in ("train.compile", "train.cuda_graphs"):
         if getattr(cfg.train, key.split(".")[1]):

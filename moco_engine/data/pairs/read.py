@@ -12,6 +12,8 @@
   captions in row order. The split is the ``data.pairs.split_key`` column's, or, without that
   column, the one the file is read for (``data.root``: ``data.train_split``; ``data.test_root``:
   ``data.test_split``).
+- Shards (``data.name=shards``): a sample's ``<key>.txt`` holds its image's captions, one a line
+  (:func:`caption_text` writes one, :func:`caption_lines` reads one back).
 
 Bad input is one line naming the file and the entry or line (:class:`DataError`): a missing
 image, an image with no caption, an empty caption, a JSON without ``images``, an image in two
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -193,3 +196,30 @@ def read_table(path: Path, keys: PairsDataConfig, split: str) -> PairsData:
     except csv.Error as e:
         raise DataError(f"{path}: {e}") from None
     return PairsData(str(path), merged(pairs, str(path)), named_splits=named)
+
+
+# ============================================================================ a shard sample's .txt
+LINE_BREAKS = re.compile(r"\r\n|\r|\n")
+
+
+def caption_text(captions: tuple[str, ...]) -> bytes:
+    """An image's captions as a shard sample's ``.txt``: one a line, UTF-8 (a line break inside a
+    caption becomes a space: a line is a caption)."""
+    return "".join(LINE_BREAKS.sub(" ", c).strip() + "\n" for c in captions).encode("utf-8")
+
+
+def caption_lines(data: bytes, where: str) -> tuple[str, ...]:
+    """The captions of a shard sample's ``.txt`` (``where`` names it): its lines, stripped, blank
+    ones left out. img2dataset's ``.txt`` holds one caption, moco-shard's all of an image's.
+
+    Raises:
+        DataError: not UTF-8, or no caption in it.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: its .txt is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    captions = tuple(line.strip() for line in LINE_BREAKS.split(text) if line.strip())
+    if not captions:
+        raise DataError(f"{where}: its .txt holds no caption (one caption a line)")
+    return captions

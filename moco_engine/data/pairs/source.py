@@ -6,7 +6,7 @@ through the ``data.augmentation`` recipe as every image source's are.
 - A method on pairs (``MethodEntry.pairs``: ``method=itc``) trains on (images, captions): one
   view of each image by the recipe's first transform, and one of its captions, drawn by a hash of
   (seed, epoch, item) (``captions.caption_index``) as the batch leaves the loader
-  (:class:`CaptionedBatches`). The monitor is image–text recall on ``eval.retrieval_split``
+  (``captioned.py``'s ``CaptionedBatches``). The monitor is image–text recall on ``eval.retrieval_split``
   (``ranked_pairs``).
 - A one-tower image method (``method=moco``) trains an image tower on exactly the training
   split's images; the captions are then unused, and one warning line says so. The items are
@@ -18,7 +18,6 @@ The captions' tokenizer is the source's state, kept in checkpoints and read back
 from __future__ import annotations
 
 import io
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,44 +27,17 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from moco_engine.config.registry import registry
 from moco_engine.config.schema import Config, DataConfig
 from moco_engine.data.errors import DataError
 from moco_engine.data.images.sets import ImageSet, decode, first_readable, skip_bad
-from moco_engine.data.images.source import ImageSource, resolve_pipeline
+from moco_engine.data.images.source import ImageSource
 from moco_engine.data.images.sources import IMAGE_SETTINGS
 from moco_engine.data.items import Splits
-from moco_engine.data.loaders import Loaders, item_loaders, refuse_gpu_decode
-from moco_engine.data.pairs.captions import CaptionTokens, pairs_tokenizer
+from moco_engine.data.loaders import Loaders, refuse_gpu_decode
+from moco_engine.data.pairs.captioned import CaptionedImages
+from moco_engine.data.pairs.captions import CaptionTokens
 from moco_engine.data.pairs.read import Pair, PairsData, read_pairs
-from moco_engine.data.sampling import EpochSampler, Indexed, make_loader
 from moco_engine.data.sources import register_data_source
-from moco_engine.data.text.source import tokenizer_misfit
-from moco_engine.runtime.distributed import is_main
-
-
-class CaptionedBatches:
-    """Image batches with one caption an image: ``((images (B, 3, S, S), captions {"input_ids",
-    "attention_mask"} (B, W)), targets, indices)``, the caption of item i in epoch e the one
-    ``CaptionTokens.drawn`` picks for (seed, e, i), whatever batch, worker or resume it falls in.
-
-    Args:
-        batches: the image batches ``(x, targets, indices)`` (x a view, or a pair of views of
-            which the first is kept: the device path's).
-        captions: the training split's captions as tokens.
-        sampler: the epoch order the batches follow (its ``epoch`` is the draw's).
-    """
-
-    def __init__(self, batches: Any, captions: CaptionTokens, seed: int, sampler: Any):
-        self.batches, self.captions, self.seed, self.sampler = batches, captions, seed, sampler
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        for views, targets, indices in self.batches:
-            images = views[0] if isinstance(views, (tuple, list)) else views
-            yield (images, self.captions.drawn(self.seed, self.sampler.epoch, indices.cpu())), targets, indices
 
 
 class PairImages(ImageSet):
@@ -119,10 +91,11 @@ def pair_splits(cfg: DataConfig) -> tuple[PairsData, Splits]:
 
 @register_data_source("pairs", reads=(*IMAGE_SETTINGS, "data.root", "data.test_root", "data.train_split",
                                        "data.test_split", "data.pairs", "data.text", "data.on_bad_image"))
-class PairsSource(ImageSource):
+class PairsSource(CaptionedImages, ImageSource):
     """Images and their captions: the image source over the split's images, and the captions'
     tokens (``captions``, the training split's) with their tokenizer as the source's state
-    (``state``/``misfit``/``write``: ``tokenizer.json``; a resume reads it back from ``saved``).
+    (``state``/``misfit``/``write``: ``tokenizer.json``; a resume reads it back from ``saved``),
+    through ``captioned.py``'s :class:`CaptionedImages`.
 
     Args:
         cfg: the run's config.
@@ -134,63 +107,31 @@ class PairsSource(ImageSource):
     def __init__(self, cfg: Config, saved: dict[str, Any] | None = None):
         self.data, splits = pair_splits(cfg.data)
         super().__init__(cfg, splits)
-        train_captions = splits.train.captions
-        self.tokenizer = pairs_tokenizer(cfg, saved, [c for item in train_captions for c in item])
-        self.captions = CaptionTokens.encode(self.tokenizer, train_captions, cfg.data.text.max_length)
-        self.captioned = registry("method")[cfg.method].pairs  # the method trains on (images, captions)
-        self.monitor = "pairs" if self.captioned else "knn"
-        self.ranked: dict[str, tuple[PairImages, CaptionTokens]] = {}
+        self.open_captions(saved, splits.train.captions)
 
     def loaders(self, device: torch.device, rank: int, world: int, view: Callable | None = None) -> Loaders:
         if not self.captioned:
             loaders = super().loaders(device, rank, world, view)
-            if is_main():  # say so once, where the run starts
-                print(f"warning: data.name=pairs: method={self.cfg.method} trains on the {loaders.num_items} images "
-                      f"of split '{self.cfg.data.train_split}' alone; their {len(self.captions.ids)} captions are "
-                      "unused", file=sys.stderr, flush=True)
+            self.warn_captions_unused(loaders)
             return loaders
-        cfg = self.cfg
-        refuse_gpu_decode(cfg.data)
-        self.on_device = resolve_pipeline(cfg.data) == "device"
-        if self.on_device:  # the device path's pairs of views: the first is kept
-            loaders = self.device_loaders(device, rank, world)
-            loaders.train = CaptionedBatches(loaders.train, self.captions, cfg.train.seed, loaders.sampler)
-        else:
-            first = view or self.item_views()[0]  # one view an image: the recipe's first
-
-            def captioned(sampler: EpochSampler) -> CaptionedBatches:
-                images = make_loader(Indexed(self.splits.train, first, cfg.train.seed), cfg.optim.batch_size,
-                                     cfg.data.num_workers, sampler, drop_last=cfg.data.drop_last,
-                                     pin_memory=device.type == "cuda")
-                return CaptionedBatches(images, self.captions, cfg.train.seed, sampler)
-
-            loaders = item_loaders(self, device, rank, world, make_train=captioned)
-        loaders.input_shape = self.input_shape()
-        self.train_views = loaders.train
-        return loaders
+        refuse_gpu_decode(self.cfg.data)
+        return self.captioned_loaders(device, rank, world, view)
 
     def input_shape(self) -> Any:
         """Images (3, S, S) and, with captions, their token views: {"image": ..., "text": ...}."""
-        image = super().input_shape()
-        if not self.captioned:
-            return image
-        width = int(self.captions.ids.shape[1])
-        return {"image": image, "text": {"input_ids": (width,), "attention_mask": (width,),
-                                         "vocab_size": (self.tokenizer.vocab_size,)}}
+        return self.captioned_shape(super().input_shape())
 
     def ranked_pairs(self, split: str, batch_size: int) -> tuple[DataLoader, CaptionTokens]:
         """Split ``split``'s images (plain views, in index order) and all their captions, tokenised
         by the run's tokenizer (read once, then kept)."""
-        if split not in self.ranked:
-            images = PairImages(self.data.split(split), self.cfg.data.on_bad_image)
-            self.ranked[split] = images, CaptionTokens.encode(self.tokenizer, images.captions,
-                                                               self.cfg.data.text.max_length)
-        images, captions = self.ranked[split]
-        return self.plain_loader(images, batch_size), captions
+        return self.ranked_captions(split, batch_size, lambda: PairImages(self.data.split(split), self.cfg.data.on_bad_image))
+
+    def ranked_splits(self) -> tuple[str, ...]:
+        return tuple(self.data.splits)
 
     def image_batches(self) -> Any:
         """The image batches under the captions (the preview draws from them)."""
-        return self.train_views.batches if self.captioned else self.train_views
+        return self.captioned_batches()
 
     def preview_pairs(self, n: int, seed: int) -> Tensor:
         """On the CPU path with captions a step sees one view of an image: the first n images'
@@ -198,14 +139,13 @@ class PairsSource(ImageSource):
         training makes them; otherwise the image source's pairs of views."""
         if not self.captioned or self.on_device:
             return super().preview_pairs(n, seed)
-        dataset = self.image_batches().dataset  # Indexed(first view): (epoch, i) -> (view, target, i)
-        return torch.stack([dataset[(epoch, i)][0] for i in range(n) for epoch in (0, 1)])
+        return self.one_view_preview(n)
 
     def state(self) -> dict[str, Any]:
-        return {"tokenizer": self.tokenizer.json}
+        return self.captions_state()
 
     def misfit(self, saved: dict[str, Any]) -> str | None:
-        return tokenizer_misfit(saved, self.tokenizer)
+        return self.captions_misfit(saved)
 
     def write(self, run_dir: Path) -> None:
-        self.tokenizer.save(run_dir)
+        self.write_tokenizer(run_dir)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ from PIL import Image
 from moco_engine.config.schema import DataConfig
 from moco_engine.data.errors import DataError
 from moco_engine.data.images.sets import IMAGE_EXTENSIONS, ImageSet, decode, first_readable
-from moco_engine.data.shards.wids_cache import OpenShards, open_shard
+from moco_engine.data.pairs.read import caption_lines
+from moco_engine.data.shards.wids_cache import OpenShards, fetch, open_shard
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "moco-shard/1"
@@ -67,11 +69,12 @@ class ShardImages(ImageSet):
         targets, classes: the items' class indices and the class names (empty: unlabelled).
         on_bad: ``fail`` or ``skip`` (``data.on_bad_image``).
         max_bad: the share of the items read past which skipped ones stop the run.
+        captions: each item's captions (its sample's ``.txt``), or None: the shards have none.
     """
 
     def __init__(self, shards: list[dict[str, Any]], targets: list[int], classes: list[str], on_bad: str = "fail",
-                 max_bad: float = 0.01):
-        self.shards, self.targets, self.classes = shards, targets, classes
+                 max_bad: float = 0.01, captions: list[tuple[str, ...]] | None = None):
+        self.shards, self.targets, self.classes, self.captions = shards, targets, classes, captions
         self.on_bad, self.max_bad = on_bad, max_bad
         self.reads = 0
         self.bad: set[int] = set()
@@ -151,7 +154,13 @@ def manifest_split(root: Path, manifest: dict[str, Any], split: str, cfg: DataCo
                "filesize": s["filesize"], "sha256": s["sha256"]} for s in entry["shards"]]
     check_local(shards, str(root / MANIFEST))
     targets = np.load(root / split / "targets.npy").tolist()
-    return ShardImages(shards, targets, list(manifest["classes"]), cfg.on_bad_image, cfg.max_bad_images)
+    captions = None
+    if manifest.get("captions"):
+        captions = shard_captions(shards, str(root / split))
+        if captions is None:
+            raise DataError(f"{root / split}: no sample has a .txt, and {root / MANIFEST} says its shards carry "
+                            "captions: they were rewritten (run moco-shard again)")
+    return ShardImages(shards, targets, list(manifest["classes"]), cfg.on_bad_image, cfg.max_bad_images, captions)
 
 
 def listed_split(path: Path, cfg: DataConfig) -> ShardImages:
@@ -180,4 +189,58 @@ def listed_split(path: Path, cfg: DataConfig) -> ShardImages:
     shards = [{"url": u, "nsamples": c, **({} if "://" in u else {"bytes": Path(u).stat().st_size})}
               for u, c in zip(urls, counts)]
     return ShardImages(shards, targets if labelled else [-1] * len(targets), classes, cfg.on_bad_image,
-                       cfg.max_bad_images)
+                       cfg.max_bad_images, shard_captions(shards, str(path)))
+
+
+# ============================================================================ captions
+def sample_key(name: str) -> tuple[str, str] | None:
+    """(sample key, extension) of a tar member as WebDataset groups members into samples: the
+    key is the path up to the first dot of the base name (``a/000001.seg.png``: ``a/000001``,
+    ``.seg.png``); None for a name without one."""
+    folder, slash, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (folder + slash + stem, dot + ext) if dot else None
+
+
+def sample_texts(path: str) -> list[tuple[str, bytes | None]]:
+    """(key, its ``.txt`` bytes or None) of each sample of a local shard, in order: the tar's
+    headers and its ``.txt`` members are read, the other members skipped over."""
+    samples: list[list[Any]] = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            found = sample_key(member.name) if member.isfile() else None
+            if found is None:
+                continue
+            if not samples or samples[-1][0] != found[0]:  # consecutive members of one key: one sample
+                samples.append([found[0], None])
+            if found[1] == ".txt":
+                samples[-1][1] = tar.extractfile(member).read()
+    return [(key, data) for key, data in samples]
+
+
+def shard_captions(shards: list[dict[str, Any]], where: str) -> list[tuple[str, ...]] | None:
+    """Each item's captions, from its sample's ``.txt`` (one caption a line), or None when no
+    sample has a ``.txt``.
+
+    Raises:
+        DataError: some samples have a ``.txt`` and some have none (both named); an empty or
+            undecodable one; a shard whose samples wids counts otherwise (named).
+    """
+    captions: list[tuple[str, ...] | None] = []
+    having: dict[bool, str] = {}  # with a .txt or without: the first such sample
+    for shard in shards:
+        url = shard["url"]
+        label = shard.get("label", url)
+        try:
+            samples = sample_texts(fetch(url) if "://" in url else url)
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"{where}: shard {label} cannot be read as a tar of samples ({e})") from None
+        if len(samples) != shard["nsamples"]:
+            raise DataError(f"{where}: shard {label} holds {len(samples)} samples by their keys, not {shard['nsamples']}")
+        for key, data in samples:
+            having.setdefault(data is not None, f"sample {key} of shard {label}")
+            if len(having) == 2:
+                raise DataError(f"{where}: {having[True]} has a .txt of captions and {having[False]} has none: "
+                                "the samples have captions all or none")
+            captions.append(None if data is None else caption_lines(data, f"{where}: sample {key} of shard {label}"))
+    return captions if having.get(True) else None
