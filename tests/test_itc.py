@@ -368,7 +368,7 @@ def test_itc_refuses_a_memory_bank_and_the_momentum_batch_in_one_line(kind):
     with pytest.raises(ConfigError) as e:
         load_config([], ["method=itc", "data.name=pairs", f"negatives.kind={kind}"])
     assert one_line(e).startswith(f"config key 'negatives.kind' = '{kind}': method=itc ")
-    assert "takes negatives.kind=queue (two queues) or in_batch (CLIP's)" in str(e.value)
+    assert "takes negatives.kind=queue (two queues) or in_batch (CLIP's loss)" in str(e.value)
 
 
 def test_distillation_without_the_queues_momentum_towers_is_refused_in_one_line(tmp_path, pairs_root):
