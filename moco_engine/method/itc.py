@@ -171,9 +171,11 @@ def build_two_towers(cfg: Config, input_shape: Any) -> TwoTowers:
     if cfg.loss.distill_alpha > 0 and cfg.negatives.kind != "queue":
         raise ConfigError(f"config key 'loss.distill_alpha' = {cfg.loss.distill_alpha}: momentum distillation needs "
                           f"the momentum towers of negatives.kind=queue, not {cfg.negatives.kind}")
-    image = build_encoder(cfg.model, input_shape["image"])
+    # Plain BatchNorm in the image tower: the method ignores model.bn_splits (split-BN is MoCo's
+    # stand-in for shuffle-BN's per-GPU statistics; no key batch is shuffled here).
+    image = build_encoder(type(cfg.model)(**{**vars(cfg.model), "bn_splits": 1}), input_shape["image"])
     text_cfg = cfg.text_model
-    text_cfg = type(text_cfg)(**{**vars(text_cfg), "dim": cfg.model.dim, "normalize": True})
+    text_cfg = type(text_cfg)(**{**vars(text_cfg), "dim": cfg.model.dim, "normalize": True, "bn_splits": 1})
     text = build_encoder(text_cfg, input_shape["text"])
     return TwoTowers(image, text, cfg.loss.temperature, cfg.loss.learn_temperature,
                      (cfg.model.locked, cfg.text_model.locked))
