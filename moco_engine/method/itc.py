@@ -195,7 +195,10 @@ REFUSED = "scores each image against captions: method=itc takes negatives.kind=q
 
 
 @register_method("itc", encoder=build_two_towers, source=build_itc_negatives, pairs=True,
-                 ignores=("loss.name", "loss.symmetric", "queue.mask_same_instance", "model.bn_splits"),
+                 # text_model's: D, unit outputs and the EMA are model's; only model.init_from is read.
+                 ignores=("loss.name", "loss.symmetric", "queue.mask_same_instance", "model.bn_splits",
+                          "text_model.dim", "text_model.normalize", "text_model.momentum",
+                          "text_model.momentum_schedule", "text_model.bn_splits", "text_model.init_from"),
                  refuses={"memory_bank": REFUSED, "momentum_batch": REFUSED})
 def itc_step(parts: StepParts, images: Tensor, captions: dict[str, Tensor], indices: Tensor, lr: float,
              momentum: float) -> dict[str, Tensor] | Skipped:
