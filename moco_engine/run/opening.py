@@ -126,7 +126,9 @@ def open_tracking(cfg: Config, run_dir: Path, wandb_run_id: str | None, loaders:
         pairs = loaders.preview(cfg.track.preview, cfg.train.seed)
         tracker.log_image("augmentations", folder.save_preview(pairs, run_dir), 0)
     if not monitor and (cfg.eval.at_start or cfg.eval.knn_every) and dist.is_main():
-        what = (f"retrieval monitor off: no qrels/{cfg.eval.retrieval_split}.tsv" if loaders.monitor == "retrieval"
-                else f"kNN monitor off: data.name={cfg.data.name} gives no labelled test split")
+        what = {"retrieval": f"retrieval monitor off: no qrels/{cfg.eval.retrieval_split}.tsv",
+                "pairs": f"image-text monitor off: data.name={cfg.data.name} has no split "
+                         f"'{cfg.eval.retrieval_split}' to rank (eval.retrieval_split)"}.get(
+            loaders.monitor, f"kNN monitor off: data.name={cfg.data.name} gives no labelled test split")
         print(what, flush=True)
     return tracker, wandb_run_id
