@@ -4,6 +4,7 @@ methods ignore; LiT (a locked image backbone, started from a MoCo run of this en
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -173,14 +174,23 @@ def test_itc_without_captions_through_moco_train_exits_2_in_one_line(tmp_path):
     assert folder_state(out) == {out.relative_to(out) / "notes.txt": b"kept"}
 
 
+@contextlib.contextmanager
+def shell_without_wandb(**variables):
+    """conftest.py's hermetic environment, for a module's fixture (set up before that autouse one):
+    no WANDB_* variable of the shell's, and ``variables`` set."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [n for n in os.environ if n.startswith("WANDB_")]:
+            mp.delenv(name)
+        for name, value in variables.items():
+            mp.setenv(name, value)
+        yield
+
+
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory, root):
     """One epoch of ALBEF's ITC, logged to an offline W&B run (whatever WANDB_* the shell has)."""
     out = tmp_path_factory.mktemp("tracked") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        for name in [n for n in os.environ if n.startswith("WANDB_")]:
-            mp.delenv(name)
-        mp.setenv("WANDB_SILENT", "true")
+    with shell_without_wandb(WANDB_SILENT="true"):
         final = Trainer(itc_cfg(out, root, *QUEUE, "train.epochs=1", "train.log_every=1",
                                 "track.wandb.mode=offline")).fit()
     return out, final
@@ -255,8 +265,9 @@ def test_the_settings_a_method_ignores_draw_one_line_naming_them(overrides, line
 def moco_run(tmp_path_factory, root):
     """A method=moco run of this engine on the same pairs' training images (one epoch of 2 steps)."""
     out = tmp_path_factory.mktemp("moco") / "run"
-    Trainer(load_config([], [*PAIRS_TINY, f"data.root={root}", "data.text.vocab_size=64", "data.image_size=16",
-                             "optim.batch_size=8", "train.epochs=1", f"train.out_dir={out}"])).fit()
+    with shell_without_wandb():
+        Trainer(load_config([], [*PAIRS_TINY, f"data.root={root}", "data.text.vocab_size=64", "data.image_size=16",
+                                 "optim.batch_size=8", "train.epochs=1", f"train.out_dir={out}"])).fit()
     return out
 
 
@@ -314,3 +325,15 @@ def test_init_from_takes_a_run_folder_or_its_checkpoints_folder_and_refuses_an_e
     image = {k.removeprefix("image.backbone."): v for k, v in latest_checkpoint(tracked_run[0])[1]["encoder_q"].items()
              if k.startswith("image.backbone.")}
     assert image and all(torch.equal(backbone.state_dict()[k], v) for k, v in image.items())
+
+
+def test_an_itc_run_without_its_monitors_split_says_which_monitor_is_off(tmp_path, root, capsys):
+    from types import SimpleNamespace
+
+    from moco_engine.run.opening import open_tracking
+
+    cfg = itc_cfg(tmp_path, root, "eval.retrieval_split=dev", "eval.knn_every=1")
+    tracker, _ = open_tracking(cfg, tmp_path, None, SimpleNamespace(monitor="pairs", images=True), 0, monitor=False)
+    tracker.close()
+    assert capsys.readouterr().out == ("image-text monitor off: data.name=pairs has no split 'dev' to rank "
+                                       "(eval.retrieval_split)\n")  # not the kNN monitor's line
