@@ -133,8 +133,8 @@ def test_settings_go_to_wandb_in_one_form_the_dotted_keys_a_sweep_uses():
     assert not [k for k, v in flat.items() if isinstance(v, dict)]  # no nested copy beside the dotted keys
 
 
-def offline_summary(run_dir: Path) -> dict:
-    """The summary of the offline W&B run under ``run_dir``, as its ``.wandb`` file holds it: the
+def offline_records(run_dir: Path) -> list:
+    """The records of the offline W&B run under ``run_dir``, as its ``.wandb`` file holds them: the
     file's LevelDB-log framing (W&B's format: 32 KiB blocks of checksum, length, type records)
     undone here, each record parsed by the wandb client's own protobuf ``Record``."""
     from wandb.proto import wandb_internal_pb2
@@ -153,14 +153,29 @@ def offline_summary(run_dir: Path) -> dict:
         pending = chunk if kind in (1, 2) else pending + chunk  # full, first; middle, last
         if kind in (1, 4):
             chunks.append(pending)
-    summary = {}
+    records = []
     for chunk in chunks:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(chunk)
+        records.append(record)
+    return records
+
+
+def offline_summary(run_dir: Path) -> dict:
+    """The summary of the offline W&B run under ``run_dir`` (:func:`offline_records`)."""
+    summary = {}
+    for record in offline_records(run_dir):
         if record.WhichOneof("record_type") == "summary":
             for item in record.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return summary
+
+
+def offline_history(run_dir: Path) -> list[dict]:
+    """The rows the offline W&B run under ``run_dir`` logged (:func:`offline_records`), each
+    ``{key: value}`` with its ``_step``."""
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            for record in offline_records(run_dir) if record.WhichOneof("record_type") == "history"]
 
 
 @pytest.mark.slow  # four offline W&B runs

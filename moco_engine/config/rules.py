@@ -189,6 +189,30 @@ def method_ignores(entry: Any) -> tuple[str, ...]:
             *entry.ignores, *two_towers)
 
 
+#: The settings that are open dicts (a registered part's options the schema lacks), each with the
+#: setting whose registry entry declares their defaults ("": none declared).
+OPEN_DICTS = {"model.params": "model.arch", "text_model.params": "text_model.arch", "loss.params": "loss.name",
+              "data.params": "data.name", "model.timm_kwargs": "", "text_model.timm_kwargs": ""}
+
+
+def changed_settings(cfg: Config) -> dict[str, Any]:
+    """The settings of ``cfg`` that differ from the defaults, as {dotted key: value}; an open dict's
+    entries (:data:`OPEN_DICTS`: ``text_model.params.layers``) one by one, each against the default
+    its registry entry declares (``validate`` fills those in)."""
+    defaults = Config()
+    changed = {k: setting(cfg, k) for k in valid_keys() if setting(cfg, k) != setting(defaults, k)}
+    for group, named_by in OPEN_DICTS.items():
+        declared: dict[str, Any] = {}
+        if named_by:
+            entries = registry("model.arch" if named_by.endswith(".arch") else named_by)
+            name = setting(cfg, named_by)
+            declared = params_of(entries[name]) if name in entries else {}
+        for name, value in setting(cfg, group).items():
+            if name not in declared or declared[name] != value:
+                changed[f"{group}.{name}"] = value
+    return changed
+
+
 def ignored_by_choice(cfg: Config) -> dict[str, list[str]]:
     """Settings changed from their defaults that the chosen parts ignore, as ``key=value``, by
     the choice that ignores them (``"negatives.kind=in_batch": ["queue.size=4096"]``).
@@ -198,15 +222,15 @@ def ignored_by_choice(cfg: Config) -> dict[str, list[str]]:
     registry read and the chosen one does not (their ``reads``). A warning, not an error: a
     sweep may share settings across choices.
     """
-    defaults = Config()
-    changed = [k for k in valid_keys() if setting(cfg, k) != setting(defaults, k)]
+    values = changed_settings(cfg)
+    changed = list(values)
     out: dict[str, list[str]] = {}
 
     def ignore(choice: str, keys: list[str]) -> None:
         seen = {k.split("=")[0] for found in out.values() for k in found}
         keys = [k for k in keys if k not in seen]
         if keys:
-            out.setdefault(choice, []).extend(f"{k}={setting(cfg, k)}" for k in keys)
+            out.setdefault(choice, []).extend(f"{k}={values[k]}" for k in keys)
 
     chosen = chosen_entries(cfg)
     by_method = method_ignores(chosen["method"])

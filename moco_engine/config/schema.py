@@ -239,7 +239,7 @@ class Config:
     method: str = "moco"  # moco (a contrastive loss over negatives) | moco_v3 (a predictor; the batch's momentum keys) | byol (a predictor, no negatives) | itc (image-text contrast: two towers on data.name=pairs)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    # method=itc: the text tower (arch, head, params, init_from, locked); D and the EMA are model.dim and model.momentum
+    # method=itc: the text tower (arch, head, params, locked; params.pretrained starts it from a model folder); D and the EMA are model.dim and model.momentum
     text_model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="bert", head="linear_no_bias"))
     loss: LossConfig = field(default_factory=LossConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)

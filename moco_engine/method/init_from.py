@@ -4,7 +4,9 @@ the layouts pretrained weights come in. Nothing is ever downloaded.
 Accepted files: a ``.pth``/``.pt``/``.pth.tar`` of tensors (read with ``weights_only``) or a
 ``.safetensors`` file, holding the state dict itself or under ``state_dict`` / ``model`` (moco,
 moco-v3, timm, torchvision and this engine's exports all fit) or ``encoder_q`` (this engine's
-checkpoints). Keys are matched after removing the prefix of a MoCo checkpoint (``module.encoder_q.``, ``module.base_encoder.``) or of a wrapper
+checkpoints; a run folder is resolved to its newest verified checkpoint by the run layer,
+``run/opening.py``, which hands the loaded file in). Keys are matched after removing the prefix of a MoCo checkpoint (``module.encoder_q.``, ``module.base_encoder.``),
+of image–text contrast's image tower (``image.backbone.``) or of a wrapper
 (``module.``, ``backbone.``); a MoCo checkpoint's key encoder, predictor and queue are left out,
 and so is a classifier the backbone lacks (``fc``, ``head``, ``classifier``). Every tensor of the
 backbone must be found with its shape; anything else is one line naming the key.
@@ -23,18 +25,21 @@ from moco_engine.config.schema import ConfigError
 
 # Prefixes of the backbone inside the checkpoints users bring, most specific first: MoCo v1/v2's
 # encoder_q (facebookresearch/moco), MoCo v3's base_encoder (facebookresearch/moco-v3), DDP's,
-# and this engine's Encoder (a checkpoint's encoder_q section).
-PREFIXES = ("module.encoder_q.", "module.base_encoder.", "module.", "backbone.")
+# method=itc's image tower (its two towers' encoder_q section), and this engine's Encoder (a
+# checkpoint's encoder_q section).
+PREFIXES = ("module.encoder_q.", "module.base_encoder.", "module.", "image.backbone.", "backbone.")
 CLASSIFIERS = ("fc.", "head.", "classifier.")
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of ``path`` (unwrapped from ``state_dict`` / ``model`` / ``encoder_q``)."""
-    if path.suffix == ".safetensors":
+def read_state_dict(path: Path, loaded: Any = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` (unwrapped from ``state_dict`` / ``model`` / ``encoder_q``);
+    ``loaded``: its contents, when the caller has read it already."""
+    if loaded is None and path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
+    if loaded is None:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model", "encoder_q"):  # encoder_q: a checkpoint of this engine
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
@@ -55,8 +60,9 @@ def backbone_tensors(found: dict[str, torch.Tensor], wanted: set[str]) -> dict[s
     return {}
 
 
-def init_backbone(backbone: nn.Module, path_text: str) -> str:
-    """Load the weights of ``path_text`` into ``backbone`` (strictly, classifiers aside).
+def init_backbone(backbone: nn.Module, path_text: str, loaded: dict[str, Any] | None = None) -> str:
+    """Load the weights of ``path_text`` into ``backbone`` (strictly, classifiers aside);
+    ``loaded``: the file's contents when the caller has read them (a run folder's checkpoint).
 
     Returns:
         one line saying what was loaded, for the console.
@@ -66,10 +72,10 @@ def init_backbone(backbone: nn.Module, path_text: str) -> str:
             file or of another shape.
     """
     path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"config key 'model.init_from' = '{path_text}': no such file")
+    if loaded is None and not path.is_file():
+        raise ConfigError(f"config key 'model.init_from' = '{path_text}': no such file or run folder")
     try:
-        found = read_state_dict(path)
+        found = read_state_dict(path, loaded)
     except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:  # not torch's, truncated, pickled code
         raise ConfigError(f"config key 'model.init_from' = '{path_text}': "
                           f"cannot read it ({str(e).splitlines()[0][:200]})") from None

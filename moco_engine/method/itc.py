@@ -171,11 +171,11 @@ def build_two_towers(cfg: Config, input_shape: Any) -> TwoTowers:
     if cfg.loss.distill_alpha > 0 and cfg.negatives.kind != "queue":
         raise ConfigError(f"config key 'loss.distill_alpha' = {cfg.loss.distill_alpha}: momentum distillation needs "
                           f"the momentum towers of negatives.kind=queue, not {cfg.negatives.kind}")
-    # Plain BatchNorm over each rank's batch (or SyncBN): model.bn_splits is ignored (the entry says
-    # so), as the step has no shuffle-BN for split-BN's slices to serve.
+    # Plain BatchNorm in the image tower: the method ignores model.bn_splits (split-BN is MoCo's
+    # stand-in for shuffle-BN's per-GPU statistics; no key batch is shuffled here).
     image = build_encoder(type(cfg.model)(**{**vars(cfg.model), "bn_splits": 1}), input_shape["image"])
     text_cfg = cfg.text_model
-    text_cfg = type(text_cfg)(**{**vars(text_cfg), "dim": cfg.model.dim, "normalize": True})
+    text_cfg = type(text_cfg)(**{**vars(text_cfg), "dim": cfg.model.dim, "normalize": True, "bn_splits": 1})
     text = build_encoder(text_cfg, input_shape["text"])
     return TwoTowers(image, text, cfg.loss.temperature, cfg.loss.learn_temperature,
                      (cfg.model.locked, cfg.text_model.locked))
@@ -195,7 +195,10 @@ REFUSED = "scores images against captions: it takes negatives.kind=queue (two qu
 
 
 @register_method("itc", encoder=build_two_towers, source=build_itc_negatives, pairs=True,
-                 ignores=("loss.name", "loss.symmetric", "queue.mask_same_instance", "model.bn_splits"),
+                 # text_model's: D, unit outputs and the EMA are model's; only model.init_from is read.
+                 ignores=("loss.name", "loss.symmetric", "queue.mask_same_instance", "model.bn_splits",
+                          "text_model.dim", "text_model.normalize", "text_model.momentum",
+                          "text_model.momentum_schedule", "text_model.bn_splits", "text_model.init_from"),
                  refuses={"memory_bank": REFUSED, "momentum_batch": REFUSED})
 def itc_step(parts: StepParts, images: Tensor, captions: dict[str, Tensor], indices: Tensor, lr: float,
              momentum: float) -> dict[str, Tensor] | Skipped:

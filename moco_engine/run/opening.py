@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from moco_engine.config.schema import Config
+from moco_engine.config.schema import Config, ConfigError
 from moco_engine.data.loaders import Loaders, build_loaders
 from moco_engine.data.sources import SavedStateMisfit
 from moco_engine.method.init_from import init_backbone
@@ -80,12 +80,35 @@ def say_resumed(path: Path, progress: Progress) -> None:
         print(f"resumed from {path} at epoch {progress.epoch}, step {progress.step}", flush=True)
 
 
+def init_weights(init_from: str) -> tuple[str, dict[str, Any] | None]:
+    """``model.init_from`` as the file to read and, for a run folder of this engine (or its
+    ``checkpoints`` folder), that file's contents: the folder's newest verified checkpoint, read
+    here (the method layer knows no run folders). A weights file is returned as named, unread.
+
+    Raises:
+        ConfigError: a folder without checkpoints, or none of them usable (each named).
+    """
+    path = Path(init_from).expanduser()
+    if not path.is_dir():
+        return init_from, None
+    run = path.parent if path.name == ckpt.CHECKPOINT_DIR and not (path / ckpt.CHECKPOINT_DIR).is_dir() else path
+    try:
+        found = ckpt.latest_checkpoint(run)
+    except ckpt.CheckpointError as e:
+        raise ConfigError(f"config key 'model.init_from' = '{init_from}': {e}") from None
+    if found is None:
+        raise ConfigError(f"config key 'model.init_from' = '{init_from}': a folder without checkpoints "
+                          f"(a weights file, or a run folder: its newest checkpoint in {run / ckpt.CHECKPOINT_DIR})")
+    return str(found[0]), found[1]
+
+
 def start_fresh(cfg: Config, parts: StepParts, encode: Callable[[], torch.Tensor]) -> None:
-    """A fresh run's start: f_q's backbone from ``model.init_from`` (every rank reads the file;
-    f_k's the same), then the negative source's (the memory bank's ``init=encode`` calls
-    ``encode``, every training item's embedding)."""
+    """A fresh run's start: f_q's backbone from ``model.init_from`` (a weights file, or a run
+    folder's newest checkpoint: :func:`init_weights`; every rank reads it; f_k's the same), then
+    the negative source's (the memory bank's ``init=encode`` calls ``encode``, every training
+    item's embedding)."""
     if cfg.model.init_from:  # a fresh run only: a resumed one holds its own weights
-        line = init_backbone(parts.encoder_q.backbone, cfg.model.init_from)
+        line = init_backbone(parts.encoder_q.backbone, *init_weights(cfg.model.init_from))
         if parts.encoder_k is not None:  # f_k starts as a copy of f_q, as without the file
             parts.encoder_k.encoder.backbone.load_state_dict(parts.encoder_q.backbone.state_dict())
         if dist.is_main():
@@ -103,7 +126,9 @@ def open_tracking(cfg: Config, run_dir: Path, wandb_run_id: str | None, loaders:
         pairs = loaders.preview(cfg.track.preview, cfg.train.seed)
         tracker.log_image("augmentations", folder.save_preview(pairs, run_dir), 0)
     if not monitor and (cfg.eval.at_start or cfg.eval.knn_every) and dist.is_main():
-        what = (f"retrieval monitor off: no qrels/{cfg.eval.retrieval_split}.tsv" if loaders.monitor == "retrieval"
-                else f"kNN monitor off: data.name={cfg.data.name} gives no labelled test split")
+        what = {"retrieval": f"retrieval monitor off: no qrels/{cfg.eval.retrieval_split}.tsv",
+                "pairs": f"image-text monitor off: data.name={cfg.data.name} has no split "
+                         f"'{cfg.eval.retrieval_split}' to rank (eval.retrieval_split)"}.get(
+            loaders.monitor, f"kNN monitor off: data.name={cfg.data.name} gives no labelled test split")
         print(what, flush=True)
     return tracker, wandb_run_id
