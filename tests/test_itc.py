@@ -257,6 +257,36 @@ def test_the_queue_step_is_albefs_itc_with_multi_positive_targets_distillation_a
 
 
 # --------------------------------------------------------------------------------------- the clamp
+def test_an_empty_queue_start_scores_only_written_slots(tmp_path, pairs_root):
+    """queue.start=empty: the first step's logits are the batch's momentum features alone (the
+    loss of a queue of K=0), the second step's the batch and the 4 slots written by the first,
+    each by hand from the same towers; the random start (ALBEF's) scores all K slots."""
+    losses = {}
+    for start in ("empty", "random"):
+        trainer = itc_trainer(pairs_root, tmp_path / start, "negatives.kind=queue", "queue.size=10", "model.norm=group",
+                              f"queue.start={start}")
+        parts, queues = trainer.parts, trainer.negatives
+        batches = iter(trainer.loaders.train)
+        for step in range(2):
+            (images, captions), _, ids = next(batches)
+            towers, momentum = copy.deepcopy(parts.encoder_q), copy.deepcopy(parts.encoder_k)
+            keys_image, keys_text, keys_ids = (t.clone() for t in queues.entries())
+            out = itc_step(parts, images, captions, ids, LR, MOMENTUM)
+            with torch.no_grad():
+                image, text = towers(images, captions)
+                image_m, text_m = momentum(images, captions)
+                kept = slice(0, 4 * step) if start == "empty" else slice(None)  # the slots written so far
+                all_image = torch.cat([image_m, keys_image[kept]])
+                all_text = torch.cat([text_m, keys_text[kept]])
+                targets = (ids[:, None] == torch.cat([ids, keys_ids[kept]])[None, :]).float()
+                targets = targets / targets.sum(1, keepdim=True)
+                i2t = -(F.log_softmax(image @ all_text.T / 0.1, 1) * targets).sum(1).mean()
+                t2i = -(F.log_softmax(text @ all_image.T / 0.1, 1) * targets).sum(1).mean()
+            assert close(out["loss"], (i2t + t2i) / 2), (start, step)
+            losses[start, step] = float(out["loss"])
+    assert losses["empty", 0] < losses["random", 0]  # 4 columns against 14: the random slots count
+
+
 @pytest.fixture(scope="module")
 def clip_trainer(tmp_path_factory, pairs_root):
     """CLIP's loss (in-batch negatives) with a learned T from 0.07; its tests start from its state as they find it."""

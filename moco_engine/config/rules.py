@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.bn_split_form": ("auto", "per_slice", "one_pass", "strided", "grouped"),
     "queue.mask_same_instance": ("auto", "true", "false"),
     "queue.dtype": ("float32", "bfloat16", "float16"),
+    "queue.start": ("random", "empty"),
     "memory_bank.init": ("random", "encode"),
     "memory_bank.positive": ("bank", "key"),
     "memory_bank.update": ("refresh", "momentum", "both"),
@@ -182,7 +183,8 @@ def method_ignores(entry: Any) -> tuple[str, ...]:
     """The settings a method's entry ignores: its ``ignores``, and without negatives
     ``negatives.kind`` and every setting a kind of negatives reads."""
     # Only a method on pairs reads the second tower and image-text contrast's settings.
-    two_towers = () if entry.pairs else ("text_model", "model.locked", "loss.learn_temperature", "loss.distill_alpha")
+    two_towers = () if entry.pairs else ("text_model", "model.locked", "loss.learn_temperature", "loss.distill_alpha",
+                                         "queue.start")
     if entry.negatives:
         return (*entry.ignores, *two_towers)
     return ("negatives", *(r for kind in registry("negatives.kind").entries.values() for r in reads(kind)),

@@ -131,6 +131,7 @@ class QueueConfig:
     size: int = 1024  # K, the number of negatives (the queue's length; the bank's samples per step)
     mask_same_instance: str = "auto"  # drop a query's own older key from its negatives: auto (when K >= half an epoch's items) | true | false
     dtype: str = "float32"  # float32 | bfloat16 | float16 storage (logits are always float32)
+    start: str = "random"  # itc: the queues start as random unit vectors (ALBEF's) | empty (a slot scores once written)
 
 
 @dataclass

@@ -115,8 +115,9 @@ class TwoTowers(nn.Module):
 class ItcQueues(NegativeSource):
     """ALBEF's three queues, each any K: the momentum image features, the momentum text
     features, and the image id of every entry (``index`` of either queue; -1 at the start, as
-    ALBEF's -100: no item's id). They start as random unit vectors, as ALBEF's do, and are
-    identical on every rank (filled from the gathered batch).
+    ALBEF's -100: no item's id). They start as random unit vectors, as ALBEF's do, or empty
+    (``queue.start=empty``: a slot is scored once written), and are identical on every rank
+    (filled from the gathered batch).
 
     Buffers (persistent): ``image.*`` and ``text.*`` (:class:`~moco_engine.method.negatives.Queue`'s),
     ``steps`` () int64: the steps taken, the distillation's ramp (a skipped step counts: its
@@ -124,13 +125,16 @@ class ItcQueues(NegativeSource):
 
     Attributes:
         alpha: the momentum distillation's weight once ramped in (``loss.distill_alpha``; 0: off).
+        empty_start: unwritten slots score no logit. From scratch the random start is a trap: every
+            real feature beats a random vector, so the towers gain by giving all inputs the one
+            direction the others share, and collapse (BENCHMARKS.md, "ITC from scratch").
     """
 
     stored = True
 
-    def __init__(self, size: int, dim: int, dtype: str = "float32", alpha: float = 0.0):
+    def __init__(self, size: int, dim: int, dtype: str = "float32", alpha: float = 0.0, empty_start: bool = False):
         super().__init__()
-        self.alpha = alpha
+        self.alpha, self.empty_start = alpha, empty_start
         self.image = Queue(size, dim, False, dtype)
         self.text = Queue(size, dim, False, dtype)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
@@ -139,6 +143,13 @@ class ItcQueues(NegativeSource):
         """The queues as they are: image (K, D), text (K, D), ids (K,) (never changed later: the
         queues write out of place)."""
         return self.image.keys, self.text.keys, self.image.index
+
+    def unscored(self, batch: int) -> Tensor | None:
+        """(B + K,) bool: the columns of [batch; queue] that score no logit (the unwritten slots
+        with ``empty_start``), or None."""
+        if not self.empty_start:
+            return None
+        return torch.cat([torch.zeros(batch, dtype=torch.bool, device=self.image.index.device), self.image.index < 0])
 
     @torch.no_grad()
     def enqueue(self, image: Tensor, text: Tensor, ids: Tensor) -> None:
@@ -188,7 +199,7 @@ def build_itc_negatives(cfg: Config, num_items: int) -> NegativeSource:
         return InBatch()
     if cfg.queue.dtype not in STORAGE_DTYPES:
         raise ConfigError(f"config key 'queue.dtype' = {cfg.queue.dtype!r}: must be one of {', '.join(STORAGE_DTYPES)}")
-    return ItcQueues(cfg.queue.size, cfg.model.dim, cfg.queue.dtype, cfg.loss.distill_alpha)
+    return ItcQueues(cfg.queue.size, cfg.model.dim, cfg.queue.dtype, cfg.loss.distill_alpha, cfg.queue.start == "empty")
 
 
 REFUSED = "scores images against captions: it takes negatives.kind=queue (two queues) or in_batch (CLIP's loss)"
@@ -230,17 +241,23 @@ def itc_step(parts: StepParts, images: Tensor, captions: dict[str, Tensor], indi
         all_image = torch.cat([image_m.float(), queue_image.float()])  # (B + K, D)
         all_text = torch.cat([text_m.float(), queue_text.float()])
         ids = torch.cat([indices, queue_ids])  # (B + K,)
+        unscored = queues.unscored(len(indices))
     else:
+        unscored = None
         all_image, all_text = dist.all_gather_with_grad(image), dist.all_gather_with_grad(text)  # (G, D)
         ids = dist.all_gather_cat(indices, same_size=True)  # equal batches on every rank (EpochSampler)
     targets = multi_positive_targets(indices, ids)  # (B, C)
     targets_i2t = targets_t2i = targets
+
+    def scored(sim: Tensor) -> Tensor:  # an unwritten slot's logit is -inf (queue.start=empty)
+        return sim if unscored is None else sim.masked_fill(unscored, float("-inf"))
+
     if alpha is not None:
         with torch.no_grad():
-            targets_i2t = distilled_targets(image_m.float() @ all_text.T / temp, targets, alpha)
-            targets_t2i = distilled_targets(text_m.float() @ all_image.T / temp, targets, alpha)
-    sim_i2t = image @ all_text.T / temp  # (B, C)
-    sim_t2i = text @ all_image.T / temp
+            targets_i2t = distilled_targets(scored(image_m.float() @ all_text.T / temp), targets, alpha)
+            targets_t2i = distilled_targets(scored(text_m.float() @ all_image.T / temp), targets, alpha)
+    sim_i2t = scored(image @ all_text.T / temp)  # (B, C)
+    sim_t2i = scored(text @ all_image.T / temp)
     loss_i2t = soft_cross_entropy(sim_i2t, targets_i2t)
     loss_t2i = soft_cross_entropy(sim_t2i, targets_t2i)
     loss = (loss_i2t + loss_t2i) / 2

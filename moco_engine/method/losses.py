@@ -300,8 +300,10 @@ def distilled_targets(momentum_logits: Tensor, targets: Tensor, alpha: float) ->
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """``−Σ_j targets_ij · log softmax(logits)_ij``, the batch's mean: () (ALBEF's ITC loss of one
-    direction; with one-hot targets, the cross-entropy of CLIP's loss)."""
-    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(1).mean()
+    direction; with one-hot targets, the cross-entropy of CLIP's loss). A column whose logit is
+    −inf (not scored) must have target 0; it adds nothing (not 0·−inf)."""
+    terms = F.log_softmax(logits.float(), dim=1) * targets
+    return -torch.where(targets > 0, terms, 0.0).sum(1).mean()
 
 
 def distill_ramp(alpha: float, step: Tensor, steps_per_epoch: int) -> Tensor:
