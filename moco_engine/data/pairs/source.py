@@ -41,6 +41,7 @@ from moco_engine.data.pairs.read import Pair, PairsData, read_pairs
 from moco_engine.data.sampling import EpochSampler, Indexed, make_loader
 from moco_engine.data.sources import register_data_source
 from moco_engine.data.text.source import tokenizer_misfit
+from moco_engine.data.text.tokenizer import TextTokenizer
 from moco_engine.runtime.distributed import is_main
 
 
@@ -117,6 +118,17 @@ def pair_splits(cfg: DataConfig) -> tuple[PairsData, Splits]:
     return data, Splits(train, test)
 
 
+def ranked_split(data: PairsData, split: str, tokenizer: TextTokenizer, cfg: DataConfig) -> tuple[PairImages, CaptionTokens]:
+    """Split ``split``'s images of ``data`` and all their captions, tokenised by ``tokenizer`` and
+    cut at ``data.text.max_length``: what ranking encodes (the monitor, ``moco-eval pairs``).
+
+    Raises:
+        DataError: the split has no items (the data's splits listed).
+    """
+    images = PairImages(data.split(split), cfg.on_bad_image)
+    return images, CaptionTokens.encode(tokenizer, images.captions, cfg.text.max_length)
+
+
 @register_data_source("pairs", reads=(*IMAGE_SETTINGS, "data.root", "data.test_root", "data.train_split",
                                        "data.test_split", "data.pairs", "data.text", "data.on_bad_image"))
 class PairsSource(ImageSource):
@@ -182,9 +194,7 @@ class PairsSource(ImageSource):
         """Split ``split``'s images (plain views, in index order) and all their captions, tokenised
         by the run's tokenizer (read once, then kept)."""
         if split not in self.ranked:
-            images = PairImages(self.data.split(split), self.cfg.data.on_bad_image)
-            self.ranked[split] = images, CaptionTokens.encode(self.tokenizer, images.captions,
-                                                               self.cfg.data.text.max_length)
+            self.ranked[split] = ranked_split(self.data, split, self.tokenizer, self.cfg.data)
         images, captions = self.ranked[split]
         return self.plain_loader(images, batch_size), captions
 
