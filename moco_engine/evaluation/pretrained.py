@@ -12,6 +12,7 @@ from moco_engine.data.sources import DataSource, open_source
 from moco_engine.evaluation.knn import extract_features, knn_monitor
 from moco_engine.evaluation.probe import linear_probe, linear_probe_cached
 from moco_engine.method.encoders import Encoder
+from moco_engine.method.itc import TwoTowers
 from moco_engine.runtime.precision import autocast_dtype, resolve_device
 
 
@@ -24,10 +25,17 @@ def labelled_source(cfg: Config, why: str) -> DataSource:
     return source
 
 
+def image_encoder(encoder: nn.Module) -> Encoder:
+    """What kNN and the probe judge: an image–text run's image tower (``itc.TwoTowers.image``), or
+    the encoder itself."""
+    return encoder.image if isinstance(encoder, TwoTowers) else encoder
+
+
 def evaluate_knn(cfg: Config, encoder: Encoder) -> dict[str, float]:
     """Weighted kNN (``eval.knn_k``, ``eval.knn_t``) of the test split against the train split:
     the monitor training runs (``evaluation.knn_monitor``), at the run's ``train.precision``."""
     device = resolve_device(cfg.train.device)
+    encoder = image_encoder(encoder)
     source = labelled_source(cfg, "kNN needs a labelled test split to classify")
     splits = source.splits
     loader = lambda split: source.plain_loader(split, cfg.eval.batch_size)  # noqa: E731
@@ -41,6 +49,7 @@ def evaluate_knn(cfg: Config, encoder: Encoder) -> dict[str, float]:
 def evaluate_linear(cfg: Config, encoder: Encoder) -> dict[str, Any]:
     """The linear probe of ``linear.*`` on the backbone (its output before the head)."""
     device = resolve_device(cfg.train.device)
+    encoder = image_encoder(encoder)
     dtype = autocast_dtype(cfg.train.precision, device)
     source = labelled_source(cfg, "the linear probe needs a labelled test split")
     splits = source.splits

@@ -190,26 +190,39 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def _eval(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="moco-eval",
-        description="Evaluate a checkpoint's backbone: weighted kNN or MoCo's linear probe. The results go to "
+        description="Evaluate a checkpoint: its backbone's weighted kNN or MoCo's linear probe, a text run's retrieval "
+        "or STS, an image-text run's retrieval both ways or zero-shot classification. The results go to "
         "<checkpoint>.<mode>.json beside the checkpoint (-1, -2, ... when that exists). Example: moco-eval linear runs/cifar10_demo linear.cached=true",
         epilog=config_groups_help(),
     )
     with_version(parser)
-    parser.add_argument("mode", choices=["knn", "linear", "retrieval", "sts"],
+    parser.add_argument("mode", choices=["knn", "linear", "retrieval", "sts", "pairs", "zeroshot"],
                         help="knn, linear: images; retrieval (a BEIR folder or archive as data.root, eval.split=test), "
-                        "sts (STS-B's folder or archive as data.root): text runs")
+                        "sts (STS-B's folder or archive as data.root): text runs; pairs (the run's eval.split pairs "
+                        "ranked both ways), zeroshot (an image folder or archive as data.root, "
+                        "<root>/<data.test_split>/<class>/...): image-text runs (method=itc)")
     parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its latest checkpoint)")
     parser.add_argument("overrides", nargs="*", metavar="FILE.yaml|key=value",
                         help="changes to the checkpoint's saved config: YAML files in order (a probe protocol, "
                         "e.g. configs/linear/moco_v3_vit.yaml), then key=value (data.root, eval.knn_k, linear.epochs, ...)")
+    parser.add_argument("--templates", metavar="FILE", default="",
+                        help="zeroshot: prompt templates, one a line with {} where the class name goes ('#' "
+                        "lines skipped; default: CLIP's 18 CIFAR templates)")
     ns = parser.parse_args(args)
+    from moco_engine.evaluation.image_text import read_templates
+    from moco_engine.evaluation.pairs_eval import evaluate_image_text, image_text_lines
     from moco_engine.evaluation.pretrained import evaluate_knn, evaluate_linear
-    from moco_engine.run.pretrained import open_checkpoint
+    from moco_engine.run.pretrained import open_checkpoint_state
 
+    if ns.templates and ns.mode != "zeroshot":
+        raise UserError(f"--templates is for moco-eval zeroshot, not {ns.mode}")
+    templates = read_templates(ns.templates) if ns.templates else None  # a bad file fails before the checkpoint is read
     files = [a for a in ns.overrides if a.endswith((".yaml", ".yml")) and "=" not in a]
-    cfg, encoder, path = open_checkpoint(ns.checkpoint, [a for a in ns.overrides if a not in files], files)
-    if ns.mode in ("retrieval", "sts"):
-        result = evaluate_text(ns.mode, cfg, encoder, path)
+    cfg, encoder, path, state = open_checkpoint_state(ns.checkpoint, [a for a in ns.overrides if a not in files], files)
+    if ns.mode in ("pairs", "zeroshot"):
+        result = evaluate_image_text(ns.mode, cfg, encoder, state, path, templates)
+    elif ns.mode in ("retrieval", "sts"):
+        result = evaluate_text(ns.mode, cfg, encoder, path, state)
     else:
         result = (evaluate_knn if ns.mode == "knn" else evaluate_linear)(cfg, encoder)
     result = {"checkpoint": str(path), "mode": ns.mode, **result}
@@ -218,21 +231,20 @@ def _eval(args: list[str]) -> int:
     while out.exists():  # an earlier evaluation's results stay; this one gets the next free name
         out, n = path.with_name(f"{path.stem}.{ns.mode}-{n}.json"), n + 1
     out.write_text(json.dumps(result, indent=1) + "\n")
-    if ns.mode in ("retrieval", "sts"):
-        print("\n".join(text_lines(result)) + f"\n({out})")
+    if ns.mode in ("retrieval", "sts", "pairs", "zeroshot"):
+        lines = text_lines(result) if ns.mode in ("retrieval", "sts") else image_text_lines(result)
+        print("\n".join(lines) + f"\n({out})")
         return 0
     print(f"{ns.mode}: top-1 {result.get('top1', result.get('knn_top1')):.2f}%, top-5 "
           f"{result.get('top5', result.get('knn_top5')):.2f}% ({out})")
     return 0
 
 
-def evaluate_text(mode: str, cfg, encoder, path: Path) -> dict:
+def evaluate_text(mode: str, cfg, encoder, path: Path, state: dict) -> dict:
     """``moco-eval retrieval|sts`` of a text run's checkpoint (its tokenizer and input shape from it)."""
     from moco_engine.evaluation.text_eval import evaluate_retrieval, evaluate_sts
-    from moco_engine.run.checkpoint import load_checkpoint
 
-    state = load_checkpoint(path)
-    if not state.get("tokenizer"):
+    if not state.get("tokenizer") or "image" in (state.get("input_shape") or {}):  # a pairs run keeps one too
         raise UserError(f"moco-eval {mode} judges a text run's encoder, and {path} is not one (model.arch={cfg.model.arch})")
     return (evaluate_retrieval if mode == "retrieval" else evaluate_sts)(cfg, encoder, state["tokenizer"], state["input_shape"])
 
@@ -248,7 +260,7 @@ def text_lines(result: dict) -> list[str]:
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
-    """``moco-eval knn|linear|retrieval|sts CHECKPOINT [FILE.yaml ...] [key=value ...]``"""
+    """``moco-eval knn|linear|retrieval|sts|pairs|zeroshot CHECKPOINT [FILE.yaml ...] [key=value ...] [--templates FILE]``"""
     return run_guarded(_eval, argv)
 
 

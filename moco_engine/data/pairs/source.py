@@ -38,6 +38,7 @@ from moco_engine.data.pairs.captioned import CaptionedImages
 from moco_engine.data.pairs.captions import CaptionTokens
 from moco_engine.data.pairs.read import Pair, PairsData, read_pairs
 from moco_engine.data.sources import register_data_source
+from moco_engine.data.text.tokenizer import TextTokenizer
 
 
 class PairImages(ImageSet):
@@ -87,6 +88,17 @@ def pair_splits(cfg: DataConfig) -> tuple[PairsData, Splits]:
     elif cfg.test_split and data.named_splits:
         test = PairImages(data.split(cfg.test_split), cfg.on_bad_image)
     return data, Splits(train, test)
+
+
+def ranked_split(data: PairsData, split: str, tokenizer: TextTokenizer, cfg: DataConfig) -> tuple[PairImages, CaptionTokens]:
+    """Split ``split``'s images of ``data`` and all their captions, tokenised by ``tokenizer`` and
+    cut at ``data.text.max_length``: what ranking encodes (the monitor, ``moco-eval pairs``).
+
+    Raises:
+        DataError: the split has no items (the data's splits listed).
+    """
+    images = PairImages(data.split(split), cfg.on_bad_image)
+    return images, CaptionTokens.encode(tokenizer, images.captions, cfg.text.max_length)
 
 
 @register_data_source("pairs", reads=(*IMAGE_SETTINGS, "data.root", "data.test_root", "data.train_split",
