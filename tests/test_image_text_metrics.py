@@ -31,21 +31,21 @@ OWNER = torch.tensor([0, 0, 1, 1, 2, 2])
 #   image 0: 0.8  0    0.6  0    0.8  1.0    positives t0, t1
 #   image 1: 0.6  0.6  0    0.8  0    0      positives t2, t3
 #   image 2: 0    0.8  0.8  0.6  0.6  0      positives t4, t5
-# image→text, the best positive's rank (texts strictly above it):
-#   image 0: best t0 = 0.8; above it only t5 = 1.0 (t4 ties at 0.8, not counted) -> rank 1
-#   image 1: best t3 = 0.8; nothing above -> rank 0
-#   image 2: best t4 = 0.6; above it t1, t2 (0.8) -> rank 2
+# image→text, the best positive's rank (negatives scored as high or higher: a tie counts against it):
+#   image 0: best t0 = 0.8; t5 = 1.0 above it, t4 ties at 0.8 -> rank 2
+#   image 1: best t3 = 0.8; no negative as high -> rank 0
+#   image 2: best t4 = 0.6; t1, t2 (0.8) above it, t3 ties at 0.6 -> rank 3
 # text→image, the own image's rank in the caption's column:
 #   t0 (0.8 .6 0) own 0.8 -> 0 · t1 (0 .6 .8) own 0 -> 2 · t2 (.6 0 .8) own 0 -> 2
-#   t3 (0 .8 .6) own 0.8 -> 0 · t4 (.8 0 .6) own 0.6 -> 1 · t5 (1 0 0) own 0 -> 1 (image 1 ties at 0)
-# So i2t ranks [1, 0, 2] and t2i ranks [0, 2, 2, 0, 1, 1].
+#   t3 (0 .8 .6) own 0.8 -> 0 · t4 (.8 0 .6) own 0.6 -> 1 · t5 (1 0 0) own 0 -> 2 (image 1 ties at 0)
+# So i2t ranks [2, 0, 3] and t2i ranks [0, 2, 2, 0, 1, 2].
 
 
 def test_recalls_of_a_hand_worked_example():
     r = pair_recalls(IMAGES, TEXTS, OWNER, ks=(1, 2, 3))
     assert list(r) == ["i2t_R@1", "i2t_R@2", "i2t_R@3", "t2i_R@1", "t2i_R@2", "t2i_R@3", "rsum"]
-    expected = {"i2t_R@1": 100 / 3, "i2t_R@2": 200 / 3, "i2t_R@3": 100.0,
-                "t2i_R@1": 200 / 6, "t2i_R@2": 400 / 6, "t2i_R@3": 100.0}
+    expected = {"i2t_R@1": 100 / 3, "i2t_R@2": 100 / 3, "i2t_R@3": 200 / 3,
+                "t2i_R@1": 200 / 6, "t2i_R@2": 300 / 6, "t2i_R@3": 100.0}
     for key, value in expected.items():
         assert r[key] == pytest.approx(value), key
     assert r["rsum"] == pytest.approx(sum(expected.values()))
@@ -58,18 +58,19 @@ def test_default_keys_and_every_rank_below_five():
     assert r["rsum"] == pytest.approx(100 / 3 + 100 / 3 + 400)
 
 
-def test_ties_count_in_the_positives_favour():
-    """Every score tied: no candidate is strictly above a positive, so every rank is 0."""
+def test_ties_count_against_the_positive():
+    """Every score tied (towers collapsed to one output): every negative is as high as a
+    positive, so every rank is last and every recall 0, never 100."""
     same = torch.nn.functional.normalize(torch.ones(4, 8), dim=1)
     r = pair_recalls(same, same[:1].expand(6, 8), torch.tensor([0, 1, 2, 3, 3, 0]), ks=(1,))
-    assert r == {"i2t_R@1": 100.0, "t2i_R@1": 100.0, "rsum": 200.0}
+    assert r == {"i2t_R@1": 0.0, "t2i_R@1": 0.0, "rsum": 0.0}
     # Image 0 scores its caption t0 0.6, t1 (image 1's) 0.6, t2 (image 1's) 0.8: one negative
-    # strictly above, one tied, so rank 1, not 2. Image 1's best, t1 at 0.8, ties t0: rank 0.
+    # above, one tied, so rank 2. Image 1's best, t1 at 0.8, ties t0 (a negative): rank 1.
     images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     texts = torch.tensor([[0.6, 0.8], [0.6, 0.8], [0.8, 0.6]])
-    r = pair_recalls(images, texts, torch.tensor([0, 1, 1]), ks=(1, 2))
-    assert r["i2t_R@1"] == pytest.approx(50.0) and r["i2t_R@2"] == 100.0
-    # t0's column (0.6, 0.8): its image 0 has one above, rank 1; t1 (0.6, 0.8) rank 0; t2 (0.8, 0.6) rank 1.
+    r = pair_recalls(images, texts, torch.tensor([0, 1, 1]), ks=(1, 2, 3))
+    assert r["i2t_R@1"] == 0.0 and r["i2t_R@2"] == pytest.approx(50.0) and r["i2t_R@3"] == 100.0
+    # t0's column (0.6, 0.8): image 1 above its image 0, rank 1; t1 (0.6, 0.8) rank 0; t2 (0.8, 0.6) rank 1.
     assert r["t2i_R@1"] == pytest.approx(100 / 3) and r["t2i_R@2"] == 100.0
     r = pair_recalls(images[:1], texts[:2], torch.tensor([0, 0]), ks=(1,))
     assert r["i2t_R@1"] == 100.0  # t0 and t1 tie at 0.6, both image 0's
@@ -216,11 +217,11 @@ def test_zeroshot_metrics_of_a_hand_example_with_absent_classes():
                            [0.2, 0.5, 0.3, 0.1, 0.0, 0.0],   # target 0, rank 2
                            [0.1, 0.7, 0.2, 0.0, 0.0, 0.0],   # target 1, rank 0
                            [0.6, 0.5, 0.1, 0.4, 0.3, 0.2],   # target 2, rank 5: outside the top 5
-                           [0.3, 0.3, 0.3, 0.1, 0.0, 0.0]])  # target 2, tied with 0 and 1: rank 0
+                           [0.3, 0.3, 0.3, 0.1, 0.0, 0.0]])  # target 2, tied with 0 and 1: rank 2
     m = zeroshot_metrics(logits, torch.tensor([0, 0, 1, 2, 2]))
-    assert m["top1"] == pytest.approx(60.0) and m["top5"] == pytest.approx(80.0)
-    # Classes 0, 1, 2 recall 1/2, 1/1, 1/2; classes 3-5 have no sample and are left out (not 0).
-    assert m["mean_per_class_recall"] == pytest.approx(100 * (0.5 + 1 + 0.5) / 3)
+    assert m["top1"] == pytest.approx(40.0) and m["top5"] == pytest.approx(80.0)
+    # Classes 0, 1, 2 recall 1/2, 1/1, 0/2; classes 3-5 have no sample and are left out (not 0).
+    assert m["mean_per_class_recall"] == pytest.approx(100 * (0.5 + 1 + 0) / 3)
     assert m["chance_top1"] == m["chance_mean_per_class_recall"] == pytest.approx(100 / 6)
     assert m["chance_top5"] == pytest.approx(500 / 6)
     small = zeroshot_metrics(logits[:3, :3], torch.tensor([0, 0, 1]))  # C = 3: top-5 is top-3

@@ -11,9 +11,10 @@ MoCo image encoder beside a text encoder, or a test's hand-made tensors are meas
 - :data:`CIFAR_TEMPLATES`, :func:`read_templates`, :func:`class_embeddings`,
   :func:`zeroshot_metrics`: CLIP's prompt ensemble and the accuracies of its logits.
 
-Ties, everywhere in this module: an item's rank is the number of candidates scored STRICTLY
-higher than it, so a positive tied with negatives counts as ranked before them (the optimistic
-rule). It needs no sort, and continuous embeddings rarely tie.
+Ties, everywhere in this module: an item's rank is the number of negatives scored as high or
+higher, so a positive tied with negatives counts as ranked after them (the pessimistic rule:
+collapsed towers, which score everything alike, rank last). It needs no sort, and continuous
+embeddings of trained towers rarely tie.
 
 ``CIFAR_TEMPLATES`` were checked against openai/CLIP's ``data/prompts.md`` (its CIFAR10 and
 CIFAR100 sections list the same 18 templates, in this order).
@@ -96,12 +97,13 @@ def caption_counts(text_image: Tensor, num_images: int) -> Tensor:
 
 def ranks_of_best_positive(scores: Tensor, positive: Tensor) -> Tensor:
     """Rank (R,) long of each row's best-scored positive among ``scores`` (R, K): the number of
-    entries scored strictly higher (0 is first). ``positive`` (R, K) bool has a True in each row.
+    negatives scored as high or higher (0 is first). ``positive`` (R, K) bool has a True in each row.
 
-    Another positive is never strictly above the best one, so the count is of negatives alone.
+    A tie counts against the positive: towers collapsed to one output score everything alike,
+    and must rank last, not first (else a collapsed run would top the monitor and a sweep).
     """
     best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
-    return (scores > best).sum(dim=1)
+    return ((scores >= best) & ~positive).sum(dim=1)
 
 
 def hits_at(ranks: Tensor, ks: Sequence[int]) -> list[int]:
@@ -121,8 +123,8 @@ def pair_recalls(image_emb: Tensor, text_emb: Tensor, text_image: Tensor,
       best-scored texts, i.e. its best caption's rank is below k;
     - text→image: caption j hits at k when image ``text_image[j]`` is among its k best images.
 
-    Rank is the number of candidates scored strictly higher (ties counted in the positive's
-    favour). Rows go ``chunk`` at a time, so at most (chunk, max(N, M)) scores are held.
+    Rank is the number of negatives scored as high or higher (ties counted against the positive).
+    Rows go ``chunk`` at a time, so at most (chunk, max(N, M)) scores are held.
     Returns the keys of :func:`recall_keys` (``i2t_R@1`` ... ``t2i_R@10``, ``rsum``).
     """
     ks = check_ks(ks)
@@ -279,8 +281,8 @@ def zeroshot_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
     """Top-1, top-5 and mean per-class recall (%) of ``logits`` (N, C) against ``targets`` (N,),
     with their chance levels.
 
-    ``top5`` is top-min(5, C). A sample's rank is the number of classes scored strictly above its
-    target (ties in its favour). ``mean_per_class_recall`` averages the top-1 recall of the
+    ``top5`` is top-min(5, C). A sample's rank is the number of other classes scored as high or
+    higher than its target (ties against it). ``mean_per_class_recall`` averages the top-1 recall of the
     classes present in ``targets``; a class with no sample has no recall and is left out.
     Chance: ``chance_top1`` = ``chance_mean_per_class_recall`` = 100 / C, ``chance_top5`` =
     100 · min(5, C) / C.
@@ -295,7 +297,7 @@ def zeroshot_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
         raise ValueError(f"targets hold classes outside [0, {c}): min {int(targets.min())}, max {int(targets.max())}")
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("logits hold a NaN or infinity")
-    ranks = (logits > logits.gather(1, targets[:, None])).sum(dim=1)      # (N,)
+    ranks = (logits >= logits.gather(1, targets[:, None])).sum(dim=1) - 1  # (N,) ties against the target
     top1, k5 = ranks == 0, min(5, c)
     samples = torch.bincount(targets, minlength=c)                         # (C,)
     correct = torch.bincount(targets, weights=top1.double(), minlength=c)  # (C,)

@@ -26,8 +26,7 @@ from moco_engine.data.images.recipes import eval_transform
 from moco_engine.data.images.sources import imagefolder_split
 from moco_engine.data.loaders import plain_items
 from moco_engine.data.pairs.captions import CaptionTokens
-from moco_engine.data.pairs.read import read_pairs
-from moco_engine.data.pairs.source import ranked_split
+from moco_engine.data.sources import open_source
 from moco_engine.data.text.tokenizer import TextTokenizer
 from moco_engine.evaluation.image_text import (
     CIFAR_TEMPLATES,
@@ -99,24 +98,24 @@ def untrained_towers(cfg: Config, input_shape: Any) -> TwoTowers:
 
 
 def evaluate_pairs(cfg: Config, towers: TwoTowers, state: dict[str, Any]) -> dict[str, Any]:
-    """Both ways' R@1, R@5, R@10 and rsum on the ``eval.split`` pairs of ``data.root``, for the
-    run, chance (``chance_recalls``) and the untrained towers. ``state``: the checkpoint's
-    (``tokenizer``, ``input_shape``).
+    """Both ways' R@1, R@5, R@10 and rsum on the ``eval.split`` pairs of the run's data (as its
+    source ranks them: a pairs folder's or table's split, ``data.test_root`` for the test split,
+    a shard folder's ``OUT/<split>/``), for the run, chance (``chance_recalls``) and the untrained
+    towers. ``state``: the checkpoint's (its tokenizer, read back by the source; ``input_shape``).
 
     Raises:
         DataError: unreadable data, or a split with no items (named).
     """
     device = resolve_device(cfg.train.device)
     dtype = autocast_dtype(cfg.train.precision, device)
-    data, split = cfg.data, cfg.eval.split
-    tokenizer = TextTokenizer.from_json(state["tokenizer"], "the checkpoint's tokenizer")
-    images, captions = ranked_split(read_pairs(data.root, data.pairs, split), split, tokenizer, data)
-    loader = plain_items(cfg, images, eval_transform(data.augmentation, data.image_size), cfg.eval.batch_size)
+    split = cfg.eval.split
+    loader, captions = open_source(cfg, state).ranked_pairs(split, cfg.eval.batch_size)
     owners = captions.owners()
-    result: dict[str, Any] = {"data": str(data.root), "split": split, "images": len(images),
+    images = len(captions.counts)
+    result: dict[str, Any] = {"data": str(cfg.data.root), "split": split, "images": images,
                               "captions": int(owners.numel())}
     result["run"] = rank_pairs(towers.to(device), loader, captions, cfg.eval.batch_size, device, dtype)
-    result["chance"] = chance_recalls(owners, len(images))
+    result["chance"] = chance_recalls(owners, images)
     result["untrained"] = rank_pairs(untrained_towers(cfg, state["input_shape"]).to(device), loader, captions,
                                      cfg.eval.batch_size, device, dtype)
     return result

@@ -127,7 +127,7 @@ class ItcQueues(NegativeSource):
         alpha: the momentum distillation's weight once ramped in (``loss.distill_alpha``; 0: off).
         empty_start: unwritten slots score no logit. From scratch the random start is a trap: every
             real feature beats a random vector, so the towers gain by giving all inputs the one
-            direction the others share, and collapse (BENCHMARKS.md, "ITC from scratch").
+            direction the others share, and collapse (RESULTS.md, "Image-text contrast on Flickr8k").
     """
 
     stored = True

@@ -53,10 +53,11 @@ BYOL = ("model.hidden_dim=4096", "model.dim=256", "model.momentum=0.996", "model
         "loss.byol_hidden_dim=4096", "optim.lr=0.05", "optim.weight_decay=1e-5")
 
 
-# Image–text contrast: configs/experiment/flickr8k_itc.yaml (the CPU recipe being tuned), mirrored here:
-# a change of its model, text_model, loss or optim is made here too. Its data are generated
+# Image–text contrast: the towers and optimizer of configs/experiment/flickr8k_itc.yaml (mirrored
+# here: a change of its model, text_model or optim is made here too) with ALBEF's step, the two
+# queues (the recipe itself trains CLIP's in-batch loss: RESULTS.md). Its data are generated
 # (moco-bench's pairs folder: its WordPiece fills data.text.vocab_size as Flickr8k's captions do).
-FLICKR_ITC = ("model.bn=plain", "model.bn_splits=1", "model.dim=256", "model.momentum=0.995", "text_model.arch=bert",
+FLICKR_ITC = ("model.bn=plain", "model.dim=256", "model.momentum=0.99", "text_model.arch=bert",
               "text_model.head=linear_no_bias", "text_model.params.layers=2", "text_model.params.hidden=256",
               "text_model.params.heads=4", "text_model.params.intermediate=512", "text_model.params.dropout=0.1",
               "text_model.params.pooling=mean", "negatives.kind=queue", "loss.temperature=0.07",

@@ -38,7 +38,6 @@ from moco_engine.data.pairs.captioned import CaptionedImages
 from moco_engine.data.pairs.captions import CaptionTokens
 from moco_engine.data.pairs.read import Pair, PairsData, read_pairs
 from moco_engine.data.sources import register_data_source
-from moco_engine.data.text.tokenizer import TextTokenizer
 
 
 class PairImages(ImageSet):
@@ -90,17 +89,6 @@ def pair_splits(cfg: DataConfig) -> tuple[PairsData, Splits]:
     return data, Splits(train, test)
 
 
-def ranked_split(data: PairsData, split: str, tokenizer: TextTokenizer, cfg: DataConfig) -> tuple[PairImages, CaptionTokens]:
-    """Split ``split``'s images of ``data`` and all their captions, tokenised by ``tokenizer`` and
-    cut at ``data.text.max_length``: what ranking encodes (the monitor, ``moco-eval pairs``).
-
-    Raises:
-        DataError: the split has no items (the data's splits listed).
-    """
-    images = PairImages(data.split(split), cfg.on_bad_image)
-    return images, CaptionTokens.encode(tokenizer, images.captions, cfg.text.max_length)
-
-
 @register_data_source("pairs", reads=(*IMAGE_SETTINGS, "data.root", "data.test_root", "data.train_split",
                                        "data.test_split", "data.pairs", "data.text", "data.on_bad_image"))
 class PairsSource(CaptionedImages, ImageSource):
@@ -136,7 +124,12 @@ class PairsSource(CaptionedImages, ImageSource):
     def ranked_pairs(self, split: str, batch_size: int) -> tuple[DataLoader, CaptionTokens]:
         """Split ``split``'s images (plain views, in index order) and all their captions, tokenised
         by the run's tokenizer (read once, then kept)."""
-        return self.ranked_captions(split, batch_size, lambda: PairImages(self.data.split(split), self.cfg.data.on_bad_image))
+        def read() -> PairImages:  # the test split may come from data.test_root
+            if split == self.cfg.data.test_split and self.splits.test is not None:
+                return self.splits.test
+            return PairImages(self.data.split(split), self.cfg.data.on_bad_image)
+
+        return self.ranked_captions(split, batch_size, read)
 
     def ranked_splits(self) -> tuple[str, ...]:
         return tuple(self.data.splits)
