@@ -191,7 +191,7 @@ class EvalConfig:
     knn_t: float = 0.1
     knn_features: str = "backbone"  # backbone | head (normalised either way)
     batch_size: int = 512
-    retrieval_split: str = "train"  # text: the qrels split the retrieval monitor (and so sweeps, best-of-run) use; pairs (method=itc): the split it ranks (Karpathy's val)
+    retrieval_split: str = "train"  # text: the qrels split the retrieval monitor (and so sweeps, best-of-run) use; pairs (method=itc): the split it ranks (set val for Karpathy's data)
     split: str = "test"  # text: the qrels split moco-eval retrieval reports; pairs: the split moco-eval pairs ranks
 
 

@@ -158,7 +158,8 @@ def pair_recalls(image_emb: Tensor, text_emb: Tensor, text_image: Tensor,
         stop = min(start + chunk, m)
         scores = texts[start:stop] @ images.T                             # (c, N)
         own = scores.gather(1, owner[start:stop, None])                   # (c, 1)
-        t2i = [a + b for a, b in zip(t2i, hits_at((scores > own).sum(dim=1), ks))]
+        ranks = (scores >= own).sum(dim=1) - 1                              # (c,) ties against the own image
+        t2i = [a + b for a, b in zip(t2i, hits_at(ranks, ks))]
 
     return as_recalls([100.0 * h / n for h in i2t], [100.0 * h / m for h in t2i], ks)
 

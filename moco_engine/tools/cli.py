@@ -242,9 +242,10 @@ def _eval(args: list[str]) -> int:
 
 def evaluate_text(mode: str, cfg, encoder, path: Path, state: dict) -> dict:
     """``moco-eval retrieval|sts`` of a text run's checkpoint (its tokenizer and input shape from it)."""
+    from moco_engine.config.registry import registry
     from moco_engine.evaluation.text_eval import evaluate_retrieval, evaluate_sts
 
-    if not state.get("tokenizer") or "image" in (state.get("input_shape") or {}):  # a pairs run keeps one too
+    if not state.get("tokenizer") or registry("method")[cfg.method].pairs:  # a run on pairs keeps one too
         raise UserError(f"moco-eval {mode} judges a text run's encoder, and {path} is not one (model.arch={cfg.model.arch})")
     return (evaluate_retrieval if mode == "retrieval" else evaluate_sts)(cfg, encoder, state["tokenizer"], state["input_shape"])
 
