@@ -158,7 +158,7 @@ def test_itc_on_a_source_without_captions_is_one_line_and_touches_nothing(tmp_pa
     with pytest.raises(UserError) as refused:
         Trainer(load_config([], [*TINY, "method=itc", f"train.out_dir={out}"]))
     assert str(refused.value) == ("config key 'method' = 'itc': it trains on image-caption pairs, and "
-                                  "data.name=synthetic has no captions (data.name=pairs has)")
+                                  "data.name=synthetic has no captions (data.name=pairs has, and shards with .txt captions)")
     assert not out.exists()
 
 
@@ -170,7 +170,7 @@ def test_itc_without_captions_through_moco_train_exits_2_in_one_line(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines() == ["error: config key 'method' = 'itc': it trains on image-caption pairs, "
-                                             "and data.name=synthetic has no captions (data.name=pairs has)"]
+                                             "and data.name=synthetic has no captions (data.name=pairs has, and shards with .txt captions)"]
     assert folder_state(out) == {out.relative_to(out) / "notes.txt": b"kept"}
 
 
