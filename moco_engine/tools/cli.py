@@ -141,6 +141,14 @@ def closing_lines(final: dict, run_dir: Path) -> list[str]:
     ]
 
 
+def at_start(run_dir: Path, key: str) -> float | None:
+    """The monitor's ``key`` at random initialisation (``eval.at_start``), or None."""
+    from moco_engine.run.tracking import METRICS_FILE, knn_curve
+
+    start = [v for epoch, v in knn_curve(run_dir / METRICS_FILE, key) if epoch == 0]
+    return start[-1] if start else None
+
+
 def epochs_text(n: int) -> str:
     return f"{n} epoch{'' if n == 1 else 's'}"
 
@@ -148,13 +156,11 @@ def epochs_text(n: int) -> str:
 def pairs_closing_lines(final: dict, run_dir: Path, split: str) -> list[str]:
     """What a finished image–text run prints: the monitor's rsum against the random towers' (or
     why there is none), and the commands that report the held-out figures."""
-    from moco_engine.run.tracking import METRICS_FILE, knn_curve
-
     if "rsum" not in final:  # no such split for the monitor
         first = f"trained {epochs_text(final['epochs'])} ({run_dir}); no recall monitor: the data have no split '{split}'"
     else:
-        start = [v for epoch, v in knn_curve(run_dir / METRICS_FILE, "rsum") if epoch == 0]
-        versus = f"; {start[-1]:.1f} at random initialisation" if start else ""
+        start = at_start(run_dir, "rsum")
+        versus = f"; {start:.1f} at random initialisation" if start is not None else ""
         first = (f"rsum on the {split} pairs (the monitor): {final['rsum']:.1f} (R@10 image->text {final['i2t_R@10']:.1f}%, "
                  f"text->image {final['t2i_R@10']:.1f}%) after {final['epochs']} epochs ({run_dir}){versus}")
     return [first,
@@ -166,14 +172,12 @@ def pairs_closing_lines(final: dict, run_dir: Path, split: str) -> list[str]:
 def text_closing_lines(final: dict, run_dir: Path, split: str) -> list[str]:
     """What a finished text run prints: the monitor's nDCG@10 against the random network's (or
     why there is none), and the commands that report the held-out figure."""
-    from moco_engine.run.tracking import METRICS_FILE, knn_curve
-
     if "ndcg@10" not in final:  # no qrels for the monitor
         first = (f"trained {epochs_text(final['epochs'])} ({run_dir}); no retrieval monitor: the corpus has no "
                  f"qrels/{split}.tsv")
     else:
-        start = [v for epoch, v in knn_curve(run_dir / METRICS_FILE, "ndcg@10") if epoch == 0]
-        versus = f"; {start[-1]:.4f} at random initialisation" if start else ""
+        start = at_start(run_dir, "ndcg@10")
+        versus = f"; {start:.4f} at random initialisation" if start is not None else ""
         first = (f"nDCG@10 on the {split} qrels (the monitor): {final['ndcg@10']:.4f} after {final['epochs']} epochs "
                  f"({run_dir}){versus}")
     return [first,
