@@ -19,7 +19,7 @@ from conftest import ROOT
 from test_pairs import PAIRS_TINY, karpathy
 
 from moco_engine.config.loading import load_config
-from moco_engine.config.schema import ConfigError
+from moco_engine.config.schema import ConfigError, UserError
 from moco_engine.method.itc import itc_step
 from moco_engine.method.losses import (
     distill_ramp,
@@ -416,3 +416,14 @@ def test_itc_ignores_model_bn_splits_as_it_says():
     load_config([], ["method=itc", "data.name=pairs", "model.bn=sync"])
     with pytest.raises(ConfigError, match=r"'model.bn_splits' = 4: cannot exceed optim.batch_size \(2\)"):
         load_config([], ["optim.batch_size=2"])  # MoCo's split-BN: refused
+
+
+def test_the_memory_check_counts_both_queues(tmp_path, pairs_root, monkeypatch):
+    """A device with room for one queue of K=4,096 x D=16 but not for two: refused before anything
+    is built, in one line naming both queues (the registry's queue would count one)."""
+    one_queue = 4096 * 16 * 8 + 4096 * 8  # float32 keys and their float32 start, and the ids
+    monkeypatch.setattr("moco_engine.method.step.available_memory", lambda device: int(1.5 * one_queue))
+    with pytest.raises(UserError) as refused:
+        itc_trainer(pairs_root, tmp_path / "run", "negatives.kind=queue", "queue.size=4096")
+    assert one_line(refused).startswith("config key 'queue.size': the image and text queues of K=4096 features of "
+                                        "D=16 needs 0.0 GiB")

@@ -77,7 +77,8 @@ def test_the_image_tower_has_plain_batchnorm_as_the_ignored_bn_splits_says(tmp_p
     assert norms == {"BatchNorm2d"}  # not SplitBatchNorm: the setting is ignored, as the warning says
 
 
-@pytest.mark.parametrize("kind", ["queue", "in_batch"])
+# in_batch's state is the queue run's less the queues (their ground): slow, to keep the default run short.
+@pytest.mark.parametrize("kind", ["queue", pytest.param("in_batch", marks=pytest.mark.slow)])
 def test_an_itc_run_stopped_mid_epoch_resumes_bit_identical(tmp_path, root, kind):
     """SIGTERM in step 2 of 3 (epoch 0: the distillation's ramp half-way), resumed: the same end
     as the run left alone, to the bit: both towers and their EMA copies, T, the three queues and
@@ -162,6 +163,7 @@ def test_itc_on_a_source_without_captions_is_one_line_and_touches_nothing(tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.slow  # a subprocess; the message is checked in process in the default run
 def test_itc_without_captions_through_moco_train_exits_2_in_one_line(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -51,7 +51,7 @@ from moco_engine.method.losses import (
     multi_positive_targets,
     soft_cross_entropy,
 )
-from moco_engine.method.negatives import STORAGE_DTYPES, InBatch, NegativeSource, Queue
+from moco_engine.method.negatives import STORAGE_DTYPES, InBatch, NegativeSource, Queue, queue_bytes
 from moco_engine.method.step import (
     BufferGuard,
     Skipped,
@@ -202,10 +202,18 @@ def build_itc_negatives(cfg: Config, num_items: int) -> NegativeSource:
     return ItcQueues(cfg.queue.size, cfg.model.dim, cfg.queue.dtype, cfg.loss.distill_alpha, cfg.queue.start == "empty")
 
 
+def planned_queues(cfg: Config, num_items: int) -> tuple[str, str, int]:
+    """The two queues' buffers (each a ``queue_bytes``), or none in-batch."""
+    if cfg.negatives.kind != "queue":
+        return "negatives.kind", "no stored negatives", 0
+    key, what, needed = queue_bytes(cfg, num_items)
+    return key, f"the image and text queues of K={cfg.queue.size} features of D={cfg.model.dim}", 2 * needed
+
+
 REFUSED = "scores images against captions: it takes negatives.kind=queue (two queues) or in_batch (CLIP's loss)"
 
 
-@register_method("itc", encoder=build_two_towers, source=build_itc_negatives, pairs=True,
+@register_method("itc", encoder=build_two_towers, source=build_itc_negatives, pairs=True, planned=planned_queues,
                  # text_model's: D, unit outputs and the EMA are model's; only model.init_from is read.
                  ignores=("loss.name", "loss.symmetric", "queue.mask_same_instance", "model.bn_splits",
                           "text_model.dim", "text_model.normalize", "text_model.momentum",

@@ -148,6 +148,9 @@ class MethodEntry:
             encoder (image–text contrast's two towers, ``itc.py``); None: ``build_encoder``.
         source: ``source(cfg, num_items) -> NegativeSource`` in place of the ``negatives.kind``
             registry's (ITC's two queues); None: the registry's.
+        planned: ``planned(cfg, num_items) -> (setting, what, bytes)`` of its own source's buffers
+            (``negatives.planned``'s form), checked against the device's memory; None: the
+            registry kind's.
         pairs: it trains on image–caption pairs: a step's views are (images (B, 3, S, S),
             captions {"input_ids", "attention_mask"} (B, W)), which only a source that gives
             pairs makes (``DataSource.pairs``); the text tower is ``text_model``.
@@ -163,6 +166,7 @@ class MethodEntry:
     encoder: Callable[[Config, Any], nn.Module] | None = None
     source: Callable[[Config, int], NegativeSource] | None = None
     pairs: bool = False
+    planned: Callable[[Config, int], tuple[str, str, int]] | None = None
 
 
 METHODS = Registry("method", "method")
@@ -171,11 +175,13 @@ METHODS = Registry("method", "method")
 def register_method(name: str, step: Callable | None = None, *, predictor: Callable | None = None,
                     negatives: bool = True, momentum_encoder: bool = True, ema_ahead: int = 0,
                     ignores: tuple[str, ...] = (), refuses: dict[str, str] | None = None, encoder: Callable | None = None,
-                    source: Callable | None = None, pairs: bool = False, replace: bool = False):
+                    source: Callable | None = None, pairs: bool = False, planned: Callable | None = None,
+                    replace: bool = False):
     """Register ``step`` under ``name`` (``method=<name>``) with what it needs built
     (:class:`MethodEntry`); a decorator without ``step``."""
     return METHODS.add(name, step, lambda fn: MethodEntry(fn, predictor, negatives, momentum_encoder, ema_ahead,
-                                                          tuple(ignores), dict(refuses or {}), encoder, source, pairs),
+                                                          tuple(ignores), dict(refuses or {}), encoder, source, pairs,
+                                                          planned),
                        replace)
 
 
@@ -201,7 +207,8 @@ def build_parts(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None
                         f"(this run: {device}{', under torchrun' if distributed else ''})")
     method = registry("method")[cfg.method]
     # A method without negatives (BYOL) builds no source: nothing to plan for.
-    key, what, needed = planned_bytes(cfg, num_items) if method.negatives else ("negatives.kind", "no negatives", 0)
+    plan = method.planned or planned_bytes
+    key, what, needed = plan(cfg, num_items) if method.negatives else ("negatives.kind", "no negatives", 0)
     free = available_memory(device)
     if needed > free:  # refused before allocating: the OS would kill the run, or CUDA raise mid-build
         raise UserError(f"config key '{key}': {what} needs {needed / 2**30:.1f} GiB, and {device} has "
