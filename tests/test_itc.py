@@ -427,3 +427,20 @@ def test_the_memory_check_counts_both_queues(tmp_path, pairs_root, monkeypatch):
         itc_trainer(pairs_root, tmp_path / "run", "negatives.kind=queue", "queue.size=4096")
     assert one_line(refused).startswith("config key 'queue.size': the image and text queues of K=4096 features of "
                                         "D=16 needs 0.0 GiB")
+
+
+def test_each_batch_shows_the_captions_its_items_draw_in_its_epoch_from_any_skip(tmp_path, pairs_root):
+    """The captions follow the sampler's host order (the device path's indices are never read
+    back): each batch's are exactly CaptionTokens.drawn of its own indices, in epochs 0 and 1 and
+    after a resume's skip."""
+    trainer = itc_trainer(pairs_root, tmp_path / "run", "negatives.kind=in_batch")
+    loaders, seed = trainer.loaders, trainer.cfg.train.seed
+    for epoch, skip in ((0, 0), (1, 0), (1, 4)):
+        loaders.sampler.set_epoch(epoch, skip=skip)
+        seen = []
+        for (_, captions), _, indices in loaders.train:
+            expected = loaders.source.captions.drawn(seed, epoch, indices)
+            assert all(torch.equal(captions[k], expected[k]) for k in expected), (epoch, skip)
+            seen += indices.tolist()
+        order = [i for _, i in loaders.sampler]
+        assert seen == order[: len(seen)] and len(seen) >= 8

@@ -62,9 +62,16 @@ class CaptionedBatches:
         return len(self.batches)
 
     def __iter__(self):
+        # The items in the sampler's order, on the host: the batches follow it (a prefix of it with
+        # drop_last), so a batch's items are its next slice, and the device path's indices, which
+        # live on the device, are never read back to draw captions.
+        order = torch.tensor([i for _, i in self.sampler], dtype=torch.long)
+        start = 0
         for views, targets, indices in self.batches:
             images = views[0] if isinstance(views, (tuple, list)) else views
-            yield (images, self.captions.drawn(self.seed, self.sampler.epoch, indices.cpu())), targets, indices
+            items = order[start : start + len(indices)]
+            start += len(indices)
+            yield (images, self.captions.drawn(self.seed, self.sampler.epoch, items)), targets, indices
 
 
 class CaptionedImages:
