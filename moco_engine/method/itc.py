@@ -9,7 +9,8 @@ Two kinds of negatives, one step:
   ``text_queue``, ``_dequeue_and_enqueue``; the ids are ``models/model_retrieval.py``'s
   ``idx_queue``). Every caption of the same image, in the batch and in the queue, is a positive:
   the target is spread over them (``model_retrieval.py``'s ``pos_idx / pos_idx.sum(1)``). Unlike
-  ALBEF, K need not be a multiple of the global batch (the engine's queue wraps).
+  ALBEF, K need not be a multiple of the global batch (the engine's queue wraps), and the queues
+  may start empty (``queue.start=empty``: a slot is scored once written) instead of random.
   Momentum distillation (``loss.distill_alpha``, ALBEF's 0.4) softens the targets with the
   momentum towers' own similarities, ramped in over epoch 0 as ALBEF's ``Pretrain.py`` does.
 - ``negatives.kind=in_batch``: CLIP's symmetric loss (Radford et al. 2021) as open_clip computes
